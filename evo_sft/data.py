@@ -1,0 +1,196 @@
+"""SFTGym: prompt/response datasets -> masked, padded batches, a seeded stream per member, one fixed test set."""
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """Token ids of every kept row and how many leading tokens are prompt (never supervised)."""
+
+    input_ids: list[list[int]]
+    prompt_lengths: list[int]
+    source_rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def to_dict(self) -> dict:
+        return {"input_ids": self.input_ids, "prompt_lengths": self.prompt_lengths, "source_rows": self.source_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenizedSplit":
+        return cls(d["input_ids"], d["prompt_lengths"], d["source_rows"])
+
+
+def _check_columns(dataset, split: str, columns: tuple[str, ...]) -> None:
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split is empty")
+    for column in columns:
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"the {split} split has no column '{column}' (columns: {', '.join(dataset.column_names)})"
+            )
+
+
+def _row_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, full ids). With a chat template both renderings are tokenised without
+    special tokens (the template already has them); plain text gets them once and an eos."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        return (
+            tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+            tokenizer(full_text, add_special_tokens=False)["input_ids"],
+        )
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    full_ids = tokenizer(prompt + response, add_special_tokens=True)["input_ids"]
+    return prompt_ids, full_ids + [tokenizer.eos_token_id]
+
+
+def tokenize_split(dataset, tokenizer, split: str, prompt_column: str, response_column: str,
+                   max_length: int | None) -> TokenizedSplit:
+    """Tokenise every row once. Truncation keeps the prompt and the start of the response;
+    rows left with no response token, or whose prompt ids are not a prefix of the full ids,
+    are dropped and reported in one warning each."""
+    _check_columns(dataset, split, (prompt_column, response_column))
+    input_ids, prompt_lengths, source_rows = [], [], []
+    truncated, emptied, not_prefix = 0, [], []
+    for row, (prompt, response) in enumerate(zip(dataset[prompt_column], dataset[response_column])):
+        if not isinstance(prompt, str):
+            raise ValueError(f"{split} row {row}: '{prompt_column}' must be a string, got {type(prompt).__name__}")
+        if not isinstance(response, str) or not response.strip():
+            raise ValueError(f"{split} row {row}: '{response_column}' is empty or not a string: {response!r}")
+        prompt_ids, full_ids = _row_ids(tokenizer, prompt, response)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            not_prefix.append(row)
+            continue
+        if max_length is not None and len(full_ids) > max_length:
+            truncated += 1
+            full_ids = full_ids[:max_length]
+            if len(full_ids) <= len(prompt_ids):
+                emptied.append(row)
+                continue
+        input_ids.append(full_ids)
+        prompt_lengths.append(len(prompt_ids))
+        source_rows.append(row)
+    if not_prefix:
+        warnings.warn(
+            f"{split}: dropped {len(not_prefix)} rows whose prompt tokens are not a prefix of "
+            f"prompt+response tokens (rows {not_prefix[:10]}{'...' if len(not_prefix) > 10 else ''})"
+        )
+    if truncated:
+        warnings.warn(
+            f"{split}: {truncated} rows longer than max_length={max_length} were truncated; "
+            f"{len(emptied)} of them lost their whole response and were dropped (rows {emptied[:10]})"
+        )
+    if not input_ids:
+        raise ValueError(f"the {split} split has no usable rows after tokenisation")
+    return TokenizedSplit(input_ids, prompt_lengths, source_rows)
+
+
+def collate(split: TokenizedSplit, rows, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `rows` of `split`. Labels are masked by position (prompt and padding),
+    never by token id, so an eos that equals the pad token is still supervised."""
+    rows = list(rows)
+    width = max(len(split.input_ids[r]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids = torch.tensor(split.input_ids[r], dtype=torch.long)
+        input_ids[i, : len(ids)] = ids
+        attention_mask[i, : len(ids)] = 1
+        labels[i, split.prompt_lengths[r] : len(ids)] = ids[split.prompt_lengths[r] :]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class DataStream:
+    """A seeded, endless pass over the training rows: epoch e uses permutation rng([seed, e]).
+    Its whole state is (seed, epoch, position), so a resumed stream continues exactly."""
+
+    def __init__(self, num_rows: int, seed: int, epoch: int = 0, position: int = 0):
+        self.num_rows, self.seed, self.epoch, self.position = num_rows, seed, epoch, position
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+
+    def take(self, count: int) -> list[int]:
+        rows = []
+        while len(rows) < count:
+            if self.position == self.num_rows:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            end = min(self.num_rows, self.position + count - len(rows))
+            rows.extend(int(r) for r in self._order[self.position : end])
+            self.position = end
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_state_dict(cls, num_rows: int, state: dict) -> "DataStream":
+        return cls(num_rows, state["seed"], state["epoch"], state["position"])
+
+
+class SFTGym:
+    """Training and test data for SFT agents, in the shape of AgileRL's LLM gyms.
+
+    `reset()` returns the first training batch and `step()` the next one; a batch is what
+    `SFT.learn` takes. The test set is fixed: `test_batches` always yields the same rows.
+    """
+
+    def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu: int = 8,
+                 response_column: str = "response", prompt_column: str = "prompt", accelerator=None,
+                 max_length: int | None = None, seed: int = 42, prepared: dict | None = None):
+        if accelerator is not None:
+            raise NotImplementedError("SFTGym does not support an accelerate Accelerator yet; pass accelerator=None")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.data_batch_size_per_gpu = data_batch_size_per_gpu
+        self.max_length, self.seed = max_length, seed
+        if prepared is None:
+            prepared = {
+                "train": tokenize_split(train_dataset, tokenizer, "train", prompt_column, response_column, max_length).to_dict(),
+                "test": tokenize_split(test_dataset, tokenizer, "test", prompt_column, response_column, max_length).to_dict(),
+            }
+        self.prepared = prepared
+        self.train = TokenizedSplit.from_dict(prepared["train"])
+        self.test = TokenizedSplit.from_dict(prepared["test"])
+        self.stream = self.new_stream(seed)
+
+    @property
+    def num_epochs(self) -> int:
+        return self.stream.epoch
+
+    def new_stream(self, seed: int) -> DataStream:
+        return DataStream(len(self.train), seed)
+
+    def batch(self, stream: DataStream, num_rows: int) -> dict[str, torch.Tensor]:
+        return collate(self.train, stream.take(num_rows), self.pad_token_id)
+
+    def reset(self, reset_dataloaders: bool = False) -> dict[str, torch.Tensor]:
+        if reset_dataloaders:
+            self.stream = self.new_stream(self.seed)
+        return self.step()
+
+    def step(self) -> dict[str, torch.Tensor]:
+        return self.batch(self.stream, self.data_batch_size_per_gpu)
+
+    def test_batches(self, batch_size: int):
+        for start in range(0, len(self.test), batch_size):
+            yield collate(self.test, range(start, min(start + batch_size, len(self.test))), self.pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.train)

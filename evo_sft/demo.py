@@ -1,0 +1,78 @@
+"""The built-in demo: a tiny Qwen2-shaped model, a character tokenizer and a task it can learn.
+
+Nothing here touches the network. `write_demo_model` saves the model and tokenizer with
+`save_pretrained`, so they load back through `from_pretrained`, the same path as hub models.
+"""
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer; pad and eos are the same token, as in Qwen."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Qwen2ForCausalLM:
+    import torch
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def write_demo_model(directory: str | Path, seed: int = 0) -> Path:
+    """Save the demo model and tokenizer into `directory` (idempotent) and return it."""
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    tokenizer = build_tokenizer()
+    tmp = directory.with_name(directory.name + ".tmp")
+    build_model(len(tokenizer), seed=seed).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(directory)
+    return directory
+
+
+def demo_dataset(num_rows: int, seed: int = 0) -> Dataset:
+    """Reverse a word: 'reverse: abc' -> 'cba'. Learnable by a tiny model in minutes on a CPU."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghij"))
+    prompts, responses = [], []
+    for _ in range(num_rows):
+        word = "".join(rng.choice(letters, size=int(rng.integers(3, 8))))
+        prompts.append(f"reverse: {word}")
+        responses.append(word[::-1])
+    return Dataset.from_dict({"prompt": prompts, "response": responses})
