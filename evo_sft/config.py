@@ -1,0 +1,424 @@
+"""Experiment configuration as data: nested dataclasses loaded from one YAML file.
+
+`config_from_dict` checks every value against the dataclass annotations with one
+generic walker, then `_validate` checks the rules that involve values (ranges,
+bounds, divisibility). Every error is a one-line ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the one-line message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    train_split: str = "train"
+    test_split: str | None = None
+    test_size: int | float = 0.1
+    max_length: int = 256
+    num_rows: int = 2000
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LRScheduleConfig:
+    total_steps: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class AgentConfig:
+    lr: float = 1.0e-4
+    batch_size: int = 16
+    micro_batch_size_per_gpu: int | None = None
+    max_grad_norm: float = 1.0
+    update_epochs: int = 1
+    gradient_checkpointing: bool = False
+    use_liger_loss: bool = False
+    lr_schedule: LRScheduleConfig | None = None
+
+
+@dataclass
+class PopulationConfig:
+    size: int = 4
+    backend: Literal["ray", "local"] = "ray"
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    members_per_actor: int = 1
+
+
+@dataclass
+class MutationConfig:
+    no_mutation: float = 0.4
+    rl_hp: float = 0.6
+    mutation_sd: float = 0.1
+    mutate_elite: bool = True
+
+
+@dataclass
+class LrBounds:
+    min: float = 1.0e-6
+    max: float = 1.0e-2
+
+
+@dataclass
+class BatchSizeBounds:
+    min: int = 4
+    max: int = 64
+
+
+@dataclass
+class BoundsConfig:
+    lr: LrBounds = field(default_factory=LrBounds)
+    batch_size: BatchSizeBounds = field(default_factory=BatchSizeBounds)
+
+
+@dataclass
+class EvolutionConfig:
+    generations: int = 5
+    steps_per_generation: int = 10
+    tournament_size: int = 2
+    elitism: bool = True
+    eval_loop: int = 1
+    mutation: MutationConfig = field(default_factory=MutationConfig)
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1
+    keep: int = 3
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    init: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "evo-sft"
+    seed: int = 42
+    run_dir: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir if self.run_dir is not None else Path("runs") / self.name)
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri is not None:
+            return self.tracking.uri
+        return f"sqlite:///{(self.resolved_run_dir() / 'mlflow.db').absolute()}"
+
+    def experiment_name(self) -> str:
+        return self.tracking.experiment if self.tracking.experiment is not None else self.name
+
+    def tokenizer_name(self) -> str:
+        return self.tokenizer if self.tokenizer is not None else self.model.name
+
+
+# ---------------------------------------------------------------------------
+# Type walker
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return tp.__name__
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        options = tuple(o for o in options if o is not type(None))
+        if len(options) == 1:
+            return _convert(options[0], value, key)
+        for option in options:
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                pass
+        expected = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {_show(value)}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected list, got {type(value).__name__} {_show(value)}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected mapping with str keys, got {_show(value)}")
+        return dict(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected finite float, got {_show(value)}")
+            return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {_show(value)}")
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected mapping, got {type(data).__name__} {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean {_join(prefix, close[0])!r}?)" if close else f" (valid keys: {', '.join(fields)})"
+            raise ConfigError(f"unknown key {_join(prefix, name)!r}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], _join(prefix, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {_join(prefix, name)!r}")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------
+# Rules on values
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    _require(cfg.name != "", "name", "must not be empty")
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _require(cfg.model.name != "", "model.name", "must not be empty")
+
+    data = cfg.data
+    if isinstance(data.test_size, int):
+        _require(data.test_size >= 1, "data.test_size", f"an int test_size counts rows and must be >= 1, got {data.test_size}")
+    else:
+        _require(0 < data.test_size < 1, "data.test_size", f"a float test_size is a fraction in (0, 1), got {data.test_size}")
+    _require(data.max_length >= 8, "data.max_length", f"must be >= 8, got {data.max_length}")
+    _require(data.num_rows >= 1, "data.num_rows", f"must be >= 1, got {data.num_rows}")
+
+    if cfg.lora is not None:
+        _require(cfg.lora.r >= 1, "lora.r", f"must be >= 1, got {cfg.lora.r}")
+        _require(cfg.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {cfg.lora.lora_alpha}")
+        _require(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {cfg.lora.lora_dropout}")
+        _require(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
+
+    agent = cfg.agent
+    _require(agent.lr > 0, "agent.lr", f"must be > 0, got {agent.lr}")
+    _require(agent.batch_size >= 1, "agent.batch_size", f"must be >= 1, got {agent.batch_size}")
+    _require(agent.max_grad_norm > 0, "agent.max_grad_norm", f"must be > 0, got {agent.max_grad_norm}")
+    _require(agent.update_epochs >= 1, "agent.update_epochs", f"must be >= 1, got {agent.update_epochs}")
+    schedule = agent.lr_schedule
+    if schedule is not None:
+        _require(schedule.total_steps >= 1, "agent.lr_schedule.total_steps", f"must be >= 1, got {schedule.total_steps}")
+        _require(
+            0 <= schedule.warmup_steps <= schedule.total_steps,
+            "agent.lr_schedule.warmup_steps",
+            f"must be in [0, total_steps={schedule.total_steps}], got {schedule.warmup_steps}",
+        )
+        _require(0 <= schedule.min_lr_ratio <= 1, "agent.lr_schedule.min_lr_ratio", f"must be in [0, 1], got {schedule.min_lr_ratio}")
+
+    population = cfg.population
+    _require(population.size >= 1, "population.size", f"must be >= 1, got {population.size}")
+    _require(population.num_gpus >= 0, "population.num_gpus", f"must be >= 0, got {population.num_gpus}")
+    _require(population.num_cpus >= 0, "population.num_cpus", f"must be >= 0, got {population.num_cpus}")
+    _require(population.members_per_actor >= 1, "population.members_per_actor", f"must be >= 1, got {population.members_per_actor}")
+
+    evolution = cfg.evolution
+    _require(evolution.generations >= 1, "evolution.generations", f"must be >= 1, got {evolution.generations}")
+    _require(evolution.steps_per_generation >= 1, "evolution.steps_per_generation", f"must be >= 1, got {evolution.steps_per_generation}")
+    _require(evolution.tournament_size >= 1, "evolution.tournament_size", f"must be >= 1, got {evolution.tournament_size}")
+    _require(
+        evolution.tournament_size <= population.size,
+        "evolution.tournament_size",
+        f"{evolution.tournament_size} exceeds population.size {population.size}",
+    )
+    _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
+    mutation = evolution.mutation
+    for name in ("no_mutation", "rl_hp", "mutation_sd"):
+        value = getattr(mutation, name)
+        _require(value >= 0, f"evolution.mutation.{name}", f"must be >= 0, got {value}")
+    _require(mutation.no_mutation + mutation.rl_hp > 0, "evolution.mutation", "no_mutation + rl_hp must be > 0")
+
+    lr_bounds, bs_bounds = evolution.bounds.lr, evolution.bounds.batch_size
+    _require(lr_bounds.min > 0, "evolution.bounds.lr.min", f"must be > 0, got {lr_bounds.min}")
+    _require(lr_bounds.min <= lr_bounds.max, "evolution.bounds.lr", f"min {lr_bounds.min} > max {lr_bounds.max}")
+    _require(bs_bounds.min >= 1, "evolution.bounds.batch_size.min", f"must be >= 1, got {bs_bounds.min}")
+    _require(bs_bounds.min <= bs_bounds.max, "evolution.bounds.batch_size", f"min {bs_bounds.min} > max {bs_bounds.max}")
+    micro = agent.micro_batch_size_per_gpu
+    if micro is not None:
+        _require(micro >= 1, "agent.micro_batch_size_per_gpu", f"must be >= 1, got {micro}")
+        _require(
+            -(-bs_bounds.min // micro) * micro <= bs_bounds.max,
+            "evolution.bounds.batch_size",
+            f"[{bs_bounds.min}, {bs_bounds.max}] contains no multiple of agent.micro_batch_size_per_gpu {micro}",
+        )
+    _require(
+        lr_bounds.min <= agent.lr <= lr_bounds.max,
+        "agent.lr",
+        f"{agent.lr} outside evolution.bounds.lr [{lr_bounds.min}, {lr_bounds.max}]",
+    )
+    _require(
+        bs_bounds.min <= agent.batch_size <= bs_bounds.max,
+        "agent.batch_size",
+        f"{agent.batch_size} outside evolution.bounds.batch_size [{bs_bounds.min}, {bs_bounds.max}]",
+    )
+    _require(
+        micro is None or agent.batch_size % micro == 0,
+        "agent.batch_size",
+        f"{agent.batch_size} is not divisible by agent.micro_batch_size_per_gpu {micro}",
+    )
+
+    _require(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, d, "")
+    _validate(cfg)
+    return cfg
+
+
+def _apply_override(d: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: override value {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    *parents, last = key.split(".")
+    node = d
+    for i, part in enumerate(parents):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parents[: i + 1])}: is not a section, cannot set {key!r}")
+    node[last] = value
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply `dotted.key=value` overrides, validate.
+
+    Override values are parsed with yaml.safe_load. Setting a key inside a section
+    that is null (e.g. `lora.r=4` with `lora: null`) starts that section from its defaults.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
+    for override in overrides:
+        _apply_override(d, override)
+    return config_from_dict(d)
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; non-str values as JSON, so `key=value` is a valid override."""
+    flat = {}
+    for key, value in d.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, dotted))
+        else:
+            flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+    return flat

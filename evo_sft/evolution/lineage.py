@@ -1,0 +1,103 @@
+"""The family tree of a population: members, their parents, and every event."""
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class MemberInfo:
+    id: int
+    parent_id: int | None
+    generation_born: int
+    mutation: str
+    hyperparameters: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemberInfo":
+        return cls(**d)
+
+
+def _json_copy(value):
+    """Deep copy through JSON: fails early on values a checkpoint could not store."""
+    return json.loads(json.dumps(value))
+
+
+class Lineage:
+    """Members by id plus an append-only, JSON-serialisable event log."""
+
+    def __init__(self):
+        self.members: dict[int, MemberInfo] = {}
+        self.events: list[dict] = []
+        self._next_id = 0
+
+    def found(self, hyperparameters: dict, generation: int = 0) -> int:
+        """Add a founder (no parent); return its id."""
+        return self._add(None, generation, hyperparameters, "none", "found")
+
+    def clone(self, parent_id: int, generation: int, hyperparameters: dict, mutation: str) -> int:
+        """Add a child of `parent_id`; return its id."""
+        if parent_id not in self.members:
+            raise KeyError(f"Lineage.clone: unknown parent id {parent_id}")
+        return self._add(parent_id, generation, hyperparameters, mutation, "clone")
+
+    def mutate(self, member_id: int, generation: int, hyperparameters: dict, mutation: str) -> None:
+        """Record that a kept member's hyperparameters changed."""
+        if member_id not in self.members:
+            raise KeyError(f"Lineage.mutate: unknown member id {member_id}")
+        member = self.members[member_id]
+        member.hyperparameters = _json_copy(hyperparameters)
+        self._event("mutate", generation, member_id, member.parent_id, hyperparameters, mutation)
+
+    def record(self, kind: str, generation: int, **fields) -> None:
+        """Append any other event (e.g. "restart", "replace", "nonfinite")."""
+        self.events.append(_json_copy({"kind": kind, "generation": generation, **fields}))
+
+    def ancestry(self, member_id: int) -> list[int]:
+        """[member, parent, grandparent, ...] up to the founder."""
+        chain = [member_id]
+        parent = self.members[member_id].parent_id
+        while parent is not None:
+            chain.append(parent)
+            parent = self.members[parent].parent_id
+        return chain
+
+    def to_dict(self) -> dict:
+        return {
+            "next_id": self._next_id,
+            "members": [m.to_dict() for m in self.members.values()],
+            "events": _json_copy(self.events),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Lineage":
+        lineage = cls()
+        for m in d["members"]:
+            info = MemberInfo.from_dict(m)
+            lineage.members[info.id] = info
+        if lineage.members and d["next_id"] <= max(lineage.members):
+            raise ValueError(f"Lineage: next_id {d['next_id']} would reuse an existing member id")
+        lineage._next_id = d["next_id"]
+        lineage.events = _json_copy(d["events"])
+        return lineage
+
+    def _add(self, parent_id, generation, hyperparameters, mutation, kind) -> int:
+        member_id = self._next_id
+        self._next_id += 1
+        self.members[member_id] = MemberInfo(
+            member_id, parent_id, generation, mutation, _json_copy(hyperparameters)
+        )
+        self._event(kind, generation, member_id, parent_id, hyperparameters, mutation)
+        return member_id
+
+    def _event(self, kind, generation, member_id, parent_id, hyperparameters, mutation) -> None:
+        self.record(
+            kind,
+            generation,
+            member_id=member_id,
+            parent_id=parent_id,
+            hyperparameters=hyperparameters,
+            mutation=mutation,
+        )

@@ -1,0 +1,67 @@
+"""One generation's plan: which slot copies which member, with what hyperparameters."""
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from evo_sft.evolution.hyperparameters import HyperparameterConfig
+from evo_sft.evolution.lineage import Lineage
+from evo_sft.evolution.mutation import Mutations
+from evo_sft.evolution.selection import TournamentSelection
+
+
+@dataclass(frozen=True)
+class MemberState:
+    id: int
+    hyperparameters: dict
+    fitness: float
+
+
+@dataclass(frozen=True)
+class SlotDecision:
+    slot: int
+    parent_id: int
+    clone: bool
+    hyperparameters: dict
+    mutation: str
+
+
+def plan_generation(
+    members: list[MemberState],
+    selection: TournamentSelection,
+    mutations: Mutations,
+    hp_config: HyperparameterConfig,
+    rng: np.random.Generator,
+    multiple_of: dict[str, int] | None = None,
+) -> tuple[int, list[SlotDecision]]:
+    """Select a parent for every slot and mutate its hyperparameters; return (elite id, decisions)."""
+    elite_slot, parents = selection.select([m.fitness for m in members], rng)
+    decisions = []
+    for slot, parent_slot in enumerate(parents):
+        parent = members[parent_slot]
+        if selection.elitism and slot == elite_slot and not mutations.mutate_elite:
+            hyperparameters, mutation = copy.deepcopy(parent.hyperparameters), "none"
+        else:
+            hyperparameters, mutation = mutations.mutate(parent.hyperparameters, hp_config, rng, multiple_of)
+        clone = parent.id != members[slot].id
+        decisions.append(SlotDecision(slot, parent.id, clone, hyperparameters, mutation))
+    return members[elite_slot].id, decisions
+
+
+def apply_plan_to_lineage(
+    lineage: Lineage, decisions: list[SlotDecision], members: list[MemberState], generation: int
+) -> list[int]:
+    """Record the plan in the lineage; return the member id of each slot afterwards."""
+    if len(decisions) != len(members):
+        raise ValueError(f"apply_plan_to_lineage: {len(decisions)} decisions for {len(members)} members")
+    ids = []
+    for decision in decisions:
+        current = members[decision.slot]
+        if decision.clone:
+            ids.append(lineage.clone(decision.parent_id, generation, decision.hyperparameters, decision.mutation))
+            continue
+        if decision.hyperparameters != current.hyperparameters:
+            lineage.mutate(current.id, generation, decision.hyperparameters, decision.mutation)
+        ids.append(current.id)
+    return ids

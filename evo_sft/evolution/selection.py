@@ -1,0 +1,53 @@
+"""Tournament selection with elitism."""
+
+import math
+
+import numpy as np
+
+
+class TournamentSelection:
+    """Pick a parent for every population slot by tournament, keeping the elite."""
+
+    def __init__(self, tournament_size: int, elitism: bool, population_size: int, eval_loop: int = 1):
+        if population_size < 1:
+            raise ValueError(f"TournamentSelection: population_size must be >= 1, got {population_size}")
+        if not 1 <= tournament_size <= population_size:
+            raise ValueError(
+                f"TournamentSelection: tournament_size must be in [1, population_size={population_size}], "
+                f"got {tournament_size}"
+            )
+        if eval_loop < 1:
+            raise ValueError(f"TournamentSelection: eval_loop must be >= 1, got {eval_loop}")
+        self.tournament_size = tournament_size
+        self.elitism = elitism
+        self.population_size = population_size
+        self.eval_loop = eval_loop
+
+    def score(self, fitness_history: list[float]) -> float:
+        """Mean of the last `eval_loop` fitness values; -inf if empty or any is non-finite."""
+        recent = list(fitness_history)[-self.eval_loop :]
+        if not recent or not all(math.isfinite(f) for f in recent):
+            return -math.inf
+        return float(np.mean(recent))
+
+    def select(self, fitnesses: list[float], rng: np.random.Generator) -> tuple[int, list[int]]:
+        """Return (elite_slot, parents): parents[i] is the slot whose member slot i receives."""
+        if len(fitnesses) != self.population_size:
+            raise ValueError(
+                f"TournamentSelection: got {len(fitnesses)} fitnesses for population_size={self.population_size}"
+            )
+        fitness = [-math.inf if math.isnan(f) else float(f) for f in fitnesses]
+        elite = _best(fitness, range(len(fitness)))
+        parents = []
+        for slot in range(self.population_size):
+            if self.elitism and slot == elite:
+                parents.append(elite)
+                continue
+            contestants = rng.choice(self.population_size, size=self.tournament_size, replace=False)
+            parents.append(_best(fitness, contestants))
+        return elite, parents
+
+
+def _best(fitness: list[float], slots) -> int:
+    """Slot with the highest fitness; ties go to the lowest slot index."""
+    return min((int(s) for s in slots), key=lambda s: (-fitness[s], s))

@@ -1,0 +1,329 @@
+"""The one way evo-sft writes and reads files: safetensors for tensors, JSON for
+everything else, checkpoint directories written atomically with a sha256 manifest.
+
+Nothing here pickles or unpickles, so loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "evo-sft-checkpoint"
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing or damaged; the message names the file."""
+
+
+def _full(path: str | os.PathLike) -> Path:
+    return Path(path).absolute()
+
+
+# ---------------------------------------------------------------------------
+# JSON
+
+
+def _check_json(obj: Any, where: str) -> None:
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _check_json(item, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where or '<root>'}: dict key {key!r} is {type(key).__name__}, JSON keys must be str")
+            _check_json(value, f"{where}.{key}" if where else key)
+        return
+    raise TypeError(f"{where or '<root>'}: {type(obj).__name__} is not a JSON type")
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON with sorted keys.
+
+    Only dict (str keys), list, str, int, float, bool and None are accepted; anything
+    else (tuples included, they would come back as lists) raises TypeError naming the
+    key path. Non-finite floats are written as NaN/Infinity, which Python reads back.
+    """
+    _check_json(obj, "")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file {_full(path)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"invalid JSON in {_full(path)}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors as safetensors; each is copied to its own contiguous CPU storage."""
+    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    save_file(owned, str(path), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"missing file {_full(path)}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"unreadable safetensors file {_full(path)}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Arbitrary nested state <-> (tensors, JSON structure)
+#
+# Structure encoding: str, int, bool, None and finite floats are stored as themselves;
+# everything else is a one-key object: {"tensor": key}, {"list": [...]},
+# {"tuple": [...]}, {"dict": [[key, value], ...]} (keys str or int, order kept),
+# {"float": "nan" | "inf" | "-inf"}.
+
+
+def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (optimizer/scheduler state_dict, ...) into tensors and a JSON structure.
+
+    Tensor names are the dotted path to the tensor, e.g. "state.0.exp_avg".
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            if path in tensors:
+                raise ValueError(f"two tensors map to the name {path!r}")
+            tensors[path] = value
+            return {"tensor": path}
+        if value is None or isinstance(value, (str, bool, int)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"float": repr(value)}
+        if isinstance(value, (list, tuple)):
+            kind = "list" if isinstance(value, list) else "tuple"
+            return {kind: [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]}
+        if isinstance(value, dict):
+            items = []
+            for k, v in value.items():
+                if isinstance(k, bool) or not isinstance(k, (str, int)):
+                    raise TypeError(f"{path or '<root>'}: dict key {k!r} is {type(k).__name__}, only str and int keys are supported")
+                items.append([k, walk(v, f"{path}.{k}" if path else str(k))])
+            return {"dict": items}
+        raise TypeError(f"{path or '<root>'}: cannot store value of type {type(value).__name__}")
+
+    structure = walk(obj, "")
+    return tensors, structure
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any, device: str | torch.device = "cpu") -> Any:
+    """Inverse of flatten_state. Raises ValueError when structure and tensors disagree."""
+
+    def build(node: Any) -> Any:
+        if node is None or isinstance(node, (str, bool, int, float)):
+            return node
+        if isinstance(node, dict) and len(node) == 1:
+            (kind, body), = node.items()
+            if kind == "tensor":
+                if body not in tensors:
+                    raise ValueError(f"tensor {body!r} is missing")
+                return tensors[body].to(device)
+            if kind == "list":
+                return [build(v) for v in body]
+            if kind == "tuple":
+                return tuple(build(v) for v in body)
+            if kind == "dict":
+                return {k: build(v) for k, v in body}
+            if kind == "float":
+                return float(body)
+        raise ValueError(f"malformed state node {node!r}")
+
+    return build(structure)
+
+
+def save_state(directory: str | os.PathLike, name: str, obj: Any) -> None:
+    """Write `obj` as `<name>.safetensors` (tensors) + `<name>.json` (structure)."""
+    tensors, structure = flatten_state(obj)
+    save_tensors(Path(directory) / f"{name}.safetensors", tensors)
+    save_json(Path(directory) / f"{name}.json", structure)
+
+
+def load_state(directory: str | os.PathLike, name: str, device: str | torch.device = "cpu") -> Any:
+    structure_path = Path(directory) / f"{name}.json"
+    structure = load_json(structure_path)
+    tensors = load_tensors(Path(directory) / f"{name}.safetensors", device=device)
+    try:
+        return unflatten_state(tensors, structure, device=device)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{_full(structure_path)} does not match {name}.safetensors: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Atomic, hashed directories
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _siblings(final: Path, kind: str) -> list[Path]:
+    """Leftovers of interrupted writes of `final`: `.<kind>-<name>-<8 hex>`, newest first."""
+    pattern = re.compile(rf"\.{kind}-{re.escape(final.name)}-[0-9a-f]{{8}}")
+    found = [p for p in final.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()] if final.parent.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        _verify(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def recover_directory(final_path: str | os.PathLike) -> bool:
+    """Apply the recovery rule of `atomic_directory` when `final_path` is missing.
+
+    If a complete `.tmp-<name>-*` sibling exists (its manifest verifies), the newest
+    one is renamed to `final_path`; otherwise the newest `.old-<name>-*` sibling is.
+    Returns True when something was moved into place.
+    """
+    final = Path(final_path)
+    if final.exists():
+        return False
+    candidates = [p for p in _siblings(final, "tmp") if _is_complete(p)] or _siblings(final, "old")
+    if not candidates:
+        return False
+    os.rename(candidates[0], final)
+    _fsync(final.parent)
+    return True
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `final_path` atomically on success.
+
+    The temporary directory is `.tmp-<name>-<8 hex>` in the same parent. On normal
+    exit a `manifest.json` listing sha256 and size of every file (recursively) is
+    written, everything is fsynced, and the directory is swapped in: an existing
+    `final_path` is renamed to `.old-<name>-<8 hex>`, the new one renamed to
+    `final_path`, then the old one deleted. On an exception the temporary directory
+    is deleted and `final_path` is left untouched.
+
+    Recovery rule (crash between the two renames, the only moment `final_path` is
+    missing): the newest `.tmp-<name>-*` whose manifest verifies is the new complete
+    copy and is moved into place; failing that, the newest `.old-<name>-*` is.
+    `recover_directory` implements it; `verify_directory` and the next
+    `atomic_directory` on the same path apply it, and the latter also deletes
+    leftovers of interrupted writes. One writer per `final_path` at a time.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(final)
+    for leftover in _siblings(final, "tmp") + _siblings(final, "old"):
+        shutil.rmtree(leftover)
+
+    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+        _fsync(final.parent)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative == MANIFEST:
+            continue
+        _fsync(path)
+        files[relative] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    save_json(directory / MANIFEST, manifest)
+    _fsync(directory / MANIFEST)
+    for sub in sorted({p.parent for p in directory.rglob("*")}, reverse=True):
+        _fsync(sub)
+
+
+def _verify(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"missing manifest {_full(manifest_path)}")
+    manifest = load_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+        raise CheckpointError(f"{_full(manifest_path)} is not a {MANIFEST_FORMAT} manifest version {MANIFEST_VERSION}")
+    for relative, entry in manifest["files"].items():
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise CheckpointError(f"{_full(manifest_path)} lists a path outside the directory: {relative!r}")
+        file = path / relative
+        if not file.is_file():
+            raise CheckpointError(f"missing file {_full(file)} (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"size mismatch for {_full(file)}: {size} bytes, manifest says {entry['bytes']}")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"sha256 mismatch for {_full(file)}: the file is damaged")
+    return manifest
+
+
+def verify_directory(path: str | os.PathLike) -> dict:
+    """Check every file listed in `path/manifest.json` for presence, size and sha256.
+
+    Raises CheckpointError naming the offending file; returns the manifest. Files
+    present but not listed are ignored. If `path` is missing, the recovery rule of
+    `atomic_directory` is applied first.
+    """
+    path = Path(path)
+    recover_directory(path)
+    return _verify(path)

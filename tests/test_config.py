@@ -1,0 +1,266 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evo_sft.config import (
+    ConfigError,
+    ExperimentConfig,
+    LoraConfig,
+    config_from_dict,
+    flatten_config,
+    load_config,
+)
+
+
+def test_defaults():
+    cfg = config_from_dict({})
+    assert cfg == ExperimentConfig()
+    assert cfg.name == "evo-sft" and cfg.seed == 42
+    assert cfg.model.name == "demo" and cfg.model.dtype == "float32"
+    assert cfg.lora == LoraConfig() and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.agent.lr == 1e-4 and cfg.agent.lr_schedule is None
+    assert cfg.population.backend == "ray" and cfg.population.size == 4
+    assert cfg.evolution.mutation.rl_hp == 0.6
+    assert cfg.evolution.bounds.lr.min == 1e-6 and cfg.evolution.bounds.batch_size.max == 64
+    assert cfg.ray.init == {}
+
+
+def test_helpers_resolve_nulls():
+    cfg = config_from_dict({"name": "exp"})
+    assert cfg.resolved_run_dir() == Path("runs/exp")
+    assert cfg.tracking_uri() == f"sqlite:///{Path('runs/exp/mlflow.db').absolute()}"
+    assert cfg.experiment_name() == "exp"
+    assert cfg.tokenizer_name() == "demo"
+    cfg = config_from_dict(
+        {"name": "exp", "run_dir": "/tmp/r", "tracking": {"uri": "http://mlflow:5000", "experiment": "e"}, "tokenizer": "tok"}
+    )
+    assert cfg.resolved_run_dir() == Path("/tmp/r")
+    assert cfg.tracking_uri() == "http://mlflow:5000"
+    assert cfg.experiment_name() == "e"
+    assert cfg.tokenizer_name() == "tok"
+
+
+FULL = {
+    "name": "sweep",
+    "seed": 7,
+    "run_dir": "out",
+    "model": {"name": "org/model", "dtype": "bfloat16", "attn_implementation": "eager", "trust_remote_code": True},
+    "tokenizer": "org/tok",
+    "data": {"source": "d.jsonl", "test_split": "test", "test_size": 50, "max_length": 512},
+    "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": "all-linear"},
+    "agent": {
+        "lr": 3e-4,
+        "batch_size": 32,
+        "micro_batch_size_per_gpu": 8,
+        "lr_schedule": {"warmup_steps": 10, "total_steps": 100, "min_lr_ratio": 0.1},
+    },
+    "population": {"size": 8, "backend": "local", "num_gpus": 0.5, "members_per_actor": 2},
+    "evolution": {"generations": 3, "tournament_size": 3, "mutation": {"mutate_elite": False}},
+    "checkpoint": {"every": 2, "keep": 1},
+    "ray": {"address": "auto", "init": {"namespace": "evo", "runtime_env": {"env_vars": {"A": "1"}}}},
+}
+
+
+def test_round_trip_through_dict_json_and_yaml(tmp_path):
+    cfg = config_from_dict(FULL)
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert config_from_dict(d) == cfg
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert load_config(path) == cfg
+    assert cfg.data.test_size == 50 and isinstance(cfg.data.test_size, int)
+    assert cfg.population.num_cpus == 1.0
+
+
+def test_full_fine_tuning_with_null_lora():
+    assert config_from_dict({"lora": None}).lora is None
+    assert config_from_dict({"lora": {}}).lora == LoraConfig()
+
+
+def test_int_accepted_for_float_and_scientific_strings_parsed():
+    cfg = config_from_dict({"population": {"num_gpus": 1}, "agent": {"lr": "1e-3"}})
+    assert cfg.population.num_gpus == 1.0 and isinstance(cfg.population.num_gpus, float)
+    assert cfg.agent.lr == 1e-3
+
+
+def test_load_config_with_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: base\npopulation:\n  size: 4\nlora: null\n")
+    cfg = load_config(
+        path,
+        [
+            "population.size=8",
+            "evolution.bounds.lr.min=1e-5",
+            "agent.gradient_checkpointing=true",
+            "lora.target_modules=[q_proj, v_proj]",
+            "tracking.uri=null",
+            "ray.init.num_cpus=4",
+            "name=a=b",
+        ],
+    )
+    assert cfg.population.size == 8
+    assert cfg.evolution.bounds.lr.min == 1e-5
+    assert cfg.agent.gradient_checkpointing is True
+    assert cfg.lora == LoraConfig(target_modules=["q_proj", "v_proj"])
+    assert cfg.ray.init == {"num_cpus": 4}
+    assert cfg.name == "a=b"
+
+
+def test_flatten_config_values_are_valid_overrides(tmp_path):
+    cfg = config_from_dict(FULL)
+    flat = flatten_config(cfg.to_dict())
+    assert flat["population.size"] == "8"
+    assert flat["lora.target_modules"] == "all-linear"
+    assert flat["tracking.uri"] == "null"
+    assert flat["model.trust_remote_code"] == "true"
+    assert flat["ray.init.runtime_env.env_vars.A"] == "1"
+    assert flat["agent.lr_schedule.total_steps"] == "100"
+    assert all(isinstance(v, str) for v in flat.values())
+    assert flatten_config(config_from_dict({}).to_dict())["ray.init"] == "{}"
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    overrides = [f"{k}={v}" for k, v in flat.items() if not k.startswith("ray.init")]
+    assert load_config(path, overrides).to_dict() == {**cfg.to_dict(), "ray": {"address": "auto", "init": {}}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("population.szie=8", "unknown key 'population.szie' (did you mean 'population.size'?)"),
+        ("populaton.size=8", "unknown key 'populaton' (did you mean 'population'?)"),
+        ("seed.value=1", "seed: is not a section"),
+        ("population.size", "expected dotted.key=value"),
+        ("population.size=[1", "population.size: override value"),
+        ("population.size=abc", "population.size: expected int, got str 'abc'"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text("seed: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_config_rejects_bad_yaml(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("a: [1\nb: 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+
+
+def nested(key, value):
+    d = value
+    for part in reversed(key.split(".")):
+        d = {part: d}
+    return d
+
+
+def merge(*dicts):
+    out = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+INVALID = [
+    # unknown keys, with suggestions at every level
+    ({"nmae": "x"}, "unknown key 'nmae' (did you mean 'name'?)"),
+    (nested("evolution.bounds.lr.mni", 1.0), "unknown key 'evolution.bounds.lr.mni' (did you mean 'evolution.bounds.lr.min'?)"),
+    ({"zzz": 1}, "unknown key 'zzz' (valid keys: name, seed"),
+    (nested("evolution.bounds.lr.zzzz", 1), "unknown key 'evolution.bounds.lr.zzzz' (valid keys: min, max)"),
+    # types
+    (nested("population.size", "abc"), "population.size: expected int, got str 'abc'"),
+    (nested("population.size", 2.0), "population.size: expected int, got float 2.0"),
+    ({"seed": True}, "seed: expected int, got bool True"),
+    (nested("agent.lr", True), "agent.lr: expected float, got bool True"),
+    (nested("agent.lr", "fast"), "agent.lr: expected float, got str 'fast'"),
+    (nested("agent.lr", float("nan")), "agent.lr: expected finite float"),
+    (nested("model.trust_remote_code", "yes"), "model.trust_remote_code: expected bool, got str 'yes'"),
+    ({"name": 3}, "name: expected str, got int 3"),
+    ({"tokenizer": 3}, "tokenizer: expected str, got int 3"),
+    ({"evolution": [1]}, "evolution: expected mapping, got list [1]"),
+    (nested("lora.target_modules", [1]), "lora.target_modules: expected list[str] or str"),
+    (nested("ray.init", [1]), "ray.init: expected mapping"),
+    (nested("data.test_size", True), "data.test_size: expected int or float, got bool True"),
+    (nested("agent.lr_schedule", {}), "missing key 'agent.lr_schedule.total_steps'"),
+    # enums
+    (nested("model.dtype", "fp16"), "model.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'fp16'"),
+    (nested("model.dtype", "bfloat"), "model.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'bfloat' (did you mean 'bfloat16'?)"),
+    (nested("model.attn_implementation", "flash"), "model.attn_implementation: expected one of"),
+    (nested("population.backend", "dask"), "population.backend: expected one of 'ray', 'local'"),
+    # ranges
+    ({"seed": -1}, "seed: must be >= 0"),
+    (nested("data.test_size", 0.0), "data.test_size:"),
+    (nested("data.test_size", 1.0), "data.test_size:"),
+    (nested("data.test_size", 0), "data.test_size:"),
+    (nested("data.max_length", 4), "data.max_length: must be >= 8"),
+    (nested("data.num_rows", 0), "data.num_rows: must be >= 1"),
+    (nested("lora.r", 0), "lora.r: must be >= 1"),
+    (nested("lora.lora_dropout", 1.0), "lora.lora_dropout: must be in [0, 1)"),
+    (nested("lora.target_modules", []), "lora.target_modules: must not be empty"),
+    (nested("agent.max_grad_norm", 0), "agent.max_grad_norm: must be > 0"),
+    (nested("agent.update_epochs", 0), "agent.update_epochs: must be >= 1"),
+    (nested("agent.lr_schedule", {"total_steps": 10, "warmup_steps": 11}), "agent.lr_schedule.warmup_steps:"),
+    (nested("agent.lr_schedule", {"total_steps": 0}), "agent.lr_schedule.total_steps: must be >= 1"),
+    (nested("agent.lr_schedule", {"total_steps": 10, "min_lr_ratio": 2.0}), "agent.lr_schedule.min_lr_ratio:"),
+    (nested("population.size", 0), "population.size: must be >= 1"),
+    (nested("population.num_gpus", -0.5), "population.num_gpus: must be >= 0"),
+    (nested("population.num_cpus", -1), "population.num_cpus: must be >= 0"),
+    (nested("population.members_per_actor", 0), "population.members_per_actor: must be >= 1"),
+    (nested("evolution.generations", 0), "evolution.generations: must be >= 1"),
+    (nested("evolution.steps_per_generation", 0), "evolution.steps_per_generation: must be >= 1"),
+    (nested("evolution.tournament_size", 0), "evolution.tournament_size: must be >= 1"),
+    (nested("evolution.tournament_size", 5), "evolution.tournament_size: 5 exceeds population.size 4"),
+    (nested("evolution.eval_loop", 0), "evolution.eval_loop: must be >= 1"),
+    (nested("evolution.mutation.no_mutation", -0.1), "evolution.mutation.no_mutation: must be >= 0"),
+    (nested("evolution.mutation.rl_hp", -1), "evolution.mutation.rl_hp: must be >= 0"),
+    (nested("evolution.mutation.mutation_sd", -1), "evolution.mutation.mutation_sd: must be >= 0"),
+    (nested("evolution.mutation", {"no_mutation": 0, "rl_hp": 0}), "evolution.mutation: no_mutation + rl_hp must be > 0"),
+    (nested("checkpoint.every", 0), "checkpoint.every: must be >= 1"),
+    (nested("checkpoint.keep", 0), "checkpoint.keep: must be >= 1"),
+    # bounds
+    (nested("evolution.bounds.lr", {"min": 0.0}), "evolution.bounds.lr.min: must be > 0"),
+    (nested("evolution.bounds.lr", {"min": 1e-2, "max": 1e-3}), "evolution.bounds.lr: min 0.01 > max 0.001"),
+    (nested("evolution.bounds.batch_size", {"min": 0}), "evolution.bounds.batch_size.min: must be >= 1"),
+    (nested("evolution.bounds.batch_size", {"min": 32, "max": 8}), "evolution.bounds.batch_size: min 32 > max 8"),
+    (nested("agent.lr", 0.1), "agent.lr: 0.1 outside evolution.bounds.lr [1e-06, 0.01]"),
+    (nested("agent.lr", 0.0), "agent.lr: must be > 0"),
+    (nested("agent.batch_size", 2), "agent.batch_size: 2 outside evolution.bounds.batch_size [4, 64]"),
+    (nested("agent.batch_size", 0), "agent.batch_size: must be >= 1"),
+    # micro-batch divisibility
+    (nested("agent.micro_batch_size_per_gpu", 0), "agent.micro_batch_size_per_gpu: must be >= 1"),
+    (nested("agent.micro_batch_size_per_gpu", 5), "agent.batch_size: 16 is not divisible by agent.micro_batch_size_per_gpu 5"),
+    (
+        merge(nested("agent.micro_batch_size_per_gpu", 16), nested("evolution.bounds.batch_size", {"min": 17, "max": 31})),
+        "evolution.bounds.batch_size: [17, 31] contains no multiple of agent.micro_batch_size_per_gpu 16",
+    ),
+]
+
+
+@pytest.mark.parametrize("d, message", INVALID, ids=[m.split(":")[0][:40] for _, m in INVALID])
+def test_invalid_configs(d, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(d)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_batch_size_bounds_need_only_contain_a_multiple_of_micro_batch():
+    cfg = config_from_dict(
+        merge(
+            nested("agent.micro_batch_size_per_gpu", 8),
+            nested("evolution.bounds.batch_size", {"min": 5, "max": 20}),
+            nested("agent.batch_size", 16),
+        )
+    )
+    assert (cfg.evolution.bounds.batch_size.min, cfg.evolution.bounds.batch_size.max) == (5, 20)

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from evo_sft.evolution import Lineage, MemberInfo
+
+
+def json_round_trip(lineage):
+    return Lineage.from_dict(json.loads(json.dumps(lineage.to_dict())))
+
+
+def make_family():
+    lineage = Lineage()
+    a = lineage.found({"lr": 1e-3})
+    b = lineage.found({"lr": 2e-3})
+    child = lineage.clone(a, 1, {"lr": 1.2e-3}, "lr")
+    grandchild = lineage.clone(child, 2, {"lr": 1.2e-3}, "none")
+    return lineage, a, b, child, grandchild
+
+
+def test_ids_are_unique_and_parents_recorded():
+    lineage, a, b, child, grandchild = make_family()
+    assert len({a, b, child, grandchild}) == 4
+    assert lineage.members[child] == MemberInfo(child, a, 1, "lr", {"lr": 1.2e-3})
+    assert lineage.members[b].parent_id is None
+    assert lineage.ancestry(grandchild) == [grandchild, child, a]
+    assert lineage.ancestry(b) == [b]
+
+
+def test_every_change_appends_an_event():
+    lineage, a, b, child, _ = make_family()
+    lineage.mutate(b, 3, {"lr": 1.6e-3}, "lr")
+    lineage.record("nonfinite", 3, member_id=a, fitness=float("-inf"))
+    assert [e["kind"] for e in lineage.events] == ["found", "found", "clone", "clone", "mutate", "nonfinite"]
+    assert lineage.events[2] == {
+        "kind": "clone",
+        "generation": 1,
+        "member_id": child,
+        "parent_id": a,
+        "hyperparameters": {"lr": 1.2e-3},
+        "mutation": "lr",
+    }
+    assert lineage.events[4]["member_id"] == b and lineage.events[4]["mutation"] == "lr"
+    assert lineage.members[b].hyperparameters == {"lr": 1.6e-3}
+    assert lineage.events[5]["fitness"] == float("-inf")
+
+
+def test_lineage_keeps_its_own_copy_of_hyperparameters():
+    lineage = Lineage()
+    hp = {"lr": 1e-3, "layers": [1, 2]}
+    member = lineage.found(hp)
+    hp["lr"] = 5.0
+    hp["layers"].append(3)
+    assert lineage.members[member].hyperparameters == {"lr": 1e-3, "layers": [1, 2]}
+    assert lineage.events[0]["hyperparameters"] == {"lr": 1e-3, "layers": [1, 2]}
+
+
+def test_json_round_trip_is_exact():
+    lineage, a, b, _, _ = make_family()
+    lineage.mutate(a, 3, {"lr": 9e-4}, "lr")
+    lineage.record("restart", 4, slot=1, reason="actor died")
+    d = lineage.to_dict()
+    restored = json_round_trip(lineage)
+    assert restored.to_dict() == d
+    assert restored.members == lineage.members
+    assert restored.ancestry(3) == lineage.ancestry(3)
+
+
+def test_ids_are_never_reused_after_a_round_trip():
+    lineage, *ids = make_family()
+    restored = json_round_trip(lineage)
+    new_ids = [restored.found({"lr": 1e-4}), restored.clone(ids[0], 5, {"lr": 1e-4}, "none")]
+    assert not set(new_ids) & set(ids)
+    assert len(set(new_ids)) == 2
+
+
+def test_from_dict_rejects_a_counter_that_would_reuse_ids():
+    d = make_family()[0].to_dict()
+    d["next_id"] = 2
+    with pytest.raises(ValueError, match="reuse"):
+        Lineage.from_dict(d)
+
+
+def test_unknown_ids_raise():
+    lineage = Lineage()
+    with pytest.raises(KeyError, match="unknown parent id 7"):
+        lineage.clone(7, 1, {}, "none")
+    with pytest.raises(KeyError, match="unknown member id 7"):
+        lineage.mutate(7, 1, {}, "lr")
+
+
+def test_non_serialisable_event_fails_early():
+    with pytest.raises(TypeError):
+        Lineage().record("replace", 1, member=object())

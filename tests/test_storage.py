@@ -1,0 +1,328 @@
+import inspect
+import json
+import math
+import os
+import pickle
+import re
+
+import pytest
+import torch
+
+from evo_sft import storage
+from evo_sft.storage import (
+    CheckpointError,
+    atomic_directory,
+    flatten_state,
+    load_json,
+    load_state,
+    load_tensors,
+    recover_directory,
+    save_json,
+    save_state,
+    save_tensors,
+    unflatten_state,
+    verify_directory,
+)
+
+
+def assert_same(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert type(k) is type(next(x for x in b if x == k))
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+# --- JSON
+
+
+def test_json_round_trip_sorted_and_indented(tmp_path):
+    obj = {"b": [1, 2.5, None, True, "x"], "a": {"inf": -math.inf}}
+    save_json(tmp_path / "x.json", obj)
+    text = (tmp_path / "x.json").read_text()
+    assert text.index('"a"') < text.index('"b"')
+    assert '\n  "a"' in text
+    assert load_json(tmp_path / "x.json") == obj
+
+
+@pytest.mark.parametrize(
+    "obj, where",
+    [
+        ({"a": {"b": [1, (2, 3)]}}, "a.b[1]"),
+        ({"a": {1: 2}}, "a"),
+        ({"t": torch.zeros(1)}, "t"),
+        ({"s": {1, 2}}, "s"),
+    ],
+)
+def test_save_json_rejects_non_json_naming_key_path(tmp_path, obj, where):
+    with pytest.raises(TypeError, match="^" + re.escape(where) + ":"):
+        save_json(tmp_path / "x.json", obj)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_load_json_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "missing.json"))):
+        load_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "bad.json"))):
+        load_json(tmp_path / "bad.json")
+
+
+# --- tensors
+
+
+def test_tensors_round_trip_with_shared_storage_and_metadata(tmp_path):
+    base = torch.arange(12, dtype=torch.float32, requires_grad=True)
+    tensors = {
+        "view": base[2:8].view(2, 3),
+        "transposed": base.detach().view(3, 4).t(),
+        "same": base,
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 4),
+    }
+    save_tensors(tmp_path / "t.safetensors", tensors, metadata={"kind": "test"})
+    loaded = load_tensors(tmp_path / "t.safetensors")
+    for name, t in tensors.items():
+        assert_same(t.detach(), loaded[name])
+    assert loaded["scalar"].dim() == 0
+
+
+def test_load_tensors_reports_truncated_and_missing_file(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"w": torch.randn(64, 64)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_tensors(path)
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "nope.safetensors"))):
+        load_tensors(tmp_path / "nope.safetensors")
+
+
+def test_pickle_file_is_rejected_not_loaded(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_tensors(path)
+
+
+def test_module_never_unpickles():
+    source = inspect.getsource(storage)
+    for forbidden in ("torch.load", "import pickle", "pickle.", "torch.save"):
+        assert forbidden not in source
+
+
+# --- nested state
+
+
+def test_flatten_round_trip_of_mixed_structure():
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 2)}, 5: {}},
+        "groups": [{"betas": (0.9, 0.999), "params": [0, 5], "foreach": None, "amsgrad": False, "name": "g"}],
+        "nested": ((1, [2.0, "x"]), {"deep": {"er": torch.tensor([1, 2], dtype=torch.int32)}}),
+        "floats": [math.inf, -math.inf, math.nan, 1e-300, 0.1],
+        "empty": {"list": [], "tuple": (), "dict": {}},
+    }
+    tensors, structure = flatten_state(state)
+    json.dumps(structure, allow_nan=False)
+    assert set(tensors) == {"state.0.step", "state.0.m", "nested.1.deep.er"}
+    assert_same(state, unflatten_state(tensors, json.loads(json.dumps(structure))))
+
+
+@pytest.mark.parametrize("bad", [{"a": object()}, {(1, 2): 3}, {"a": {True: 1}}])
+def test_flatten_rejects_unsupported_values(bad):
+    with pytest.raises(TypeError):
+        flatten_state(bad)
+
+
+def make_training(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-4)
+    return model, optimizer, [lambda_lr, cosine]
+
+
+def train_step(model, optimizer, schedulers, step):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 4, generator=g)
+    loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for scheduler in schedulers:
+        scheduler.step()
+
+
+def test_optimizer_and_scheduler_state_resume_bit_identical(tmp_path):
+    model, optimizer, schedulers = make_training()
+    for step in range(3):
+        train_step(model, optimizer, schedulers, step)
+    save_tensors(tmp_path / "model.safetensors", model.state_dict())
+    save_state(tmp_path, "optimizer", optimizer.state_dict())
+    save_state(tmp_path, "schedulers", [s.state_dict() for s in schedulers])
+
+    model2, optimizer2, schedulers2 = make_training(seed=1)
+    model2.load_state_dict(load_tensors(tmp_path / "model.safetensors"))
+    optimizer_state = load_state(tmp_path, "optimizer")
+    assert_same(optimizer.state_dict(), optimizer_state)
+    optimizer2.load_state_dict(optimizer_state)
+    for scheduler, state in zip(schedulers2, load_state(tmp_path, "schedulers")):
+        scheduler.load_state_dict(state)
+
+    for step in range(3, 6):
+        train_step(model, optimizer, schedulers, step)
+        train_step(model2, optimizer2, schedulers2, step)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert optimizer.param_groups[0]["lr"] == optimizer2.param_groups[0]["lr"]
+
+
+def test_load_state_reports_mismatched_files(tmp_path):
+    save_state(tmp_path, "s", {"w": torch.zeros(2)})
+    save_tensors(tmp_path / "s.safetensors", {"other": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "s.json"))):
+        load_state(tmp_path, "s")
+
+
+# --- atomic directories
+
+
+def write_checkpoint(path, value):
+    with atomic_directory(path) as tmp:
+        save_tensors(tmp / "w.safetensors", {"w": torch.full((32,), float(value))})
+        (tmp / "sub" / "deeper").mkdir(parents=True)
+        save_json(tmp / "sub" / "deeper" / "meta.json", {"value": value})
+
+
+def test_atomic_directory_writes_manifest_for_every_file(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    manifest = verify_directory(final)
+    assert manifest["format"] == "evo-sft-checkpoint" and manifest["version"] == 1
+    assert set(manifest["files"]) == {"w.safetensors", "sub/deeper/meta.json"}
+    entry = manifest["files"]["w.safetensors"]
+    assert entry["bytes"] == (final / "w.safetensors").stat().st_size
+    assert len(entry["sha256"]) == 64
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_atomic_directory_replaces_previous_contents(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    (final / "stale.txt").write_text("from the first write")
+    write_checkpoint(final, 2)
+    verify_directory(final)
+    assert load_json(final / "sub" / "deeper" / "meta.json") == {"value": 2}
+    assert not (final / "stale.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_exception_inside_atomic_directory_keeps_previous_checkpoint(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    before = {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(final) as tmp:
+            save_tensors(tmp / "w.safetensors", {"w": torch.zeros(32)})
+            raise RuntimeError("boom")
+    assert {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+    verify_directory(final)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_exception_on_first_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(tmp_path / "ckpt"):
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def crash_between_renames(monkeypatch, final, value):
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(storage.os, "rename", rename)
+    with pytest.raises(OSError, match="power cut"):
+        write_checkpoint(final, value)
+    monkeypatch.setattr(storage.os, "rename", real_rename)
+
+
+def test_crash_between_renames_recovers_new_copy(tmp_path, monkeypatch):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    crash_between_renames(monkeypatch, final, 2)
+    assert not final.exists()
+    verify_directory(final)
+    assert load_json(final / "sub" / "deeper" / "meta.json") == {"value": 2}
+    write_checkpoint(final, 3)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_recovery_falls_back_to_old_copy_when_new_is_incomplete(tmp_path, monkeypatch):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    crash_between_renames(monkeypatch, final, 2)
+    (tmp_path / next(p for p in os.listdir(tmp_path) if p.startswith(".tmp-ckpt-")) / "manifest.json").unlink()
+    assert recover_directory(final)
+    assert load_json(final / "sub" / "deeper" / "meta.json") == {"value": 1}
+    verify_directory(final)
+
+
+def test_similar_names_are_not_mistaken_for_leftovers(tmp_path):
+    write_checkpoint(tmp_path / "ckpt-1", 1)
+    (tmp_path / ".tmp-ckpt-1-0123abcd").mkdir()
+    write_checkpoint(tmp_path / "ckpt", 2)
+    assert (tmp_path / ".tmp-ckpt-1-0123abcd").exists()
+
+
+def test_verify_reports_flipped_byte_by_file_name(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    path = final / "w.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"sha256 mismatch for {path}")):
+        verify_directory(final)
+
+
+def test_verify_reports_truncated_missing_and_no_manifest(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    meta = final / "sub" / "deeper" / "meta.json"
+    meta.write_bytes(meta.read_bytes()[:-2])
+    with pytest.raises(CheckpointError, match=re.escape(f"size mismatch for {meta}")):
+        verify_directory(final)
+    meta.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"missing file {meta}")):
+        verify_directory(final)
+    (final / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"missing manifest {final / 'manifest.json'}")):
+        verify_directory(final)
+
+
+def test_verify_ignores_unlisted_files(tmp_path):
+    final = tmp_path / "ckpt"
+    write_checkpoint(final, 1)
+    (final / "notes.txt").write_text("added later")
+    assert "notes.txt" not in verify_directory(final)["files"]
