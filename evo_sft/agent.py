@@ -187,6 +187,10 @@ class SFT:
         targets = batch["labels"][:, 1:]
         supervised = targets != IGNORE_INDEX
         hidden, targets = hidden[:, :-1][supervised], targets[supervised]
+        if hidden.shape[0] == 0:
+            # No supervised token here: a zero that is still part of the graph, so that
+            # backward() works and every parameter gets a (zero) gradient.
+            return hidden.float().sum()
         if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
             return self._liger_loss(head.weight, hidden, targets, head.bias)
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
@@ -382,8 +386,14 @@ class SFT:
 
     @classmethod
     def population(cls, size: int, **kwargs) -> list["SFT"]:
-        """`size` agents, indexed 0..size-1, built with the same arguments."""
-        return [cls(index=i, **kwargs) for i in range(size)]
+        """`size` agents, indexed 0..size-1, built with the same arguments. A given
+        `actor_network` (and `lora_config`) is deep-copied per agent so that no two agents
+        share weights."""
+        agents = []
+        for i in range(size):
+            own = {k: copy.deepcopy(v) if k in ("actor_network", "lora_config") else v for k, v in kwargs.items()}
+            agents.append(cls(index=i, **own))
+        return agents
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | Path, lora_only: bool = True, save_optimizer: bool = True) -> None:

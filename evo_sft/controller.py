@@ -1,0 +1,127 @@
+"""The generation loop, written once for every population backend:
+train -> evaluate -> select -> clone -> mutate -> record -> checkpoint."""
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evo_sft.evolution import (
+    HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, apply_plan_to_lineage, plan_generation,
+)
+
+
+@dataclass
+class GenerationRecord:
+    """What one generation did; observers (tracking, progress) read it."""
+
+    generation: int
+    member_ids: list[int]
+    train: list[dict]
+    fitness: list[float]
+    hyperparameters: list[dict]
+    elite_slot: int
+    elite_id: int
+    elite_adapter: str | None = None
+    decisions: list = field(default_factory=list)
+    next_member_ids: list[int] = field(default_factory=list)
+    next_hyperparameters: list[dict] = field(default_factory=list)
+
+
+class Controller:
+    """Owns the evolution's state: generation, random generator, lineage and fitness histories.
+
+    `selection`/`mutations` None means no evolution: members only train and are scored.
+    `save_elite(controller, slot)` runs after scoring and before selection, so what it saves is
+    the elite exactly as it was evaluated; it may return the saved path.
+    """
+
+    def __init__(self, population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
+                 selection: TournamentSelection | None = None, mutations: Mutations | None = None,
+                 micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None):
+        self.population = population
+        self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
+        self.selection, self.mutations = selection, mutations
+        self.multiple_of = {"batch_size": micro_batch_size} if micro_batch_size else None
+        self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
+        self.rng = np.random.default_rng(seed)
+        self.generation = 0
+        self.lineage = Lineage()
+        self.slot_ids = [self.lineage.found(hp) for hp in population.hyperparameters()]
+        self.fitness = {member_id: [] for member_id in self.slot_ids}
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "generation": self.generation,
+            "rng": self.rng.bit_generator.state,
+            "lineage": self.lineage.to_dict(),
+            "slot_ids": self.slot_ids,
+            "fitness": [[member_id, history] for member_id, history in self.fitness.items()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generation = state["generation"]
+        self.rng.bit_generator.state = state["rng"]
+        self.lineage = Lineage.from_dict(state["lineage"])
+        self.slot_ids = list(state["slot_ids"])
+        self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
+
+    def member_states(self, hyperparameters: list[dict]) -> list[MemberState]:
+        score = self.selection.score if self.selection else (lambda h: h[-1] if h else -math.inf)
+        return [MemberState(member_id, hyperparameters[slot], score(self.fitness[member_id]))
+                for slot, member_id in enumerate(self.slot_ids)]
+
+    # ----------------------------------------------------------------- the loop
+    def run(self, generations: int) -> None:
+        """Run until `generations` generations are complete in total."""
+        while self.generation < generations:
+            self.run_generation()
+
+    def run_generation(self) -> GenerationRecord:
+        train = self.population.train(self.steps_per_generation)
+        fitness = self.population.evaluate()
+        for slot, result in enumerate(train):
+            if not (result["finite"] and math.isfinite(fitness[slot])):
+                warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss; "
+                              "its fitness is -inf and it will be replaced")
+                fitness[slot] = -math.inf
+                self.lineage.record("nonfinite", self.generation, member_id=self.slot_ids[slot], slot=slot)
+            self.fitness[self.slot_ids[slot]].append(fitness[slot])
+        hyperparameters = self.population.hyperparameters()
+        members = self.member_states(hyperparameters)
+        elite_slot = max(range(len(members)), key=lambda s: (members[s].fitness, -s))
+        record = GenerationRecord(self.generation, list(self.slot_ids), train, fitness, hyperparameters,
+                                  elite_slot, self.slot_ids[elite_slot])
+        if self.save_elite is not None:
+            record.elite_adapter = self.save_elite(self, elite_slot)
+        if self.selection is not None and self.mutations is not None:
+            self._evolve(members, record)
+        record.next_member_ids = list(self.slot_ids)
+        record.next_hyperparameters = self.population.hyperparameters()
+        self.generation += 1
+        self._notify(record)
+        if self.checkpointer is not None:
+            self.checkpointer.maybe_save(self)
+        return record
+
+    def _evolve(self, members: list[MemberState], record: GenerationRecord) -> None:
+        elite_id, decisions = plan_generation(members, self.selection, self.mutations, self.hp_config,
+                                              self.rng, self.multiple_of)
+        slot_of = {member_id: slot for slot, member_id in enumerate(self.slot_ids)}
+        self.population.clone([(d.slot, slot_of[d.parent_id]) for d in decisions if d.clone])
+        self.population.set_hyperparameters(
+            {d.slot: d.hyperparameters for d in decisions if d.clone or d.hyperparameters != members[d.slot].hyperparameters})
+        self.slot_ids = apply_plan_to_lineage(self.lineage, decisions, members, self.generation)
+        for d, member_id in zip(decisions, self.slot_ids):
+            if d.clone:
+                self.fitness[member_id] = list(self.fitness[d.parent_id])
+        record.decisions = decisions
+
+    def _notify(self, record: GenerationRecord) -> None:
+        """Observers never stop training: a failing observer costs a warning."""
+        for observer in self.observers:
+            try:
+                observer(self, record)
+            except Exception as error:  # noqa: BLE001
+                warnings.warn(f"observer {observer!r} failed at generation {record.generation}: {error}")

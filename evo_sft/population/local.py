@@ -1,0 +1,48 @@
+"""The in-process backend: every member in this process, trained one after another."""
+from pathlib import Path
+
+from evo_sft.population.member import MemberHost
+
+
+class LocalPopulation:
+    """The population interface over `MemberHost`s in this process."""
+
+    def __init__(self, hosts: list[MemberHost]):
+        self.hosts = hosts
+
+    @property
+    def size(self) -> int:
+        return len(self.hosts)
+
+    def train(self, steps: int) -> list[dict]:
+        return [host.train(steps) for host in self.hosts]
+
+    def evaluate(self) -> list[float]:
+        return [host.evaluate() for host in self.hosts]
+
+    def hyperparameters(self) -> list[dict]:
+        return [host.hyperparameters() for host in self.hosts]
+
+    def clone(self, pairs: list[tuple[int, int]]) -> None:
+        """(receiver, donor) pairs; every donor is exported before any receiver changes."""
+        states = {donor: self.hosts[donor].export_state() for donor in {d for _, d in pairs}}
+        for receiver, donor in pairs:
+            self.hosts[receiver].import_state(states[donor])
+
+    def set_hyperparameters(self, per_slot: dict[int, dict]) -> None:
+        for slot, hyperparameters in per_slot.items():
+            self.hosts[slot].set_hyperparameters(hyperparameters)
+
+    def save(self, directory: Path) -> None:
+        for host in self.hosts:
+            host.save(directory)
+
+    def load(self, directory: Path) -> None:
+        for host in self.hosts:
+            host.load(directory)
+
+    def export_adapter(self, slot: int, directory: Path) -> str:
+        return self.hosts[slot].export_adapter(directory)
+
+    def close(self) -> None:
+        pass
