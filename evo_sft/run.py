@@ -1,0 +1,167 @@
+"""Start, resume and summarise an evolution described by an experiment config."""
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from evo_sft import build
+from evo_sft.checkpoint import EvolutionCheckpointer, latest_intact
+from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
+from evo_sft.controller import Controller, GenerationRecord
+from evo_sft.population.local import LocalPopulation
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_member: int
+    best_fitness: float
+    best_adapter: Path
+    interrupted: bool = False
+
+
+def start(config: ExperimentConfig) -> RunResult:
+    run_dir = config.resolved_run_dir().resolve()
+    if (run_dir / "checkpoints").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with `evo-sft resume {run_dir}`")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.run_dir = str(run_dir)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return _run(config, run_dir, checkpoint=None)
+
+
+def resume(run_dir: Path, generations: int | None = None) -> RunResult:
+    run_dir = Path(run_dir).resolve()
+    overrides = [f"evolution.generations={generations}"] if generations is not None else []
+    config = load_config(run_dir / CONFIG_FILE, overrides)
+    checkpoint = latest_intact(run_dir)
+    print(f"resuming {run_dir} from {checkpoint[0].name}")
+    return _run(config, run_dir, checkpoint=checkpoint)
+
+
+def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
+    model_path = build.resolve_model_path(config, run_dir)
+    tokenizer = build.load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
+    prepared = build.prepare_data(config, tokenizer)
+    founders = build.founder_hyperparameters(config)
+    population = _population(config, run_dir, model_path, prepared, founders)
+    saved = checkpoint[1] if checkpoint else {}
+    tracker = _tracker(config, run_dir, saved.get("tracking"))
+    selection, mutations = build.selection_and_mutations(config)
+    controller = Controller(
+        population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
+        selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
+        observers=[print_progress] + ([tracker] if tracker else []),
+        checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
+                                           extra_state=lambda: {"tracking": tracker.state_dict() if tracker else None}),
+        save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
+    )
+    if checkpoint:
+        population.load(checkpoint[0] / "members")
+        population.last_checkpoint = checkpoint[0]
+        controller.load_state_dict(saved["controller"])
+    interrupted = False
+    try:
+        controller.run(config.evolution.generations)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
+    try:
+        result = _finish(controller, run_dir, tokenizer, interrupted)
+    finally:
+        if tracker:
+            tracker.close("KILLED" if interrupted else "FINISHED")
+        population.close()
+        _shutdown_ray(config)
+    if not interrupted:
+        print_summary(controller, result, tracker)
+    return result
+
+
+def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepared: dict, founders: list[dict]):
+    if config.population.backend == "local":
+        return LocalPopulation([build.build_host(config.to_dict(), model_path, prepared, slot, hp)
+                                for slot, hp in enumerate(founders)])
+    import ray
+
+    from evo_sft.population.ray_backend import RayPopulation
+
+    if not ray.is_initialized():
+        init = dict(config.ray.init)
+        if config.ray.address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            init.setdefault("_temp_dir", str(run_dir / "ray"))
+        ray.init(address=config.ray.address, **init)
+    return RayPopulation(config.to_dict(), model_path, prepared, founders,
+                         num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus)
+
+
+def _shutdown_ray(config: ExperimentConfig) -> None:
+    if config.population.backend == "ray":
+        import ray
+
+        ray.shutdown()
+
+
+def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None):
+    from evo_sft.tracking import MLflowTracker
+
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+    return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
+                         run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue")
+
+
+def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool) -> RunResult:
+    """Export the best member of the last evaluation as a PEFT folder with the tokenizer."""
+    fitness = [controller.fitness[m][-1] if controller.fitness[m] else -math.inf for m in controller.slot_ids]
+    best_slot = max(range(len(fitness)), key=lambda s: (fitness[s], -s))
+    target = run_dir / "best_adapter"
+    if not interrupted:
+        staging = run_dir / ".best_adapter"
+        shutil.rmtree(staging, ignore_errors=True)
+        exported = Path(controller.population.export_adapter(best_slot, staging))
+        tokenizer.save_pretrained(exported)
+        shutil.rmtree(target, ignore_errors=True)
+        exported.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return RunResult(run_dir, controller.slot_ids[best_slot], fitness[best_slot], target, interrupted)
+
+
+def print_progress(controller: Controller, record: GenerationRecord) -> None:
+    step = controller.generation * controller.steps_per_generation
+    print(f"generation {record.generation + 1}  (optimizer step {step} per member)")
+    print(f"  {'member':>6} {'lr':>10} {'batch':>5} {'train_loss':>10} {'test_loss':>9} {'tok/s':>8}")
+    for slot, member_id in enumerate(record.member_ids):
+        hp, train = record.hyperparameters[slot], record.train[slot]
+        marker = "*" if slot == record.elite_slot else " "
+        print(f" {marker}{member_id:>6} {hp['lr']:>10.3g} {hp['batch_size']:>5} {train['train_loss']:>10.4f} "
+              f"{-record.fitness[slot]:>9.4f} {train['tokens_per_second']:>8.0f}")
+    born = [d for d in record.decisions if d.clone]
+    if born:
+        print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
+
+
+def print_summary(controller: Controller, result: RunResult, tracker) -> None:
+    best = result.best_member
+    history = controller.fitness[best]
+    print("\n=== evo-sft summary ===")
+    print(f"best member: {best}  test loss {-result.best_fitness:.4f}  hyperparameters "
+          f"{controller.lineage.members[best].hyperparameters}")
+    print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
+    print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
+    print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
+    print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
+    if tracker:
+        from evo_sft.tracking import mlflow_ui_command
+
+        print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
+    print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
+
+
+def config_of(run_dir: Path) -> ExperimentConfig:
+    return config_from_dict(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))
