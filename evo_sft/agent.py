@@ -67,7 +67,8 @@ class SFT:
                  calc_position_embeddings: bool = True, micro_batch_size_per_gpu: int | None = None,
                  device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True, clone: bool = False,
                  seed: int = 42, gradient_checkpointing: bool = True, use_liger_loss: bool = False,
-                 use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None):
+                 use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None,
+                 packing: bool | None = None):
         if accelerator is not None:
             raise NotImplementedError("SFT does not support an accelerate Accelerator yet; pass accelerator=None")
         if (model_name is None) == (actor_network is None):
@@ -101,6 +102,8 @@ class SFT:
 
             actor_network = AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
         self.actor = self._prepare_model(actor_network, clone)
+        # Padding-free packed micro-batches with varlen attention (evo_sft.packing); on by default on CUDA.
+        self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
         self.reinit_optimizers()
 
     # ----------------------------------------------------------------- model set-up
@@ -120,6 +123,17 @@ class SFT:
                 self._copy_adapter(model, ACTOR, REFERENCE)
                 model.set_adapter(ACTOR)
         return model.to(self.device)
+
+    def _enable_packing(self, wanted: bool) -> bool:
+        if not wanted:
+            return False
+        from evo_sft import packing
+
+        if not packing.enable_packed_attention(self.actor):
+            warnings.warn("packing=True but the model's attention cannot be switched; using padded batches")
+            return False
+        packing.fast_lora(self.actor)
+        return True
 
     @staticmethod
     def _copy_adapter(model, source: str, target: str) -> None:
@@ -150,7 +164,9 @@ class SFT:
 
     def reinit_optimizers(self) -> None:
         """A fresh AdamW over every trainable parameter (LoRA and modules_to_save) and its schedule."""
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters().values(), lr=self.lr)
+        params = list(self.trainable_parameters().values())
+        fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, fused=fused or None)
         schedule = self.lr_schedule or _constant
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
@@ -200,6 +216,33 @@ class SFT:
                                        targets[start:start + chunk], use_reentrant=False)
         return total
 
+    def _packed_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`_loss_sum` for a host-side padded micro-batch, run as one padding-free packed row:
+        no padding is computed, shapes come from the host (no device sync), and a frozen head's
+        loss and input gradient are computed together in chunks."""
+        from evo_sft import packing
+
+        batch = {k: v.cpu() for k, v in batch.items()}
+        packed = packing.packed_to_device(packing.pack_batch(batch), self.device)
+        decoder, head = self._decoder_and_head()
+        hidden = decoder(**packing.packed_model_kwargs(packed)).last_hidden_state[0]
+        hidden = hidden.index_select(0, packed["loss_index"])
+        if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
+            return self._liger_loss(head.weight, hidden, packed["targets"], head.bias)
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
+        if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+            return packing.linear_cross_entropy_sum(hidden, head.weight, head.bias, packed["targets"], chunk)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            total = total + checkpoint(_chunk_loss_sum, head, hidden[start:start + chunk],
+                                       packed["targets"][start:start + chunk], use_reentrant=False)
+        return total
+
+    def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.packing:
+            return self._packed_loss_sum(batch)
+        return self._loss_sum(self.to_device(batch))
+
     # ----------------------------------------------------------------- training
     def to_device(self, *experiences):
         moved = tuple(
@@ -224,11 +267,12 @@ class SFT:
                     step_rows = range(start, min(rows, start + self.batch_size))
                     step_loss, step_tokens = self._optimizer_step(experiences, step_rows, micro, training)
                     loss_sum, token_sum = loss_sum + step_loss, token_sum + step_tokens
+        loss_sum = float(loss_sum)  # the one device sync of learn()
         mean_loss = loss_sum / token_sum if token_sum else float("nan")
         perplexity = math.exp(mean_loss) if mean_loss < 700 else float("inf")
         return {"mean_loss": mean_loss, "mean_perplexity": perplexity, "tokens": token_sum}
 
-    def _optimizer_step(self, experiences, step_rows: range, micro: int, training: bool) -> tuple[float, int]:
+    def _optimizer_step(self, experiences, step_rows: range, micro: int, training: bool) -> tuple[torch.Tensor | float, int]:
         labels = experiences["labels"][step_rows.start:step_rows.stop]
         step_tokens = supervised_token_count(labels)
         if step_tokens == 0:
@@ -239,7 +283,7 @@ class SFT:
         step_loss = torch.zeros((), device=self.device)
         for start in range(step_rows.start, step_rows.stop, micro):
             micro_batch = _trim_padding({k: v[start:min(step_rows.stop, start + micro)] for k, v in experiences.items()})
-            loss_sum = self._loss_sum(self.to_device(micro_batch))
+            loss_sum = self._micro_loss_sum(micro_batch)
             if training:
                 (loss_sum / step_tokens).backward()
             step_loss += loss_sum.detach()
@@ -248,7 +292,7 @@ class SFT:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer_steps += 1
-        return float(step_loss), step_tokens
+        return step_loss, step_tokens
 
     @torch.no_grad()
     def test(self, env, loop: int = 1, batch_size: int | None = None) -> float:
@@ -260,7 +304,7 @@ class SFT:
         for _ in range(loop):
             loss_sum, token_sum = 0.0, 0
             for batch in env.test_batches(batch_size):
-                loss_sum += float(self._loss_sum(self.to_device(batch)))
+                loss_sum += float(self._micro_loss_sum(batch))
                 token_sum += supervised_token_count(batch["labels"])
             losses.append(loss_sum / token_sum)
         mean_loss = sum(losses) / len(losses)
@@ -523,10 +567,17 @@ def _lora_kwargs(config: dict) -> dict:
 
 
 def _merged_lora_config(current, saved):
-    """The larger rank (with its alpha) and the union of target modules."""
-    larger = current if current.r >= saved.r else saved
+    """The larger rank and the union of target modules. lora_alpha is chosen so that the
+    scaling (alpha / r, or alpha / sqrt(r) with rsLoRA) equals the saved adapter's: the saved
+    weights, padded into the top-left slice, then give exactly the saved adapter's output."""
+    def rank_divisor(r: int, rslora: bool) -> float:
+        return math.sqrt(r) if rslora else r
+
     merged = copy.deepcopy(current)
-    merged.r, merged.lora_alpha = larger.r, larger.lora_alpha
+    merged.r = max(current.r, saved.r)
+    saved_scaling = saved.lora_alpha / rank_divisor(saved.r, saved.use_rslora)
+    alpha = saved_scaling * rank_divisor(merged.r, merged.use_rslora)
+    merged.lora_alpha = int(alpha) if float(alpha).is_integer() else alpha
     merged.target_modules = set(current.target_modules or ()) | set(saved.target_modules or ())
     return merged
 

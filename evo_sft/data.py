@@ -126,12 +126,12 @@ class DataStream:
     def take(self, count: int) -> list[int]:
         rows = []
         while len(rows) < count:
-            if self.position == self.num_rows:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
             end = min(self.num_rows, self.position + count - len(rows))
             rows.extend(int(r) for r in self._order[self.position : end])
             self.position = end
+            if self.position == self.num_rows:  # a pass is complete: count it now
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
         return rows
 
     def state_dict(self) -> dict:

@@ -1,0 +1,279 @@
+"""Padding-free packed micro-batches for the SFT step.
+
+A right-padded batch (input_ids / attention_mask / labels, as `evo_sft.data.collate` makes it)
+becomes one row of all real tokens laid end to end, with per-document `position_ids` and the
+cumulative sequence lengths `cu_seqlens` that varlen attention needs. Everything is computed on
+the host from the host-side batch, so the training step needs no device-to-host sync for shapes.
+
+Attention that honours the document boundaries is registered with transformers under
+`PACKED_ATTENTION`: on CUDA it calls PyTorch's own FlashAttention-2 varlen kernel
+(`aten::_flash_attention_forward` with `cu_seqlens`, no extra package), elsewhere it runs
+`scaled_dot_product_attention` document by document. Calls without `cu_seq_lens_q` (ordinary
+padded batches) go to transformers' sdpa path with its usual mask, so the model stays usable.
+
+`fast_lora(model)` swaps the forward of PEFT's LoRA `Linear` layers for one that keeps the
+adapter arithmetic in the activations' dtype (bf16 on the GPU) while the adapter weights stay
+float32 masters, and folds the scaling and the residual add into one `addmm`.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from evo_sft.data import IGNORE_INDEX
+
+PACKED_ATTENTION = "evo_sft_packed"
+
+
+# ----------------------------------------------------------------------------- packing
+def pack_batch(batch: dict[str, torch.Tensor]) -> dict:
+    """One packed row from a right-padded host batch.
+
+    Returns input_ids and position_ids of shape [1, T] (T = real tokens), `cu_seqlens` (int32,
+    [documents + 1]), `max_seqlen` (int), `loss_index` (positions p whose next token p+1 in the
+    same document is supervised), `targets` (those next tokens) and `num_targets` (int).
+    """
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+    if input_ids.is_cuda:
+        raise ValueError("pack_batch expects the host-side batch (it reads lengths without syncing)")
+    lengths = mask.sum(-1)
+    keep = lengths > 0
+    input_ids, mask, labels, lengths = input_ids[keep], mask[keep], labels[keep], lengths[keep]
+    if not bool((mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all()):
+        raise ValueError("pack_batch needs right-padded rows (attention_mask ones then zeros)")
+    flat_ids = input_ids[mask]
+    positions = torch.arange(mask.shape[1]).expand_as(mask)[mask]
+    # next-token targets within each row; the last real token of a row has none
+    next_labels = torch.full_like(labels, IGNORE_INDEX)
+    next_labels[:, :-1] = labels[:, 1:]
+    next_labels[~mask] = IGNORE_INDEX
+    flat_targets = next_labels[mask]
+    loss_index = (flat_targets != IGNORE_INDEX).nonzero().flatten()
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return {
+        "input_ids": flat_ids[None],
+        "position_ids": positions[None],
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(lengths.max()) if len(lengths) else 0,
+        "loss_index": loss_index,
+        "targets": flat_targets[loss_index],
+        "num_targets": int(loss_index.numel()),
+    }
+
+
+def packed_to_device(packed: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: (v.pin_memory().to(device, non_blocking=True) if non_blocking else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
+
+
+def packed_model_kwargs(packed: dict) -> dict:
+    """Keyword arguments for a transformers decoder whose attention is `PACKED_ATTENTION`."""
+    return {
+        "input_ids": packed["input_ids"],
+        "position_ids": packed["position_ids"],
+        # a ready mask mapping: transformers builds no mask and calls attention with None
+        "attention_mask": {"full_attention": None, "sliding_attention": None},
+        "cu_seq_lens_q": packed["cu_seqlens"],
+        "cu_seq_lens_k": packed["cu_seqlens"],
+        "max_length_q": packed["max_seqlen"],
+        "max_length_k": packed["max_seqlen"],
+        "use_cache": False,
+    }
+
+
+# ----------------------------------------------------------------------------- attention
+class _FlashVarlen(torch.autograd.Function):
+    """PyTorch's built-in FlashAttention-2 varlen kernel, causal, no dropout. q/k/v: [T, H, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
+            0.0, True, rng_state, unused, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _varlen_reference(q, k, v, cu_seqlens, scale):
+    """Document-by-document causal sdpa (any device, any dtype). q/k/v: [T, H, D]."""
+    bounds = cu_seqlens.tolist()
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _flash_usable(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+@torch.compiler.disable
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None):
+    """Causal attention within each document of a packed row. q: [T, Hq, D], k/v: [T, Hkv, D]."""
+    if _flash_usable(q):
+        return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _varlen_reference(q, k, v, cu_seqlens, scale)
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface. query: [1, Hq, T, D]; returns ([1, T, Hq, D], None)."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}")
+    if dropout:
+        raise ValueError("packed attention does not implement attention dropout")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if _flash_usable(q):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], scaling)
+    return out[None], None
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def enable_packed_attention(model) -> bool:
+    """Point the model's attention at `PACKED_ATTENTION`. False (model unchanged) where the
+    model has no transformers config to switch."""
+    try:
+        register_packed_attention()
+    except Exception:  # transformers without the attention/mask registries
+        return False
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return False
+    try:
+        model.set_attn_implementation(PACKED_ATTENTION)
+    except Exception:  # older/newer transformers without the setter accepting custom names
+        config._attn_implementation = PACKED_ATTENTION
+    return config._attn_implementation == PACKED_ATTENTION
+
+
+# ----------------------------------------------------------------------------- LoRA
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def _fast_lora_forward(self, x, *args, **kwargs):
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.lora_A or active[0] in self.lora_variant
+            or self.lora_A[active[0]].bias is not None or self.lora_B[active[0]].bias is not None
+            or not isinstance(self.base_layer, torch.nn.Linear)):
+        return super(type(self), self).forward(x, *args, **kwargs)
+    name = active[0]
+    base = self.base_layer(x)
+    weight_a = self.lora_A[name].weight.to(x.dtype)
+    weight_b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
+    hidden = F.linear(self.lora_dropout[name](x), weight_a)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
+    return out.view(base.shape)
+
+
+def _fast_class(cls: type) -> type:
+    if cls not in _FAST_CLASSES:
+        fast = type(f"Fast{cls.__name__}", (cls,), {"forward": _fast_lora_forward, "__module__": __name__})
+        _FAST_CLASSES[cls] = fast
+        globals()[fast.__name__] = fast  # importable by name, so pickling works
+    return _FAST_CLASSES[cls]
+
+
+def fast_lora(model) -> int:
+    """Give every PEFT LoRA `Linear` the fused forward (a subclass; PEFT's own forward is used
+    for merged, disabled, multi-adapter, DoRA/variant or biased adapters). Returns layers patched."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return 0
+    patched = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = _fast_class(LoraLinear)
+            patched += 1
+    return patched
+
+
+# ----------------------------------------------------------------------------- loss
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T + b, target_i) for a frozen head, in row chunks.
+
+    The gradient with respect to `hidden` is computed chunk by chunk in forward and kept
+    ([rows, hidden], small), so backward needs no second pass through the head and the full
+    rows x vocabulary logits never exist at once. W and b receive no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = hidden[start:start + chunk_rows]
+            logits = F.linear(rows, weight, bias).float()
+            target = targets[start:start + chunk_rows]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+                grad_hidden[start:start + chunk_rows] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        grad = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
+        return grad, None, None, None, None
+
+
+def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int) -> torch.Tensor:
+    """Summed cross-entropy of a frozen linear head over `hidden` rows (see the Function above)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_cross_entropy_sum is for a frozen head; use the checkpointed chunks otherwise")
+    if hidden.shape[0] == 0:
+        return hidden.sum(dtype=torch.float32) * 0.0
+    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+
+
+# ----------------------------------------------------------------------------- compile
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer (dynamic shapes: packed lengths vary per step). The varlen
+    attention call stays eager (one kernel either way). Returns the number of layers compiled."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

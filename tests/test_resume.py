@@ -1,0 +1,361 @@
+"""Evolution checkpoints and resume, through the `evo-sft` command line as a user runs it (issue 5).
+
+Every run here is the demo config shrunk to seconds on the in-process ("local") backend:
+  - a run of 4 generations, and a run of 2 generations resumed to 4, end identical
+    (fitness to 1e-6, hyperparameters, lineage, random state, adapters, MLflow histories);
+  - a controller killed with SIGKILL in the middle of generation 2 resumes to the end and
+    matches the uninterrupted run;
+  - a checkpoint damaged on purpose is reported by file name and resume falls back to the
+    newest intact one, again matching the uninterrupted run;
+  - `status --json` has exactly the documented shape; `export` writes a PEFT folder whose
+    logits are those of the member's adapter in the checkpoint (loaded two other ways).
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+EVO_SFT = Path(sys.executable).with_name("evo-sft")
+GENERATIONS = 4
+SMALL = ["population.backend=local", "data.num_rows=160", "evolution.steps_per_generation=2"]
+CLI_TIMEOUT_S = 300
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store, whatever the caller's shell says
+    return env
+
+
+def evo(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`evo-sft ARGS` as a user types it; on failure the assertion shows its output."""
+    result = subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(),
+                            timeout=CLI_TIMEOUT_S, cwd=REPO)
+    if check:
+        assert result.returncode == 0, f"evo-sft {' '.join(map(str, args))} -> {result.returncode}\n" \
+                                       f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    return result
+
+
+def run_args(run_dir: Path, generations: int) -> list:
+    sets = [*SMALL, f"evolution.generations={generations}"]
+    return ["run", DEMO, "--run-dir", run_dir, *[x for s in sets for x in ("--set", s)]]
+
+
+def status_json(run_dir: Path) -> dict:
+    return json.loads(evo("status", run_dir, "--json").stdout)
+
+
+def checkpoint(run_dir: Path, generation: int) -> Path:
+    return run_dir / "checkpoints" / f"generation_{generation:05d}"
+
+
+def controller_state(run_dir: Path, generation: int) -> dict:
+    return json.loads((checkpoint(run_dir, generation) / "controller.json").read_text())["controller"]
+
+
+def assert_same_status(a: dict, b: dict) -> None:
+    assert a["generation"] == b["generation"]
+    assert a["best_member"] == b["best_member"]
+    assert [m["id"] for m in a["members"]] == [m["id"] for m in b["members"]]
+    for x, y in zip(a["members"], b["members"]):
+        assert (x["parent_id"], x["generation_born"]) == (y["parent_id"], y["generation_born"]), x["id"]
+        assert x["hyperparameters"] == y["hyperparameters"], x["id"]
+        assert x["fitness"] == pytest.approx(y["fitness"], abs=1e-6, rel=0), x["id"]
+
+
+def assert_same_controller(a: dict, b: dict) -> None:
+    """Generation, random generator state, lineage (members and every event) and fitness."""
+    assert a["generation"] == b["generation"]
+    assert a["slot_ids"] == b["slot_ids"]
+    assert a["rng"] == b["rng"]
+    assert a["lineage"] == b["lineage"]
+    fa, fb = dict((m, h) for m, h in a["fitness"]), dict((m, h) for m, h in b["fitness"])
+    assert fa.keys() == fb.keys()
+    for member_id in fa:
+        assert fa[member_id] == pytest.approx(fb[member_id], abs=1e-6, rel=0), member_id
+
+
+def assert_same_adapters(a: Path, b: Path) -> None:
+    """The members' adapters and optimizer states of two checkpoints agree to 1e-6."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(a) for p in (a / "members").rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(b) for p in (b / "members").rglob("*.safetensors"))
+    assert any(f.name == "adapter_model.safetensors" for f in files)
+    for relative in files:
+        ta, tb = load_file(a / relative), load_file(b / relative)
+        assert ta.keys() == tb.keys(), relative
+        for name in ta:
+            assert torch.allclose(ta[name].float(), tb[name].float(), atol=1e-6, rtol=0), f"{relative}: {name}"
+
+
+# ----------------------------------------------------------------------- runs shared by the tests
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """4 generations in one go."""
+    run_dir = tmp_path_factory.mktemp("resume") / "full"
+    out = evo(*run_args(run_dir, GENERATIONS))
+    assert "=== evo-sft summary ===" in out.stdout
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """2 generations, then `evo-sft resume RUN --generations 4`."""
+    run_dir = tmp_path_factory.mktemp("resume") / "split"
+    evo(*run_args(run_dir, 2))
+    assert status_json(run_dir)["generation"] == 2
+    resumed = evo("resume", run_dir, "--generations", GENERATIONS)
+    return run_dir, resumed
+
+
+@pytest.fixture(scope="module")
+def full_status(full_run) -> dict:
+    return status_json(full_run)
+
+
+# ----------------------------------------------------------------------- resume equivalence
+def test_two_then_resumed_to_four_equals_four_in_one_go(full_run, full_status, split_run):
+    split, resumed = split_run
+    assert "from generation_00002" in resumed.stdout
+    assert "=== evo-sft summary ===" in resumed.stdout
+
+    split_status = status_json(split)
+    assert split_status["generation"] == GENERATIONS
+    assert_same_status(split_status, full_status)
+    # the evolution did something worth comparing: clones with parents, changed hyperparameters
+    assert any(m["parent_id"] is not None for m in full_status["members"])
+    assert len({json.dumps(m["hyperparameters"], sort_keys=True) for m in full_status["members"]}) > 1
+
+    for generation in (3, GENERATIONS):  # keep=3: generations 2..4 are on disk in both runs
+        assert_same_controller(controller_state(split, generation), controller_state(full_run, generation))
+    assert_same_adapters(checkpoint(split, GENERATIONS), checkpoint(full_run, GENERATIONS))
+    # checkpoint.keep (default 3): the oldest one was removed
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if not p.name.startswith(".")) == \
+        ["generation_00002", "generation_00003", "generation_00004"]
+
+
+def test_resume_reuses_the_parent_run_and_member_steps_continue(full_run, split_run, full_status):
+    from mlflow.tracking import MlflowClient
+
+    split, _ = split_run
+    status = status_json(split)
+    split_runs, full_runs = _mlflow_runs(split), _mlflow_runs(full_run)
+    client = MlflowClient(status["mlflow"]["tracking_uri"])
+
+    parents = [r for r in split_runs if r.data.tags.get("evo_sft.role") == "evolution"]
+    assert [p.info.run_id for p in parents] == [status["mlflow"]["parent_run_id"]], "resume must not start a new parent run"
+    parent_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+    history = client.get_metric_history(parent_id, "best_fitness")
+    assert sorted(m.step for m in history) == list(range(GENERATIONS))
+    full_parent = next(r for r in full_runs if r.data.tags.get("evo_sft.role") == "evolution")
+    assert _history(client, parent_id, "best_fitness") == pytest.approx(
+        _history(MlflowClient(full_status["mlflow"]["tracking_uri"]), full_parent.info.run_id, "best_fitness"), abs=1e-6)
+
+    members = {r.data.tags["evo_sft.member_id"]: r for r in split_runs if r.data.tags.get("evo_sft.role") == "member"}
+    full_members = {r.data.tags["evo_sft.member_id"]: r for r in full_runs if r.data.tags.get("evo_sft.role") == "member"}
+    assert len(members) == len([r for r in split_runs if r.data.tags.get("evo_sft.role") == "member"]), \
+        "a member has two MLflow runs"
+    assert members.keys() == full_members.keys()
+    full_client = MlflowClient(full_status["mlflow"]["tracking_uri"])
+    spanning = 0
+    for member_id, run in members.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        parent_member = run.data.tags["evo_sft.parent_member_id"]
+        if parent_member:
+            assert run.data.tags["evo_sft.parent_run_id"] == members[parent_member].info.run_id
+        steps = [step for step, _ in _history(client, run.info.run_id, "fitness")]
+        assert steps == sorted(set(steps)), f"member {member_id}: repeated or unordered steps {steps}"
+        assert _history(client, run.info.run_id, "fitness") == pytest.approx(
+            _history(full_client, full_members[member_id].info.run_id, "fitness"), abs=1e-6)
+        born = int(run.data.tags["evo_sft.generation_born"])
+        if born == 0 and len(steps) > 2:  # a founder scored before and after the resume, in one run
+            spanning += 1
+    assert spanning >= 1, "no member run carries its metric steps across the resume"
+
+
+def _mlflow_runs(run_dir: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ----------------------------------------------------------------------- killed controller
+def test_controller_killed_mid_generation_resumes_to_the_end(tmp_path, full_run, full_status):
+    run_dir = tmp_path / "killed"
+    log = (tmp_path / "killed.log").open("w")
+    process = subprocess.Popen([str(EVO_SFT), *map(str, run_args(run_dir, 3))], stdout=log,
+                               stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not checkpoint(run_dir, 1).exists():
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no first checkpoint"
+            time.sleep(0.05)
+        time.sleep(0.3)  # generation 2 is training now (a generation takes seconds)
+        assert process.poll() is None and not checkpoint(run_dir, 2).exists(), "generation 2 ended too soon"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+        log.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not checkpoint(run_dir, 2).exists()
+
+    resumed = evo("resume", run_dir)  # to the config's evolution.generations (3)
+    assert "from generation_00001" in resumed.stdout
+    assert "=== evo-sft summary ===" in resumed.stdout
+    status = status_json(run_dir)
+    assert status["generation"] == 3
+    # exactly what the uninterrupted run had at generation 3
+    assert_same_controller(controller_state(run_dir, 3), controller_state(full_run, 3))
+    assert_same_adapters(checkpoint(run_dir, 3), checkpoint(full_run, 3))
+    runs = _mlflow_runs(run_dir)
+    assert len([r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+# ----------------------------------------------------------------------- damaged checkpoint
+def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path, full_run, full_status):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(full_run, run_dir)
+    newest = checkpoint(run_dir, GENERATIONS)
+    damaged = newest / "members" / "slot_1" / "actor" / "adapter_model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    damaged.write_bytes(bytes(data))
+
+    status = evo("status", run_dir, "--json")
+    assert json.loads(status.stdout)["generation"] == GENERATIONS - 1
+    assert "generation_00004" in status.stderr and "slot_1/actor/adapter_model.safetensors" in status.stderr
+    assert "falling back" in status.stderr
+
+    resumed = evo("resume", run_dir)  # to the config's 4 generations: redo generation 4 from generation 3
+    output = resumed.stdout + resumed.stderr
+    assert "slot_1/actor/adapter_model.safetensors" in output and "falling back" in output
+    assert "from generation_00003" in resumed.stdout
+    assert_same_status(status_json(run_dir), full_status)
+    assert_same_controller(controller_state(run_dir, GENERATIONS), controller_state(full_run, GENERATIONS))
+
+
+def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
+    run_dir = tmp_path / "all_damaged"
+    shutil.copytree(full_run, run_dir, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "elites"))
+    for path in (run_dir / "checkpoints").iterdir():
+        (path / "controller.json").write_text("{}")
+    result = evo("status", run_dir, "--json", check=False)
+    assert result.returncode != 0 and result.stdout == ""
+    for generation in (2, 3, 4):
+        assert f"generation_{generation:05d}" in result.stderr
+    assert "controller.json" in result.stderr and "no intact checkpoint" in result.stderr
+
+
+# ----------------------------------------------------------------------- status
+def test_status_json_shape(full_run, full_status):
+    from mlflow.tracking import MlflowClient
+
+    status = full_status
+    assert set(status) == {"generation", "best_member", "members", "mlflow"}
+    assert type(status["generation"]) is int and status["generation"] == GENERATIONS
+    assert len(status["members"]) == 4
+    for member in status["members"]:
+        assert set(member) == {"id", "parent_id", "generation_born", "hyperparameters", "fitness"}
+        assert type(member["id"]) is int
+        assert member["parent_id"] is None or type(member["parent_id"]) is int
+        assert type(member["generation_born"]) is int
+        assert set(member["hyperparameters"]) == {"lr", "batch_size"}
+        assert type(member["hyperparameters"]["lr"]) is float and type(member["hyperparameters"]["batch_size"]) is int
+        assert len(member["fitness"]) == GENERATIONS and all(type(f) is float for f in member["fitness"])
+    by_id = {m["id"]: m for m in status["members"]}
+    assert status["best_member"] in by_id
+    assert by_id[status["best_member"]]["fitness"][-1] == max(m["fitness"][-1] for m in status["members"])
+
+    mlflow = status["mlflow"]
+    assert set(mlflow) == {"tracking_uri", "experiment_id", "parent_run_id"}
+    assert mlflow["tracking_uri"] == f"sqlite:///{full_run.resolve() / 'mlflow.db'}"
+    client = MlflowClient(mlflow["tracking_uri"])
+    assert client.get_experiment_by_name("demo").experiment_id == mlflow["experiment_id"]
+    assert client.get_run(mlflow["parent_run_id"]).info.experiment_id == mlflow["experiment_id"]
+
+    text = evo("status", full_run).stdout
+    assert f"generation {GENERATIONS}" in text and f"best member {status['best_member']}" in text
+    for member in status["members"]:
+        assert any(line.split()[:1] == [str(member["id"])] for line in text.splitlines()), member["id"]
+    assert mlflow["parent_run_id"] in text
+
+
+# ----------------------------------------------------------------------- export
+PROBE = "<|im_start|>user\nreverse: abcde<|im_end|>\n<|im_start|>assistant\nedcba<|im_end|>\n"
+
+
+def _logits(model, input_ids) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits.float()
+
+
+def _base(run_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run_dir / "base_model", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("which", ["best", "other"])
+def test_export_loads_with_peft_and_matches_the_checkpoint(tmp_path, full_run, full_status, which):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from evo_sft import SFT
+
+    ids = [m["id"] for m in full_status["members"]]
+    if which == "best":
+        member, args = full_status["best_member"], []
+    else:
+        member = next(i for i in reversed(ids) if i != full_status["best_member"])
+        args = ["--member", member]
+    out = tmp_path / "exported"
+    result = evo("export", full_run, out, *args)
+    assert str(out) in result.stdout
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    input_ids = torch.tensor([tokenizer.encode(PROBE)])
+    assert tokenizer.decode(input_ids[0]) == PROBE
+    exported = _logits(PeftModel.from_pretrained(_base(full_run), out), input_ids)
+
+    slot_dir = checkpoint(full_run, GENERATIONS) / "members" / f"slot_{ids.index(member)}"
+    from_checkpoint = _logits(PeftModel.from_pretrained(_base(full_run), slot_dir / "actor"), input_ids)
+    agent = SFT.load(slot_dir)
+    from_agent = _logits(agent.actor, input_ids)
+    base = _logits(_base(full_run), input_ids)
+
+    assert torch.allclose(exported, from_checkpoint, atol=1e-5, rtol=0)
+    assert torch.allclose(exported, from_agent, atol=1e-5, rtol=0)
+    assert (exported - base).abs().max() > 1e-2, "the exported adapter changes nothing"
+
+
+def test_export_of_a_member_not_in_the_checkpoint_fails(tmp_path, full_run, full_status):
+    missing = max(m["id"] for m in full_status["members"]) + 100
+    result = evo("export", full_run, tmp_path / "nothing", "--member", missing, check=False)
+    assert result.returncode == 1
+    assert f"member {missing} is not in the latest checkpoint" in result.stderr
+    assert not (tmp_path / "nothing").exists()
