@@ -225,13 +225,15 @@ class SFT:
         batch = {k: v.cpu() for k, v in batch.items()}
         packed = packing.packed_to_device(packing.pack_batch(batch), self.device)
         decoder, head = self._decoder_and_head()
+        packing.cast_lora_weights(self.actor, head.weight.dtype)
         hidden = decoder(**packing.packed_model_kwargs(packed)).last_hidden_state[0]
         hidden = hidden.index_select(0, packed["loss_index"])
         if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
             return self._liger_loss(head.weight, hidden, packed["targets"], head.bias)
-        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
         if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+            chunk = max(1, packing.LOSS_CHUNK_ELEMENTS // head.out_features)
             return packing.linear_cross_entropy_sum(hidden, head.weight, head.bias, packed["targets"], chunk)
+        chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             total = total + checkpoint(_chunk_loss_sum, head, hidden[start:start + chunk],

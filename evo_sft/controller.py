@@ -49,6 +49,10 @@ class Controller:
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp) for hp in population.hyperparameters()]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
+        if hasattr(population, "on_restart"):  # a backend whose workers can die and be rebuilt
+            previous = population.on_restart
+            population.on_restart = self._record_restart if previous is None else (
+                lambda slot, error: (self._record_restart(slot, error), previous(slot, error)))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -71,6 +75,11 @@ class Controller:
         score = self.selection.score if self.selection else (lambda h: h[-1] if h else -math.inf)
         return [MemberState(member_id, hyperparameters[slot], score(self.fitness[member_id]))
                 for slot, member_id in enumerate(self.slot_ids)]
+
+    def _record_restart(self, slot: int, error: str) -> None:
+        """The backend rebuilt the member of `slot` after its worker died: a lineage event."""
+        self.lineage.record("restart", self.generation, slot=slot, member_id=self.slot_ids[slot],
+                            error=str(error).strip().splitlines()[0][:500] if str(error).strip() else "")
 
     # ----------------------------------------------------------------- the loop
     def run(self, generations: int) -> None:

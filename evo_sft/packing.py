@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from evo_sft.data import IGNORE_INDEX
 
 PACKED_ATTENTION = "evo_sft_packed"
+# Rows x vocabulary elements per chunk of the frozen-head cross-entropy: 2**25 is ~220 rows of a
+# 152k vocabulary, ~130 MiB of float32 logits, small beside the activations of a packed step.
+LOSS_CHUNK_ELEMENTS = 2**25
 
 
 # ----------------------------------------------------------------------------- packing
@@ -188,11 +191,66 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         return super(type(self), self).forward(x, *args, **kwargs)
     name = active[0]
     base = self.base_layer(x)
-    weight_a = self.lora_A[name].weight.to(x.dtype)
-    weight_b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
+    cached = getattr(self, "_step_weights", None)
+    master_a, master_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if (cached is not None and cached[0] == name and cached[1] == x.dtype and cached[2] is master_a
+            and cached[3] is master_b and cached[4] == (master_a._version, master_b._version)):
+        weight_a, weight_b = cached[5], cached[6]
+    else:
+        weight_a = master_a.to(x.dtype)
+        weight_b = (master_b * self.scaling[name]).to(x.dtype)
     hidden = F.linear(self.lora_dropout[name](x), weight_a)
     out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
     return out.view(base.shape)
+
+
+class _CastAll(torch.autograd.Function):
+    """All LoRA master weights to the compute dtype (B pre-scaled) in a few foreach kernels,
+    instead of two or three small ops per layer per forward (and again per recompute)."""
+
+    @staticmethod
+    def forward(ctx, dtype, scales, *masters):
+        ctx.scales, ctx.master_dtypes = scales, [m.dtype for m in masters]
+        return _cast_scaled(dtype, scales, masters)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = [None if g is None else g.to(dt) * s for g, s, dt in zip(grads, ctx.scales, ctx.master_dtypes)]
+        return (None, None, *out)
+
+
+def _cast_scaled(dtype, scales, masters):
+    scaled = torch._foreach_mul([m.detach() for m in masters], list(scales))
+    return tuple(t.to(dtype) for t in scaled)
+
+
+def cast_lora_weights(model, dtype: torch.dtype) -> int:
+    """Before a forward: give each fast LoRA layer its compute-dtype weights for this step, made
+    by one autograd node, so gradients still reach the float32 masters. A layer uses them only
+    while its masters are unchanged (same tensors, same in-place version), so a later optimizer
+    step or adapter switch falls back to per-call casting. Returns layers prepared."""
+    layers, masters, scales = [], [], []
+    for module in model.modules():
+        if type(module).__name__.startswith("Fast") and hasattr(module, "lora_A"):
+            active = module.active_adapters
+            if len(active) != 1 or active[0] not in module.lora_A or module.disable_adapters or module.merged:
+                continue
+            a, b = module.lora_A[active[0]].weight, module.lora_B[active[0]].weight
+            if a.dtype == dtype and b.dtype == dtype and module.scaling[active[0]] == 1:
+                continue
+            layers.append((module, active[0], a, b))
+            masters += [a, b]
+            scales += [1.0, float(module.scaling[active[0]])]
+    if not layers:
+        return 0
+    if torch.is_grad_enabled() and any(m.requires_grad for m in masters):
+        cast = _CastAll.apply(dtype, tuple(scales), *masters)
+    else:
+        with torch.no_grad():
+            cast = _cast_scaled(dtype, tuple(scales), masters)
+    for i, (module, name, a, b) in enumerate(layers):
+        module._step_weights = (name, dtype, a, b, (a._version, b._version), cast[2 * i], cast[2 * i + 1])
+    return len(layers)
 
 
 def _fast_class(cls: type) -> type:
@@ -277,3 +335,21 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+# ----------------------------------------------------------------------------- Liger layer kernels
+def apply_liger_layer_kernels(model) -> bool:
+    """Liger's fused RoPE, RMSNorm and SwiGLU on this model instance (no cross-entropy patch:
+    the packed loss has its own). Note Liger also swaps transformers' module-level RoPE function
+    and MLP class for the model type, which affects models built later in the process the same
+    way (numerically equivalent kernels). False where liger-kernel or a GPU is missing."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True

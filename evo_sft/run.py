@@ -49,6 +49,7 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     tokenizer = build.load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
     prepared = build.prepare_data(config, tokenizer)
     founders = build.founder_hyperparameters(config)
+    owns_ray = config.population.backend == "ray" and not _ray_initialized()
     population = _population(config, run_dir, model_path, prepared, founders)
     saved = checkpoint[1] if checkpoint else {}
     tracker = _tracker(config, run_dir, saved.get("tracking"))
@@ -56,29 +57,32 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
-        observers=[print_progress] + ([tracker] if tracker else []),
+        observers=[print_progress, tracker],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
-                                           extra_state=lambda: {"tracking": tracker.state_dict() if tracker else None}),
+                                           extra_state=lambda: {"tracking": tracker.state_dict()}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
     )
     if checkpoint:
         population.load(checkpoint[0] / "members")
         population.last_checkpoint = checkpoint[0]
         controller.load_state_dict(saved["controller"])
-    interrupted = False
+    status = "FINISHED"
     try:
-        controller.run(config.evolution.generations)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
-    try:
-        result = _finish(controller, run_dir, tokenizer, interrupted)
+        try:
+            controller.run(config.evolution.generations)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
+        result = _finish(controller, run_dir, tokenizer, interrupted=status == "KILLED")
+    except BaseException:
+        status = "FAILED"
+        raise
     finally:
-        if tracker:
-            tracker.close("KILLED" if interrupted else "FINISHED")
+        tracker.close(status)
         population.close()
-        _shutdown_ray(config)
-    if not interrupted:
+        if owns_ray:  # a Ray session the caller started (a notebook, a test) stays up
+            _shutdown_ray(config)
+    if not result.interrupted:
         print_summary(controller, result, tracker)
     return result
 
@@ -99,6 +103,12 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
         ray.init(address=config.ray.address, **init)
     return RayPopulation(config.to_dict(), model_path, prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus)
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray(config: ExperimentConfig) -> None:
@@ -156,10 +166,9 @@ def print_summary(controller: Controller, result: RunResult, tracker) -> None:
     print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    if tracker:
-        from evo_sft.tracking import mlflow_ui_command
+    from evo_sft.tracking import mlflow_ui_command
 
-        print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
+    print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
 
 

@@ -1,18 +1,30 @@
 """MLflow tracking of an evolution: one parent run, one child run per member, and a local queue
 that keeps every record while the tracking server is unreachable.
 
-Every MLflow call is described by a JSON record (`kind`, the run's local `key`, values,
-`timestamp`) and sent through `MLflowTracker._submit`. A record that fails is appended to
-`queue_dir/mlflow_queue.jsonl` (one warning per outage); the queue is flushed, in order, before
-anything else at the next generation and in `close()`. Runs are referred to by local keys
-("parent", "member:7") and created on the server when their record is sent, so a run that
-starts while the server is down loses nothing. The only records dropped are those the server
-answers with a client error (HTTP 4xx other than 429: it would refuse them on every retry);
-each costs a warning.
+What is logged
+- Parent run (tag `evo_sft.role=evolution`): the flattened config as params; at step =
+  generation `best_fitness`, `mean_fitness`, `worst_fitness`, `nonfinite_members` and the best
+  member's hyperparameters as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/`
+  (the elite's PEFT adapter), `lineage.json`, `family_tree.png`, `fitness_curves.png`.
+- Member runs (tag `mlflow.parentRunId`; `evo_sft.member_id`, `evo_sft.parent_member_id`,
+  `evo_sft.parent_run_id`, `evo_sft.generation_born`, `evo_sft.mutation`, `evo_sft.slot`,
+  `evo_sft.status` alive|retired): params `initial.<hyperparameter>`; at step = the member's
+  global optimizer step `train_loss`, `test_loss`, `fitness`, `tokens_per_second` and every
+  numeric hyperparameter (`lr`, `batch_size`) as metrics, since params are write-once.
 
-Non-finite values are never logged (MLflow stores -inf as -1.8e308 and ruins every plot): a
-member whose loss diverged has no `fitness` point at that step, and the parent run counts such
-members in `nonfinite_members`; `best/mean/worst_fitness` are over the finite members.
+Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
+member whose loss diverged has no `fitness` point at that step, the parent run counts such
+members in `nonfinite_members`, and `best/mean/worst_fitness` are over the finite members.
+
+Outages
+Every MLflow call is a JSON record (`kind`, the run's local `key`, values, `timestamp`) sent
+through `MLflowTracker._submit`. A record that fails is appended to
+`queue_dir/mlflow_queue.jsonl` (queued artifacts are copied under `queue_dir/files/`) with one
+warning per outage, and so is every later record until the queue is flushed, in order, at the
+start of the next generation and in `close()`: an outage costs one failed request per
+generation. Runs are referred to by local keys ("parent", "member:7") and created when their
+record is sent. The only records dropped are those the store refuses as invalid (HTTP 400, or
+404 for a run that does not exist), which no retry could fix; each costs a warning.
 """
 import json
 import math
@@ -37,8 +49,8 @@ from evo_sft.config import flatten_config
 QUEUE_FILE = "mlflow_queue.jsonl"
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 # Short HTTP retries and timeouts so an outage costs seconds per generation, not minutes
-# (MLflow's defaults: 7 retries with backoff factor 2, 120 s timeout). Read by MLflow at each
-# request; set for the process only where the user has not set them.
+# (MLflow 3's defaults: 7 retries with backoff factor 2, 120 s timeout). MLflow reads them at
+# each request; the tracker sets them for the process only where they are not set already.
 HTTP_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -109,7 +121,7 @@ class MLflowTracker:
         self._log_generation(record)
         for slot, member_id in enumerate(record.next_member_ids):
             self._ensure_member(controller.lineage, member_id, slot, record.next_hyperparameters[slot])
-        for member_id in set(record.member_ids) - set(record.next_member_ids):
+        for member_id in sorted(set(record.member_ids) - set(record.next_member_ids)):
             self._retire(member_id, record.generation)
         if record.elite_adapter is not None:
             self._submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
@@ -184,6 +196,7 @@ class MLflowTracker:
         key = member_key(member_id)
         if key in self._known_runs:
             self._submit({"kind": "update_run", "key": key, "status": "RUNNING"})
+            self._submit({"kind": "log", "key": key, "tags": {"evo_sft.status": "alive"}})
             return
         info = lineage.members[member_id]
         parent = "" if info.parent_id is None else str(info.parent_id)
@@ -363,11 +376,9 @@ def _numbers(hyperparameters: dict) -> dict:
 
 
 def _rejected(error: Exception) -> bool:
-    """The server answered and refused the record (4xx, not rate limiting): retrying cannot help."""
-    if not isinstance(error, MlflowException):
-        return False
-    status = error.get_http_status_code()
-    return 400 <= status < 500 and status != 429
+    """The store refused the record itself (400 invalid, 404 no such run): retrying cannot help.
+    Everything else, 401/403/429 included, may pass later and keeps the record queued."""
+    return isinstance(error, MlflowException) and error.get_http_status_code() in (400, 404)
 
 
 def _warn_rejected(record: dict, error: Exception) -> None:
@@ -386,13 +397,6 @@ def _first_line(error: Exception) -> str:
 
 
 # --------------------------------------------------------------------- pictures
-def _own_generations(member, history: list) -> range:
-    """The generations a member was scored in; a clone's inherited history is its parent's,
-    so its curve starts at its parent's point of the generation it was born in."""
-    start = 0 if member.parent_id is None else member.generation_born
-    return range(start, len(history))
-
-
 def plot_family_tree(lineage, fitness: dict, member_slots: dict, path: Path) -> None:
     """x = generation, y = slot: a member's life is a horizontal line labelled with its id at
     its start; a thin line joins a parent to each clone it had."""
@@ -421,12 +425,14 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, path: Path) -> 
 
 
 def plot_fitness_curves(lineage, fitness: dict, path: Path) -> None:
-    """Fitness per member over generations; each curve ends with the member's id."""
+    """Fitness per member over generations; each curve ends with the member's id. A clone's
+    history starts as a copy of its parent's, so its curve starts at the parent's point of the
+    generation it was born in."""
     figure = Figure(figsize=(8, 5))
     axes = figure.subplots()
     for member in lineage.members.values():
         history = fitness.get(member.id, [])
-        generations = _own_generations(member, history)
+        generations = range(0 if member.parent_id is None else member.generation_born, len(history))
         if not generations:
             continue
         values = [history[g] if math.isfinite(history[g]) else math.nan for g in generations]

@@ -181,9 +181,10 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
     model = build_model(size, device, dtype)
     agent = SFT(pad_token_id=0, pad_token="<pad>", actor_network=model, lora_config=lora_config(),
                 batch_size=SEQS_PER_STEP, lr=LR, max_grad_norm=1.0, device=str(device),
-                gradient_checkpointing=gc_on, packing=packing, use_liger_loss=liger)
+                gradient_checkpointing=gc_on, packing=packing, use_liger_loss=liger == "liger_loss")
     if compile_layers:
         packing_module.compile_decoder_layers(agent.actor)
+    liger_layers = liger == "liger_layers" and packing_module.apply_liger_layer_kernels(agent.actor)
     losses = []
     for batch in batches[:warmup]:
         losses.append(agent.learn(batch)["mean_loss"])
@@ -193,7 +194,7 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
         losses.append(agent.learn(batch)["mean_loss"])
     sync(device)
     elapsed = time.perf_counter() - t
-    extra = {"packing": agent.packing}
+    extra = {"packing": agent.packing, "liger_layers": liger_layers}
     if profile_to is not None and device.type == "cuda":
         try:
             extra["profile"] = profile(lambda b: agent.learn(b), batches[warmup:warmup + 2], device, profile_to)
@@ -251,7 +252,7 @@ def run_trl(size, gc_on, batches, warmup, device, dtype, split, variant):
     kwargs = dict(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=SEQS_PER_STEP,
         gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, gradient_checkpointing=gc_on,
-        save_strategy="no", report_to="none", max_length=None, disable_tqdm=True,
+        save_strategy="no", report_to="none", max_length=None, disable_tqdm=True, logging_steps=steps,
         dataloader_num_workers=0, seed=0, bf16=device.type == "cuda",
         # the data is already tokenised with labels; skipping TRL's dataset.map changes no step
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -366,6 +367,16 @@ def main():
 
     total_steps = args.warmup + args.steps
     rows = []
+    methods = args.methods.split(",")
+    # methods that use Liger patch transformers' Qwen2 module globally, so they run last
+    phases = [[m for m in methods if "liger" not in m], [m for m in methods if "liger" in m]]
+    for phase in phases:
+        if phase:
+            run_phase(phase, models, args, device, dtype, peak, total_steps, out, results_path, rows)
+    print_table(rows, header)
+
+
+def run_phase(methods, models, args, device, dtype, peak, total_steps, out, results_path, rows):
     for size in models:
         shape = SHAPES[size]
         split = make_rows(total_steps * SEQS_PER_STEP, shape["vocab_size"], args.tiny)
@@ -377,7 +388,7 @@ def main():
         log(f"\n== {size}: {supervised / args.steps:.0f} supervised tokens/step, "
             f"{sum(s['real'] for s in timed) / args.steps:.0f} real tokens/step, padding {padding:.0%}, "
             f"useful {flops / args.steps / 1e12:.2f} TFLOP/step")
-        if device.type == "cuda":
+        if device.type == "cuda" and "liger" not in methods[0]:
             try:
                 check = check_packed_matches_padded(size, device, dtype, batches[0])
                 log(f"   packed vs padded (bf16, eval mode): {json.dumps(check)}")
@@ -387,7 +398,7 @@ def main():
                 log("   packed vs padded check FAILED:\n" + traceback.format_exc())
         for gc_setting in args.gc.split(","):
             gc_on = gc_setting == "on"
-            for method in args.methods.split(","):
+            for method in methods:
                 free(device)
                 try:
                     if method.startswith("evo"):
@@ -396,7 +407,7 @@ def main():
                         elapsed, losses, extra = run_evo(size, gc_on, batches, args.warmup, device, dtype,
                                                          packing=False if method == "evo_padded" else None,
                                                          profile_to=prof, compile_layers="compile" in method,
-                                                         liger="liger" in method)
+                                                         liger="liger_layers" if "liger" in method else False)
                     else:
                         elapsed, losses, extra = run_trl(size, gc_on, batches, args.warmup, device, dtype, split,
                                                          variant=method)
@@ -420,7 +431,6 @@ def main():
                     log(f"   profile: {json.dumps(extra['profile'])}")
                 with results_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    print_table(rows, header)
 
 
 def print_table(rows, header):
@@ -431,8 +441,9 @@ def print_table(rows, header):
     log("| model | GC | method | step ms | sup tok/s | peak GiB | MFU | x trl_default | x trl_fast |")
     log("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for size in dict.fromkeys(r["size"] for r in rows):
-        for gc_setting in dict.fromkeys(r["gc"] for r in rows if r["size"] == size):
+        for gc_setting in sorted(dict.fromkeys(r["gc"] for r in rows if r["size"] == size)):
             group = [r for r in rows if r["size"] == size and r["gc"] == gc_setting]
+            group.sort(key=lambda r: (not r["method"].startswith("evo"), r["method"] != "trl_default", r["method"]))
             default = next((r for r in group if r["method"] == "trl_default"), None)
             fast = [r for r in group if r["method"].startswith("trl_") and r["method"] != "trl_default"]
             fast = max(fast, key=lambda r: r["tok_s"]) if fast else None

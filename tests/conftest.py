@@ -181,9 +181,8 @@ def step_grads(model, tokenizer, groups) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def reference():
-    """The independent reference computations: `ids`, `loss_sum`, `token_mean_loss`, `step_grads`."""
-    return SimpleNamespace(ids=reference_ids, loss_sum=hand_loss_sum, token_mean_loss=token_mean_loss,
-                           step_grads=step_grads)
+    """The independent reference computations: `ids`, `token_mean_loss`, `step_grads`."""
+    return SimpleNamespace(ids=reference_ids, token_mean_loss=token_mean_loss, step_grads=step_grads)
 
 
 @pytest.fixture

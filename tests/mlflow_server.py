@@ -31,6 +31,12 @@ class MLflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MLflowServer":
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it to answer."""
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [
             str(mlflow), "server",
@@ -43,8 +49,6 @@ class MLflowServer:
         self.process = subprocess.Popen(command, cwd=self.directory, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         log.close()
-        self._wait_healthy()
-        return self
 
     def stop(self) -> None:
         """SIGTERM to the server's process group; SIGKILL to whatever is left after 10 s."""
@@ -59,7 +63,7 @@ class MLflowServer:
         self.process.wait(10)
         self.process = None
 
-    def _wait_healthy(self) -> None:
+    def wait_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -1,6 +1,5 @@
 """Agent checkpoints: PEFT layout, no pickle, exact round trips, damage and config mismatches."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

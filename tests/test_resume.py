@@ -18,10 +18,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+from evo_sft.cli import status_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.yaml"
@@ -32,7 +35,10 @@ CLI_TIMEOUT_S = 300
 
 
 def _env() -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One intra-op thread per process: the runs overlap on 2 cores, and oversubscribed OpenMP threads
+    # double the CPU time. Every run here uses the same setting, so their numbers stay comparable.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store, whatever the caller's shell says
     return env
 
@@ -101,23 +107,96 @@ def assert_same_adapters(a: Path, b: Path) -> None:
 
 
 # ----------------------------------------------------------------------- runs shared by the tests
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    """4 generations in one go."""
-    run_dir = tmp_path_factory.mktemp("resume") / "full"
-    out = evo(*run_args(run_dir, GENERATIONS))
-    assert "=== evo-sft summary ===" in out.stdout
-    return run_dir
+class Job:
+    """`evo-sft ARGS` in the background (its own process group), output to files."""
+
+    def __init__(self, root: Path, name: str, *args):
+        self.name, self.args = name, args
+        self.stdout_path, self.stderr_path = root / f"{name}.stdout", root / f"{name}.stderr"
+        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
+            self.process = subprocess.Popen([str(EVO_SFT), *map(str, args)], stdout=out, stderr=err, env=_env(),
+                                            cwd=REPO, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def wait(self, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(CLI_TIMEOUT_S)
+        finally:
+            self.kill()
+        result = subprocess.CompletedProcess(self.args, self.process.returncode, self.stdout_path.read_text(),
+                                             self.stderr_path.read_text())
+        if check:
+            assert result.returncode == 0, f"{self.name}: evo-sft {' '.join(map(str, self.args))} -> " \
+                f"{result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+        return result
+
+
+@dataclass
+class Runs:
+    full: Path  # 4 generations in one go
+    split: Path  # 2 generations, then `evo-sft resume RUN --generations 4`
+    killed: Path  # 3 generations, SIGKILL in generation 2, then `evo-sft resume RUN`
+    damaged: Path  # a copy of `full` with generation 4 damaged, then `evo-sft resume RUN`
+    split_resume: subprocess.CompletedProcess
+    killed_run: subprocess.CompletedProcess
+    killed_midway: bool  # at the kill: generation 1's checkpoint present, generation 2's not
+    killed_resume: subprocess.CompletedProcess
+    damaged_file: str
+    damaged_status: subprocess.CompletedProcess
+    damaged_resume: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def split_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """2 generations, then `evo-sft resume RUN --generations 4`."""
-    run_dir = tmp_path_factory.mktemp("resume") / "split"
-    evo(*run_args(run_dir, 2))
-    assert status_json(run_dir)["generation"] == 2
-    resumed = evo("resume", run_dir, "--generations", GENERATIONS)
-    return run_dir, resumed
+def runs(tmp_path_factory) -> Runs:
+    """All the runs of this module, overlapped (each process spends much of its time importing
+    and writing files) so the module stays within a couple of minutes on 2 cores."""
+    root = tmp_path_factory.mktemp("resume")
+    full, split, killed, damaged = root / "full", root / "split", root / "killed", root / "damaged"
+    jobs = []
+    try:
+        jobs += [Job(root, "full", *run_args(full, GENERATIONS)), Job(root, "split", *run_args(split, 2)),
+                 Job(root, "killed", *run_args(killed, 3))]
+        full_job, split_job, killed_job = jobs
+
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not checkpoint(killed, 1).exists():
+            assert killed_job.process.poll() is None, killed_job.wait(check=False)
+            assert time.monotonic() < deadline, "the killed run wrote no first checkpoint"
+            time.sleep(0.05)
+        time.sleep(0.3)  # generation 2 is training now (a generation takes seconds)
+        killed_midway = killed_job.process.poll() is None and not checkpoint(killed, 2).exists()
+        killed_job.kill()
+        killed_run = killed_job.wait(check=False)
+        jobs.append(Job(root, "killed_resume", "resume", killed))  # to the config's 3 generations
+
+        split_job.wait()
+        jobs.append(Job(root, "split_resume", "resume", split, "--generations", GENERATIONS))
+
+        full_job.wait()
+        shutil.copytree(full, damaged)
+        damaged_file = "members/slot_1/actor/adapter_model.safetensors"
+        target = checkpoint(damaged, GENERATIONS) / damaged_file
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, different content
+        target.write_bytes(bytes(data))
+        damaged_status = evo("status", damaged, "--json")
+        jobs.append(Job(root, "damaged_resume", "resume", damaged))  # to 4: generation 4 again, from 3
+
+        return Runs(full, split, killed, damaged, split_resume=jobs[4].wait(), killed_run=killed_run,
+                    killed_midway=killed_midway, killed_resume=jobs[3].wait(), damaged_file=damaged_file,
+                    damaged_status=damaged_status, damaged_resume=jobs[5].wait())
+    finally:
+        for job in jobs:
+            job.kill()
+
+
+@pytest.fixture(scope="module")
+def full_run(runs) -> Path:
+    return runs.full
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +204,17 @@ def full_status(full_run) -> dict:
     return status_json(full_run)
 
 
+@pytest.fixture(scope="module")
+def split_status(runs) -> dict:
+    return status_json(runs.split)
+
+
 # ----------------------------------------------------------------------- resume equivalence
-def test_two_then_resumed_to_four_equals_four_in_one_go(full_run, full_status, split_run):
-    split, resumed = split_run
+def test_two_then_resumed_to_four_equals_four_in_one_go(runs, full_run, full_status, split_status):
+    split, resumed = runs.split, runs.split_resume
     assert "from generation_00002" in resumed.stdout
     assert "=== evo-sft summary ===" in resumed.stdout
 
-    split_status = status_json(split)
     assert split_status["generation"] == GENERATIONS
     assert_same_status(split_status, full_status)
     # the evolution did something worth comparing: clones with parents, changed hyperparameters
@@ -146,11 +229,10 @@ def test_two_then_resumed_to_four_equals_four_in_one_go(full_run, full_status, s
         ["generation_00002", "generation_00003", "generation_00004"]
 
 
-def test_resume_reuses_the_parent_run_and_member_steps_continue(full_run, split_run, full_status):
+def test_resume_reuses_the_parent_run_and_member_steps_continue(runs, full_run, full_status, split_status):
     from mlflow.tracking import MlflowClient
 
-    split, _ = split_run
-    status = status_json(split)
+    split, status = runs.split, split_status
     split_runs, full_runs = _mlflow_runs(split), _mlflow_runs(full_run)
     client = MlflowClient(status["mlflow"]["tracking_uri"])
 
@@ -161,8 +243,8 @@ def test_resume_reuses_the_parent_run_and_member_steps_continue(full_run, split_
     history = client.get_metric_history(parent_id, "best_fitness")
     assert sorted(m.step for m in history) == list(range(GENERATIONS))
     full_parent = next(r for r in full_runs if r.data.tags.get("evo_sft.role") == "evolution")
-    assert _history(client, parent_id, "best_fitness") == pytest.approx(
-        _history(MlflowClient(full_status["mlflow"]["tracking_uri"]), full_parent.info.run_id, "best_fitness"), abs=1e-6)
+    assert_same_history(_history(client, parent_id, "best_fitness"),
+                        _history(MlflowClient(full_status["mlflow"]["tracking_uri"]), full_parent.info.run_id, "best_fitness"))
 
     members = {r.data.tags["evo_sft.member_id"]: r for r in split_runs if r.data.tags.get("evo_sft.role") == "member"}
     full_members = {r.data.tags["evo_sft.member_id"]: r for r in full_runs if r.data.tags.get("evo_sft.role") == "member"}
@@ -178,8 +260,8 @@ def test_resume_reuses_the_parent_run_and_member_steps_continue(full_run, split_
             assert run.data.tags["evo_sft.parent_run_id"] == members[parent_member].info.run_id
         steps = [step for step, _ in _history(client, run.info.run_id, "fitness")]
         assert steps == sorted(set(steps)), f"member {member_id}: repeated or unordered steps {steps}"
-        assert _history(client, run.info.run_id, "fitness") == pytest.approx(
-            _history(full_client, full_members[member_id].info.run_id, "fitness"), abs=1e-6)
+        assert_same_history(_history(client, run.info.run_id, "fitness"),
+                            _history(full_client, full_members[member_id].info.run_id, "fitness"))
         born = int(run.data.tags["evo_sft.generation_born"])
         if born == 0 and len(steps) > 2:  # a founder scored before and after the resume, in one run
             spanning += 1
@@ -198,63 +280,42 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-# ----------------------------------------------------------------------- killed controller
-def test_controller_killed_mid_generation_resumes_to_the_end(tmp_path, full_run, full_status):
-    run_dir = tmp_path / "killed"
-    log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen([str(EVO_SFT), *map(str, run_args(run_dir, 3))], stdout=log,
-                               stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not checkpoint(run_dir, 1).exists():
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no first checkpoint"
-            time.sleep(0.05)
-        time.sleep(0.3)  # generation 2 is training now (a generation takes seconds)
-        assert process.poll() is None and not checkpoint(run_dir, 2).exists(), "generation 2 ended too soon"
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
-        log.close()
-    assert process.returncode == -signal.SIGKILL
-    assert not checkpoint(run_dir, 2).exists()
+def assert_same_history(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> None:
+    assert [step for step, _ in a] == [step for step, _ in b]
+    assert [value for _, value in a] == pytest.approx([value for _, value in b], abs=1e-6, rel=0)
 
-    resumed = evo("resume", run_dir)  # to the config's evolution.generations (3)
+
+# ----------------------------------------------------------------------- killed controller
+def test_controller_killed_mid_generation_resumes_to_the_end(runs, full_run):
+    run_dir = runs.killed
+    assert runs.killed_midway, "the controller was not killed in the middle of generation 2"
+    assert runs.killed_run.returncode == -signal.SIGKILL
+
+    resumed = runs.killed_resume
     assert "from generation_00001" in resumed.stdout
     assert "=== evo-sft summary ===" in resumed.stdout
-    status = status_json(run_dir)
-    assert status["generation"] == 3
+    assert status_dict(run_dir)["generation"] == 3
     # exactly what the uninterrupted run had at generation 3
     assert_same_controller(controller_state(run_dir, 3), controller_state(full_run, 3))
     assert_same_adapters(checkpoint(run_dir, 3), checkpoint(full_run, 3))
-    runs = _mlflow_runs(run_dir)
-    assert len([r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
-    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    runs_ = _mlflow_runs(run_dir)
+    assert len([r for r in runs_ if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
+    assert {r.info.status for r in runs_} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs_]
 
 
 # ----------------------------------------------------------------------- damaged checkpoint
-def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path, full_run, full_status):
-    run_dir = tmp_path / "damaged"
-    shutil.copytree(full_run, run_dir)
-    newest = checkpoint(run_dir, GENERATIONS)
-    damaged = newest / "members" / "slot_1" / "actor" / "adapter_model.safetensors"
-    data = bytearray(damaged.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, different content
-    damaged.write_bytes(bytes(data))
-
-    status = evo("status", run_dir, "--json")
+def test_damaged_checkpoint_is_named_and_resume_falls_back(runs, full_run, full_status):
+    status = runs.damaged_status
     assert json.loads(status.stdout)["generation"] == GENERATIONS - 1
-    assert "generation_00004" in status.stderr and "slot_1/actor/adapter_model.safetensors" in status.stderr
+    assert "generation_00004" in status.stderr and runs.damaged_file in status.stderr
     assert "falling back" in status.stderr
 
-    resumed = evo("resume", run_dir)  # to the config's 4 generations: redo generation 4 from generation 3
+    resumed = runs.damaged_resume
     output = resumed.stdout + resumed.stderr
-    assert "slot_1/actor/adapter_model.safetensors" in output and "falling back" in output
+    assert runs.damaged_file in output and "falling back" in output
     assert "from generation_00003" in resumed.stdout
-    assert_same_status(status_json(run_dir), full_status)
-    assert_same_controller(controller_state(run_dir, GENERATIONS), controller_state(full_run, GENERATIONS))
+    assert_same_status(status_dict(runs.damaged), full_status)
+    assert_same_controller(controller_state(runs.damaged, GENERATIONS), controller_state(full_run, GENERATIONS))
 
 
 def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
@@ -339,7 +400,7 @@ def test_export_loads_with_peft_and_matches_the_checkpoint(tmp_path, full_run, f
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     input_ids = torch.tensor([tokenizer.encode(PROBE)])
-    assert tokenizer.decode(input_ids[0]) == PROBE
+    assert input_ids.tolist() == [AutoTokenizer.from_pretrained(full_run / "base_model").encode(PROBE)]
     exported = _logits(PeftModel.from_pretrained(_base(full_run), out), input_ids)
 
     slot_dir = checkpoint(full_run, GENERATIONS) / "members" / f"slot_{ids.index(member)}"
@@ -359,3 +420,14 @@ def test_export_of_a_member_not_in_the_checkpoint_fails(tmp_path, full_run, full
     assert result.returncode == 1
     assert f"member {missing} is not in the latest checkpoint" in result.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="transformers 5 loads the demo's saved tokenizer as Qwen2Tokenizer (config.json "
+                   "says qwen2), whose byte-level pre-tokenizer drops every space and newline")
+def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
+    from transformers import AutoTokenizer
+
+    from evo_sft.build import load_tokenizer
+
+    for tokenizer in (load_tokenizer(str(full_run / "base_model")), AutoTokenizer.from_pretrained(full_run / "base_model")):
+        assert tokenizer.decode(tokenizer.encode(PROBE)) == PROBE

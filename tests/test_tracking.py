@@ -1,5 +1,6 @@
 """MLflowTracker against real MLflow stores, driven by a real (tiny) evolution: an embedded
-sqlite store, a resumed tracker, and an `mlflow server` that goes away mid-run."""
+sqlite store, a resumed tracker, records queued before a crash, and an `mlflow server` that
+is down at the start and stopped mid-run. No mocks: every check reads MLflow through MlflowClient."""
 import copy
 import json
 import math
@@ -241,8 +242,9 @@ def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
 
 
 def test_outage_queues_records_and_loses_nothing(tmp_path, monkeypatch):
-    """The server is down when the evolution starts, comes up after generation 0, is stopped
-    after generation 1 and is back only after the run, when close() sends the rest."""
+    """The server is still starting when the evolution starts and answers from generation 0 or
+    1 on; it is stopped after generation 1 and is back only after the run, when close() sends
+    the rest. Either way: two outages, two warnings, every record on the server."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # fail fast; retries stay on
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
     (tmp_path / "server").mkdir()
@@ -251,7 +253,8 @@ def test_outage_queues_records_and_loses_nothing(tmp_path, monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TrackingWarning)
             tracker, recorder = make_tracker(server.uri, tmp_path), Recorder()
-            switch = {0: server.start, 1: server.stop}
+            server.launch()
+            switch = {0: server.wait_healthy, 1: server.stop}
             script = lambda controller, record: switch.get(record.generation, lambda: None)()  # noqa: E731
             controller = make_controller(tmp_path, [tracker, recorder, script])
             controller.run(3)
@@ -271,9 +274,24 @@ def test_outage_queues_records_and_loses_nothing(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_records_the_store_refuses_are_dropped_not_queued(tmp_path):
+    """A state naming a run the store does not have: each record is refused (404) with a warning
+    and dropped, so the queue never blocks behind it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state = {"tracking_uri": uri, "experiment_id": "0", "parent_run_id": "0" * 32, "member_runs": {}}
+    with pytest.warns(TrackingWarning, match="refused") as caught:
+        tracker = make_tracker(uri, tmp_path, state=state)
+        tracker.close()
+    assert [str(w.message).split(":")[0] for w in caught if w.category is TrackingWarning] == ["MLflow refused a update_run record for parent",
+                                                              "MLflow refused a terminate record for parent"]
+    assert not (tmp_path / "queue" / QUEUE_FILE).exists()
+
+
 def test_http_settings_are_set_only_where_unset(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "77")
-    make_tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with pytest.warns(TrackingWarning, match="unreachable"):
+        make_tracker(f"http://127.0.0.1:{free_port()}", tmp_path)
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "77"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_ENVIRONMENT["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 

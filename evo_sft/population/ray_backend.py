@@ -10,6 +10,9 @@ from evo_sft.build import build_host
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
+# Calls that change a member; each is logged per slot until the next checkpoint and replayed,
+# in order, on an actor rebuilt after a death.
+STATE_CHANGING = ("train", "import_state", "set_hyperparameters", "load")
 
 
 class MemberActor:
@@ -38,9 +41,10 @@ class RayPopulation:
         self.config_dict, self.model_path = config_dict, model_path
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MemberActor)
+        self.founders = list(founders)
         self.current_hyperparameters = list(founders)
-        self.last_checkpoint: Path | None = None
-        self.trained_steps = 0
+        self._last_checkpoint: Path | None = None
+        self.since_checkpoint: list[list[tuple[str, tuple]]] = [[] for _ in founders]
         self.restarts = [0] * len(founders)
         self.on_restart = on_restart
         self.actors = [self._start(slot, founders[slot]) for slot in range(len(founders))]
@@ -49,21 +53,43 @@ class RayPopulation:
     def size(self) -> int:
         return len(self.actors)
 
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self._last_checkpoint
+
+    @last_checkpoint.setter
+    def last_checkpoint(self, path: Path | None) -> None:
+        """Set when a checkpoint of every member is complete: what came before it need not be replayed."""
+        self._last_checkpoint = Path(path) if path is not None else None
+        self.since_checkpoint = [[] for _ in range(self.size)]
+
     def _start(self, slot: int, hyperparameters: dict):
         return self.actor_class.remote(self.config_dict, self.model_path, self.prepared_ref, slot, hyperparameters)
 
     def _restore(self, slot: int, error: Exception) -> None:
-        """Replace a dead actor: restore the member from the last checkpoint (or rebuild it with
-        its hyperparameters before the first one) and replay this generation's training."""
-        self.restarts[slot] += 1
-        if self.restarts[slot] > MAX_RESTARTS_PER_GENERATION:
-            raise RuntimeError(f"slot {slot} failed {MAX_RESTARTS_PER_GENERATION} times in one generation: {error}")
-        warnings.warn(f"the actor of slot {slot} died ({type(error).__name__}); restarting it")
-        self.actors[slot] = self._start(slot, self.current_hyperparameters[slot])
-        if self.last_checkpoint is not None:
-            ray.get(self.actors[slot].call.remote("load", str(self.last_checkpoint / "members")))
-        if self.trained_steps:
-            ray.get(self.actors[slot].call.remote("train", self.trained_steps))
+        """Replace a dead actor: restore the member from the last checkpoint (or rebuild it as
+        founded before the first one) and replay every call that changed it since then (training,
+        clone imports, mutations), so it is the member it was when it died."""
+        while True:
+            self.restarts[slot] += 1
+            if self.restarts[slot] > MAX_RESTARTS_PER_GENERATION:
+                raise RuntimeError(f"slot {slot} failed {MAX_RESTARTS_PER_GENERATION} times in one generation: {error}")
+            warnings.warn(f"the actor of slot {slot} died ({type(error).__name__}); restarting it")
+            try:
+                ray.kill(self.actors[slot], no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            hyperparameters = self.founders[slot] if self.last_checkpoint is None else self.current_hyperparameters[slot]
+            self.actors[slot] = self._start(slot, hyperparameters)
+            try:
+                if self.last_checkpoint is not None:
+                    ray.get(self.actors[slot].call.remote("load", str(self.last_checkpoint / "members")))
+                for method, args in self.since_checkpoint[slot]:
+                    ray.get(self.actors[slot].call.remote(method, *args))
+            except ACTOR_FAILURES as again:
+                error = again
+                continue
+            break
         if self.on_restart is not None:
             self.on_restart(slot, str(error))
 
@@ -78,14 +104,14 @@ class RayPopulation:
                 except ACTOR_FAILURES as error:
                     self._restore(slot, error)
                     ref = self.actors[slot].call.remote(method, *args_of(slot))
+                    continue
+                if method in STATE_CHANGING:
+                    self.since_checkpoint[slot].append((method, tuple(args_of(slot))))
         return [results[slot] for slot in slots]
 
     def train(self, steps: int) -> list[dict]:
         self.restarts = [0] * self.size
-        self.trained_steps = 0
-        results = self._call(list(range(self.size)), "train", lambda slot: (steps,))
-        self.trained_steps = steps
-        return results
+        return self._call(list(range(self.size)), "train", lambda slot: (steps,))
 
     def evaluate(self) -> list[float]:
         return self._call(list(range(self.size)), "evaluate")
