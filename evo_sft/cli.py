@@ -1,7 +1,6 @@
 """The `evo-sft` command line: run, resume, status, export, submit, logs, stop."""
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evo_sft.config import ConfigError, load_config
+from evo_sft.storage import CheckpointError
 
 EXIT_CONFIG_ERROR = 2
 
@@ -58,7 +58,9 @@ def status_dict(run_dir: Path) -> dict:
         info = lineage.members[member_id]
         members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
                          "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
-    best = max(members, key=lambda m: m["fitness"][-1] if m["fitness"] else -math.inf)
+    from evo_sft.run import best_slot
+
+    best = members[best_slot(state["slot_ids"], fitness, lineage, state["generation"])]
     tracking = saved.get("tracking") or {}
     return {
         "generation": state["generation"],
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except (CheckpointError, FileExistsError) as error:  # no run to resume/inspect, or one already there
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

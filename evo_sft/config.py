@@ -398,7 +398,10 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
     Override values are parsed with yaml.safe_load. Setting a key inside a section
     that is null (e.g. `lora.r=4` with `lora: null`) starts that section from its defaults.
     """
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:

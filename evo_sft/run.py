@@ -12,6 +12,7 @@ from evo_sft.checkpoint import EvolutionCheckpointer, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.population.local import LocalPopulation
+from evo_sft.storage import CheckpointError
 
 CONFIG_FILE = "config.yaml"
 
@@ -37,6 +38,8 @@ def start(config: ExperimentConfig) -> RunResult:
 
 def resume(run_dir: Path, generations: int | None = None) -> RunResult:
     run_dir = Path(run_dir).resolve()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
     overrides = [f"evolution.generations={generations}"] if generations is not None else []
     config = load_config(run_dir / CONFIG_FILE, overrides)
     checkpoint = latest_intact(run_dir)
@@ -126,20 +129,33 @@ def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None):
                          run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue")
 
 
+def best_slot(slot_ids: list[int], fitness: dict, lineage, generation: int) -> int:
+    """The slot of the member with the best last fitness. A clone made after the last evaluation
+    only inherited its parent's history (same weights, hyperparameters never tried), so on a tie
+    the member that earned the score wins; then the lowest slot."""
+    def key(slot: int):
+        member = lineage.members[slot_ids[slot]]
+        history = fitness[slot_ids[slot]]
+        inherited = member.parent_id is not None and member.generation_born >= generation - 1
+        return (history[-1] if history else -math.inf, not inherited, -slot)
+
+    return max(range(len(slot_ids)), key=key)
+
+
 def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool) -> RunResult:
     """Export the best member of the last evaluation as a PEFT folder with the tokenizer."""
     fitness = [controller.fitness[m][-1] if controller.fitness[m] else -math.inf for m in controller.slot_ids]
-    best_slot = max(range(len(fitness)), key=lambda s: (fitness[s], -s))
+    best = best_slot(controller.slot_ids, controller.fitness, controller.lineage, controller.generation)
     target = run_dir / "best_adapter"
     if not interrupted:
         staging = run_dir / ".best_adapter"
         shutil.rmtree(staging, ignore_errors=True)
-        exported = Path(controller.population.export_adapter(best_slot, staging))
+        exported = Path(controller.population.export_adapter(best, staging))
         tokenizer.save_pretrained(exported)
         shutil.rmtree(target, ignore_errors=True)
         exported.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
-    return RunResult(run_dir, controller.slot_ids[best_slot], fitness[best_slot], target, interrupted)
+    return RunResult(run_dir, controller.slot_ids[best], fitness[best], target, interrupted)
 
 
 def print_progress(controller: Controller, record: GenerationRecord) -> None:

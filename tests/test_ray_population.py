@@ -146,13 +146,23 @@ class KillingPopulation(RayPopulation):
     """A RayPopulation that SIGKILLs member actors by PID at chosen moments:
     `kill_in_train[generation] = (slot, delay_s)` kills that slot's actor `delay_s` seconds
     after the generation's training was sent (from a background thread, while it trains);
-    `kill_after_clone` kills one slot that received a clone this generation, between the clone
-    and the mutation (a death that only a full replay recovers from)."""
+    `kill_after_clone_in=generation` kills a slot that received a clone in that generation,
+    between the clone and the mutations (only a replay of the clone recovers that member).
+    It records where each death was found (`restored_in`)."""
 
     def __init__(self, *args, kill_in_train=None, kill_after_clone_in=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kill_in_train, self.kill_after_clone_in = kill_in_train or {}, kill_after_clone_in
-        self.generation, self.killed, self.receivers = 0, [], []
+        self.generation, self.killed, self.receivers_of = 0, [], {}
+        self.phase, self.restored_in = None, []
+
+    def _call(self, slots, method, args_of=lambda slot: ()):
+        self.phase = method
+        return super()._call(slots, method, args_of)
+
+    def _restore(self, slot, error):
+        self.restored_in.append(self.phase)
+        super()._restore(slot, error)
 
     def _kill(self, generation: int, slot: int, delay: float = 0.0) -> None:
         pid = self.locations()[slot]["pid"]
@@ -171,25 +181,26 @@ class KillingPopulation(RayPopulation):
             self.generation += 1
 
     def clone(self, pairs):
-        self.receivers = [receiver for receiver, _ in pairs]
+        self.receivers_of[self.generation - 1] = [receiver for receiver, _ in pairs]
         super().clone(pairs)
 
     def set_hyperparameters(self, per_slot):
         if self.generation - 1 == self.kill_after_clone_in:
-            assert self.receivers, "the plan of this generation cloned nothing; pick another generation"
-            self._kill(self.generation - 1, self.receivers[0])
+            receivers = self.receivers_of.get(self.generation - 1)
+            assert receivers, "the plan of this generation cloned nothing; pick another generation"
+            self._kill(self.generation - 1, receivers[0])
         super().set_hyperparameters(per_slot)
 
 
 def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_session, local_reference, tmp_path):
-    """run._run's controller, on a population whose actors die twice: once by SIGKILL in the
-    middle of generation 1's training, once between a clone and its mutation in generation 2."""
+    """run.start's controller, on a population whose actors are SIGKILLed twice: between a clone
+    and its mutation in generation 1, and in the middle of generation 2's training."""
     run_dir = tmp_path / "killed"
     config = config_from_dict(experiment("ray", run_dir))
     model_path, prepared, founders = pieces(config, run_dir)
     population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
-                                   num_cpus=config.population.num_cpus, kill_in_train={1: (1, 0.05)},
-                                   kill_after_clone_in=2)
+                                   num_cpus=config.population.num_cpus, kill_in_train={2: (1, 0.01)},
+                                   kill_after_clone_in=1)
     controller = make_controller(config, population, run_dir)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -201,6 +212,8 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
 
     assert controller.generation == GENERATIONS
     assert [k["generation"] for k in population.killed] == [1, 2]
+    assert population.killed[0]["slot"] in population.receivers_of[1]
+    assert population.restored_in == ["set_hyperparameters", "train"]  # each death found where it happened
     restarts = [e for e in controller.lineage.events if e["kind"] == "restart"]
     assert [(e["generation"], e["slot"]) for e in restarts] == [(k["generation"], k["slot"]) for k in population.killed]
     assert all(e["member_id"] in controller.lineage.members and e["error"] for e in restarts)

@@ -324,7 +324,8 @@ def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
     for path in (run_dir / "checkpoints").iterdir():
         (path / "controller.json").write_text("{}")
     result = evo("status", run_dir, "--json", check=False)
-    assert result.returncode != 0 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no intact checkpoint under ")
     for generation in (2, 3, 4):
         assert f"generation_{generation:05d}" in result.stderr
     assert "controller.json" in result.stderr and "no intact checkpoint" in result.stderr
@@ -431,3 +432,26 @@ def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
 
     for tokenizer in (load_tokenizer(str(full_run / "base_model")), AutoTokenizer.from_pretrained(full_run / "base_model")):
         assert tokenizer.decode(tokenizer.encode(PROBE)) == PROBE
+
+
+def test_best_member_is_the_one_that_earned_the_score_not_a_fresh_clone(tmp_path):
+    """After the last evaluation, slot 0 became a clone of member 0 (in slot 1): same weights and
+    inherited fitness, new hyperparameters never tried. The best member is member 0 itself."""
+    from evo_sft import storage
+    from evo_sft.evolution import Lineage
+    from evo_sft.run import best_slot
+
+    lineage = Lineage()
+    for lr in (1e-3, 2e-3):
+        lineage.found({"lr": lr, "batch_size": 8})
+    clone = lineage.clone(0, 1, {"lr": 3e-3, "batch_size": 8}, "lr")  # made after generation 2's evaluation
+    fitness = {0: [-2.0, -1.0], 1: [-3.0, -2.5], clone: [-2.0, -1.0]}
+    state = {"generation": 2, "rng": {}, "lineage": lineage.to_dict(), "slot_ids": [clone, 0],
+             "fitness": [[m, h] for m, h in fitness.items()]}
+    with storage.atomic_directory(tmp_path / "checkpoints" / "generation_00002") as folder:
+        storage.save_json(folder / "controller.json", {"controller": state, "tracking": None})
+
+    assert status_dict(tmp_path)["best_member"] == 0
+    assert best_slot([clone, 0], fitness, lineage, 2) == 1
+    # a clone that was evaluated since it was made competes like anyone else (then the lowest slot wins)
+    assert best_slot([clone, 0], fitness, lineage, 3) == 0
