@@ -8,7 +8,6 @@ from pathlib import Path
 import yaml
 
 from evo_sft.config import ConfigError, load_config
-from evo_sft.storage import CheckpointError
 
 EXIT_CONFIG_ERROR = 2
 
@@ -177,9 +176,18 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except (CheckpointError, FileExistsError) as error:  # no run to resume/inspect, or one already there
+    except Exception as error:  # noqa: BLE001 - only the user's mistakes become one line, the rest re-raises
+        if not _user_error(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def _user_error(error: Exception) -> bool:
+    """No run to resume or inspect (no config, no intact checkpoint), or a run already in the folder.
+    Checked without importing evo_sft.storage (torch), so validation alone stays quick."""
+    storage = sys.modules.get("evo_sft.storage")
+    return isinstance(error, FileExistsError) or (storage is not None and isinstance(error, storage.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -50,9 +50,8 @@ class Controller:
         self.slot_ids = [self.lineage.found(hp) for hp in population.hyperparameters()]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
         if hasattr(population, "on_restart"):  # a backend whose workers can die and be rebuilt
-            previous = population.on_restart
-            population.on_restart = self._record_restart if previous is None else (
-                lambda slot, error: (self._record_restart(slot, error), previous(slot, error)))
+            population.on_restart = lambda slot, error: self._record_failure("restart", slot, error)
+            population.on_lost = lambda slot, error: self._record_failure("lost", slot, error)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -76,10 +75,12 @@ class Controller:
         return [MemberState(member_id, hyperparameters[slot], score(self.fitness[member_id]))
                 for slot, member_id in enumerate(self.slot_ids)]
 
-    def _record_restart(self, slot: int, error: str) -> None:
-        """The backend rebuilt the member of `slot` after its worker died: a lineage event."""
-        self.lineage.record("restart", self.generation, slot=slot, member_id=self.slot_ids[slot],
-                            error=str(error).strip().splitlines()[0][:500] if str(error).strip() else "")
+    def _record_failure(self, kind: str, slot: int, error: str) -> None:
+        """A lineage event for a member whose worker died: "restart" (rebuilt as it was) or
+        "lost" (it scores -inf this generation and a clone of the elite takes its slot)."""
+        message = str(error).strip()
+        self.lineage.record(kind, self.generation, slot=slot, member_id=self.slot_ids[slot],
+                            error=message.splitlines()[0][:500] if message else "")
 
     # ----------------------------------------------------------------- the loop
     def run(self, generations: int) -> None:

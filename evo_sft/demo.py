@@ -1,14 +1,16 @@
-"""The built-in demo: a tiny Qwen2-shaped model, a character tokenizer and a task it can learn.
+"""The built-in demo: a tiny Llama-shaped model, a character tokenizer and a task it can learn.
 
 Nothing here touches the network. `write_demo_model` saves the model and tokenizer with
 `save_pretrained`, so they load back through `from_pretrained`, the same path as hub models.
+The model is Llama-shaped because transformers 5 loads any `qwen2` checkpoint's tokenizer as
+Qwen2Tokenizer (byte-level BPE), which would drop this character tokenizer's spaces and newlines.
 """
 from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n")
@@ -35,10 +37,10 @@ def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Qwen2ForCausalLM:
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> LlamaForCausalLM:
     import torch
 
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -50,7 +52,7 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layer
         use_cache=False,
     )
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    return LlamaForCausalLM(config)
 
 
 def write_demo_model(directory: str | Path, seed: int = 0) -> Path:

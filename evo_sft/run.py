@@ -176,8 +176,8 @@ def print_summary(controller: Controller, result: RunResult, tracker) -> None:
     best = result.best_member
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
-    print(f"best member: {best}  test loss {-result.best_fitness:.4f}  hyperparameters "
-          f"{controller.lineage.members[best].hyperparameters}")
+    scored_with = controller.lineage.hyperparameters_at(best, controller.generation - 1)
+    print(f"best member: {best}  test loss {-result.best_fitness:.4f}  hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
     print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")

@@ -216,6 +216,8 @@ class MLflowTracker:
 
     def _log_member(self, member_id: int, record, slot: int) -> None:
         train, fitness = record.train[slot], record.fitness[slot]
+        if train["optimizer_step"] is None:  # a member lost with its worker: it reached no step
+            return
         values = {"train_loss": train["train_loss"], "test_loss": -fitness, "fitness": fitness,
                   "tokens_per_second": train["tokens_per_second"], **_numbers(record.hyperparameters[slot])}
         self._log_metrics(member_key(member_id), values, train["optimizer_step"])

@@ -45,6 +45,16 @@ def test_full_tournament_clones_the_elite_everywhere_else():
     assert [d.clone for d in decisions] == [True, False, True]
 
 
+def test_a_member_with_non_finite_fitness_is_replaced_by_a_clone_of_the_elite():
+    """A tournament of one draws a random member, often the failed member itself; never kept."""
+    members = make_members([-2.0, float("nan"), -1.0, -math.inf], first_id=20)
+    for seed in range(20):
+        elite_id, decisions = plan_generation(members, TournamentSelection(1, True, 4), Mutations(), CONFIG,
+                                              np.random.default_rng(seed))
+        assert elite_id == 22
+        assert [(d.parent_id, d.clone) for d in decisions[1:]] == [(22, True), (22, False), (22, True)]
+
+
 def test_elite_is_not_mutated_when_mutate_elite_is_false():
     members = make_members([-2.0, -1.0, -3.0])
     mutations = Mutations(no_mutation=0.0, rl_hp=1.0, mutate_elite=False)

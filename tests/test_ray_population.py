@@ -224,3 +224,37 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
     # Restored from the last checkpoint with every later call replayed, the members are the ones
     # that died: the run decides exactly as the uninterrupted in-process run.
     assert_same_run(controller.state_dict(), local_reference)
+
+
+def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_session, tmp_path):
+    """With no restart allowed, the actor killed in generation 1 is lost: its member scores -inf,
+    the lineage says so, and the generation's plan fills its slot with a clone of the elite."""
+    run_dir = tmp_path / "lost"
+    config = config_from_dict(experiment("ray", run_dir))
+    model_path, prepared, founders = pieces(config, run_dir)
+    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
+                                   num_cpus=config.population.num_cpus, kill_in_train={1: (2, 0.01)},
+                                   max_restarts_per_generation=0)
+    controller = make_controller(config, population, run_dir)
+    records = []
+    controller.observers.append(lambda _, record: records.append(record))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            controller.run(GENERATIONS)
+    finally:
+        population.close()
+
+    lost_id = records[1].member_ids[2]
+    lost = [e for e in controller.lineage.events if e["kind"] == "lost"]
+    assert [(e["generation"], e["slot"], e["member_id"]) for e in lost] == [(1, 2, lost_id)]
+    assert not any(e["kind"] == "restart" for e in controller.lineage.events)
+    assert any("replaced by a clone of the elite" in str(w.message) for w in caught)
+    assert records[1].fitness[2] == -math.inf and not records[1].train[2]["finite"]
+    assert controller.fitness[lost_id][-1] == -math.inf
+    replacement = records[1].decisions[2]
+    assert (replacement.parent_id, replacement.clone) == (records[1].elite_id, True)
+    # the clone trained on from the elite's weights: its next score is finite and close to the elite's
+    assert math.isfinite(records[2].fitness[2])
+    assert abs(records[2].fitness[2] - records[1].fitness[records[1].elite_slot]) < 0.5
+    assert controller.generation == GENERATIONS

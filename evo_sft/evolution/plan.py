@@ -1,6 +1,7 @@
 """One generation's plan: which slot copies which member, with what hyperparameters."""
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +36,12 @@ def plan_generation(
     rng: np.random.Generator,
     multiple_of: dict[str, int] | None = None,
 ) -> tuple[int, list[SlotDecision]]:
-    """Select a parent for every slot and mutate its hyperparameters; return (elite id, decisions)."""
+    """Select a parent for every slot and mutate its hyperparameters; return (elite id, decisions).
+    A member with a non-finite fitness (a NaN loss, a lost worker) is replaced by a clone of the elite."""
     elite_slot, parents = selection.select([m.fitness for m in members], rng)
+    if math.isfinite(members[elite_slot].fitness):
+        parents = [elite_slot if not math.isfinite(members[slot].fitness) else parent
+                   for slot, parent in enumerate(parents)]
     decisions = []
     for slot, parent_slot in enumerate(parents):
         parent = members[parent_slot]

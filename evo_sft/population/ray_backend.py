@@ -1,5 +1,6 @@
 """The Ray backend: one actor per member, trained and scored in parallel; clones travel
 actor to actor as object references; a dead actor is rebuilt from the last checkpoint."""
+import math
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,13 @@ ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 # Calls that change a member; each is logged per slot until the next checkpoint and replayed,
 # in order, on an actor rebuilt after a death.
 STATE_CHANGING = ("train", "import_state", "set_hyperparameters", "load")
+# What a lost member reports for the rest of its generation: it scores -inf, so the plan
+# replaces it with a clone of the elite.
+LOST_RESULTS = {
+    "train": lambda slot: {"slot": slot, "train_loss": math.nan, "finite": False, "tokens": 0, "seconds": 0.0,
+                           "tokens_per_second": 0.0, "optimizer_step": None},
+    "evaluate": lambda slot: -math.inf,
+}
 
 
 class MemberActor:
@@ -37,7 +45,8 @@ class RayPopulation:
     """The population interface over one Ray actor per member."""
 
     def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: list[dict],
-                 num_cpus: float = 1.0, num_gpus: float = 0.0, on_restart=None):
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, on_restart=None, on_lost=None,
+                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
         self.config_dict, self.model_path = config_dict, model_path
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MemberActor)
@@ -46,7 +55,9 @@ class RayPopulation:
         self._last_checkpoint: Path | None = None
         self.since_checkpoint: list[list[tuple[str, tuple]]] = [[] for _ in founders]
         self.restarts = [0] * len(founders)
-        self.on_restart = on_restart
+        self.max_restarts_per_generation = max_restarts_per_generation
+        self.lost: set[int] = set()
+        self.on_restart, self.on_lost = on_restart, on_lost
         self.actors = [self._start(slot, founders[slot]) for slot in range(len(founders))]
 
     @property
@@ -69,16 +80,15 @@ class RayPopulation:
     def _restore(self, slot: int, error: Exception) -> None:
         """Replace a dead actor: restore the member from the last checkpoint (or rebuild it as
         founded before the first one) and replay every call that changed it since then (training,
-        clone imports, mutations), so it is the member it was when it died."""
+        clone imports, mutations), so it is the member it was when it died. A member that dies
+        more than `max_restarts_per_generation` times in one generation is lost instead."""
         while True:
             self.restarts[slot] += 1
-            if self.restarts[slot] > MAX_RESTARTS_PER_GENERATION:
-                raise RuntimeError(f"slot {slot} failed {MAX_RESTARTS_PER_GENERATION} times in one generation: {error}")
+            if self.restarts[slot] > self.max_restarts_per_generation:
+                self._lose(slot, error)
+                return
             warnings.warn(f"the actor of slot {slot} died ({type(error).__name__}); restarting it")
-            try:
-                ray.kill(self.actors[slot], no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            self._stop_actor(slot)
             hyperparameters = self.founders[slot] if self.last_checkpoint is None else self.current_hyperparameters[slot]
             self.actors[slot] = self._start(slot, hyperparameters)
             try:
@@ -93,24 +103,50 @@ class RayPopulation:
         if self.on_restart is not None:
             self.on_restart(slot, str(error))
 
+    def _lose(self, slot: int, error: Exception) -> None:
+        """Give up on the member of `slot` for this generation: a fresh actor takes the slot, the
+        member scores -inf, and the generation's plan fills the slot with a clone of the elite."""
+        if slot in self.lost:
+            raise RuntimeError(f"slot {slot}: even a fresh actor for a lost member died: {error}") from error
+        warnings.warn(f"slot {slot} died {self.restarts[slot]} times in this generation ({type(error).__name__}); "
+                      "its member scores -inf and is replaced by a clone of the elite")
+        self._stop_actor(slot)
+        self.actors[slot] = self._start(slot, self.current_hyperparameters[slot])
+        self.lost.add(slot)
+        if self.on_lost is not None:
+            self.on_lost(slot, str(error))
+
+    def _stop_actor(self, slot: int) -> None:
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
     def _call(self, slots: list[int], method: str, args_of=lambda slot: ()) -> list:
         """Call `method` on the given slots' actors in parallel, restarting dead ones."""
-        refs = {slot: self.actors[slot].call.remote(method, *args_of(slot)) for slot in slots}
         results = {}
+
+        def send(slot: int):
+            if slot in self.lost and method in LOST_RESULTS:
+                results[slot] = LOST_RESULTS[method](slot)
+                return None
+            return self.actors[slot].call.remote(method, *args_of(slot))
+
+        refs = {slot: send(slot) for slot in slots}
         for slot, ref in refs.items():
             while slot not in results:
                 try:
                     results[slot] = ray.get(ref)
                 except ACTOR_FAILURES as error:
                     self._restore(slot, error)
-                    ref = self.actors[slot].call.remote(method, *args_of(slot))
+                    ref = send(slot)
                     continue
                 if method in STATE_CHANGING:
                     self.since_checkpoint[slot].append((method, tuple(args_of(slot))))
         return [results[slot] for slot in slots]
 
     def train(self, steps: int) -> list[dict]:
-        self.restarts = [0] * self.size
+        self.restarts, self.lost = [0] * self.size, set()
         return self._call(list(range(self.size)), "train", lambda slot: (steps,))
 
     def evaluate(self) -> list[float]:

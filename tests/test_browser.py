@@ -1,0 +1,167 @@
+"""Looking at a run as a user does (issue 6): after a small demo run, a real `mlflow server` on
+127.0.0.1 serves the run's store; headless Chromium (Debian's `chromium`, driven by Playwright,
+no browser download) opens the experiment, sees the parent run with its member runs, opens a
+member's `fitness` chart and saves screenshots under tests/artifacts/.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package (the
+`test` extra); `make test` installs both. Never skipped: a missing browser is a failure.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "demo.yaml"
+BIN = Path(sys.executable).parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+UI_TIMEOUT_MS = 60_000
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("browser") / "demo-run"
+    sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=2",
+            "evolution.steps_per_generation=2"]
+    result = subprocess.run([str(BIN / "evo-sft"), "run", str(DEMO), "--run-dir", str(run_dir),
+                             *[x for s in sets for x in ("--set", s)]],
+                            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(demo_run):
+    """`mlflow server` over the run's sqlite store; stopped by its PID (its own process group)."""
+    port = _free_port()
+    log = (demo_run.parent / "mlflow-server.log").open("wb")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{demo_run / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=demo_run.parent,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, (demo_run.parent / "mlflow-server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if process.poll() is None:
+                os.killpg(process.pid, sig)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+        log.close()
+
+
+def _member_runs(run_dir: Path) -> tuple[str, dict]:
+    """(parent run name, {member run name: run}) from the store, to know what the page must show."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags.get("evo_sft.role") == "evolution")
+    members = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return parent.info.run_name, members
+
+
+def assert_real_screenshot(path: Path, min_size=(1000, 700)) -> None:
+    """A PNG of a rendered page: the right signature and size, and more than a blank canvas."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{path}: {len(data)} bytes"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    total = sum(count for count, _ in colors)
+    assert len(colors) > 50, f"{path}: only {len(colors)} colours"
+    assert max(count for count, _ in colors) / total < 0.95, f"{path}: nearly a single colour"
+
+
+def test_mlflow_ui_shows_the_evolution_and_a_member_fitness_chart(demo_run, mlflow_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
+    parent_name, members = _member_runs(demo_run)
+    assert len(members) >= 4
+    founder = "member-0"
+    assert founder in members and "fitness" in members[founder].data.metrics
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    runs_png, chart_png = ARTIFACTS / "mlflow_experiment_runs.png", ARTIFACTS / "mlflow_member_fitness.png"
+    for png in (runs_png, chart_png):
+        png.unlink(missing_ok=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+
+            # the experiments list -> the "demo" experiment's runs (MLflow 3 opens GenAI views
+            # unless "Model training" is chosen)
+            page.goto(f"{mlflow_server}/#/experiments")
+            model_training = page.get_by_text("Model training", exact=True)
+            model_training.first.wait_for()
+            model_training.first.click()
+            page.get_by_role("link", name="demo", exact=True).click()
+
+            # the parent run, expanded: its member runs appear under it
+            parent_link = page.get_by_role("link", name=parent_name, exact=True)
+            expect(parent_link).to_be_visible()
+            parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
+            parent_cell.get_by_role("button").first.click()  # the row's expand toggle
+            for name in members:
+                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+            page.screenshot(path=str(runs_png), full_page=True)
+
+            # a member's run page -> its `fitness` metric -> the chart
+            page.get_by_role("link", name=founder, exact=True).click()
+            expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
+            page.get_by_role("link", name="fitness", exact=True).click()
+            page.get_by_placeholder("Search metric charts").fill("fitness")
+            expect(page.get_by_text(f"{founder} (fitness)", exact=True).first).to_be_visible()
+            chart = page.locator(".js-plotly-plot").first
+            expect(chart).to_be_visible()
+            assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
+            page.wait_for_timeout(1000)  # let the plot finish its transition
+            page.screenshot(path=str(chart_png), full_page=True)
+        finally:
+            browser.close()
+
+    assert_real_screenshot(runs_png)
+    assert_real_screenshot(chart_png)

@@ -1,0 +1,269 @@
+"""The `evo-sft` command line as a user meets it, through a subprocess (issue 6):
+`--dry-run`, every validation error (exit code 2, one line naming the key, nothing started),
+every config in experiments/, and the demo end to end on a local Ray cluster."""
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+DEMO = EXPERIMENTS / "demo.yaml"
+EVO_SFT = Path(sys.executable).with_name("evo-sft")
+CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
+QUICK_TIMEOUT_S = 120
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def evo(args, cwd: Path, timeout: float = QUICK_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd,
+                          timeout=timeout)
+
+
+def _demo_with(old: str, new: str) -> str:
+    text = DEMO.read_text()
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+# (case, config text or None for demo.yaml, extra args, key named, message fragment)
+VALIDATION_ERRORS = [
+    ("unknown-key-in-set", None, ["--set", "evolution.generatons=3"],
+     "evolution.generatons", "did you mean 'evolution.generations'?"),
+    ("unknown-key-in-file", _demo_with("population:", "populaton:"), [], "populaton", "did you mean 'population'?"),
+    ("unknown-nested-key-in-file", _demo_with("lora_alpha: 32", "lora_alpah: 32"), [],
+     "lora.lora_alpah", "did you mean 'lora.lora_alpha'?"),
+    ("wrong-type-int", None, ["--set", "population.size=four"], "population.size", "expected int, got str 'four'"),
+    ("wrong-type-float", None, ["--set", "agent.lr=fast"], "agent.lr", "expected float"),
+    ("wrong-type-choice", None, ["--set", "population.backend=rayy"], "population.backend", "did you mean 'ray'?"),
+    ("impossible-lr-bounds", None, ["--set", "evolution.bounds.lr.min=0.1"], "evolution.bounds.lr", "min 0.1 > max 0.03"),
+    ("impossible-batch-size-bounds", None, ["--set", "evolution.bounds.batch_size.min=40"],
+     "evolution.bounds.batch_size", "min 40 > max 32"),
+    ("bounds-without-a-micro-batch-multiple", None,
+     ["--set", "evolution.bounds.batch_size.min=9", "--set", "evolution.bounds.batch_size.max=15"],
+     "evolution.bounds.batch_size", "no multiple of agent.micro_batch_size_per_gpu 8"),
+    ("start-lr-outside-bounds", None, ["--set", "agent.lr=0.5"], "agent.lr", "outside evolution.bounds.lr"),
+    ("zero-generations", None, ["--set", "evolution.generations=0"], "evolution.generations", "must be >= 1, got 0"),
+    ("tournament-larger-than-population", None, ["--set", "evolution.tournament_size=5"],
+     "evolution.tournament_size", "5 exceeds population.size 4"),
+    ("batch-size-not-divisible-by-micro-batch", None, ["--set", "agent.batch_size=12"],
+     "agent.batch_size", "12 is not divisible by agent.micro_batch_size_per_gpu 8"),
+    ("malformed-set", None, ["--set", "population.size"], "population.size", "expected dotted.key=value"),
+    ("missing-config-file", "", [], "missing.yaml", "cannot read the config"),
+]
+
+DRY_RUN_OVERRIDES = ["--set", "population.size=8", "--set", "evolution.generations=3",
+                     "--set", "evolution.bounds.lr.max=0.05"]
+
+
+def _quick_commands(root: Path) -> dict:
+    """name -> (argv, cwd): every short command of this module. Each runs in its own empty
+    folder, so "nothing started" can be checked as "nothing written"."""
+    commands = {}
+    for case, text, extra, _, _ in VALIDATION_ERRORS:
+        cwd = root / case
+        cwd.mkdir()
+        config = DEMO
+        if case == "missing-config-file":
+            config = cwd / "missing.yaml"
+        elif text is not None:
+            config = cwd / "experiment.yaml"
+            config.write_text(text)
+        commands[case] = (["run", config, "--run-dir", cwd / "run", *extra], cwd)
+    cwd = root / "submit-validates-first"
+    cwd.mkdir()
+    commands[cwd.name] = (["submit", DEMO, "--address", "http://127.0.0.1:9", "--run-dir", cwd / "run",
+                           "--set", "evolution.tournament_size=5"], cwd)
+    for name, args in (("dry-run", ["--run-dir", root / "dry-run" / "run", *DRY_RUN_OVERRIDES]),
+                       ("dry-run-default-run-dir", [])):
+        (root / name).mkdir()
+        commands[name] = (["run", DEMO, "--dry-run", *args], root / name)
+    for config in CONFIGS:
+        cwd = root / f"config-{config.stem}"
+        cwd.mkdir()
+        commands[cwd.name] = (["run", config, "--dry-run"], cwd)
+    return commands
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    """Run the module's short commands three at a time (each spends ~2 s importing)."""
+    root = tmp_path_factory.mktemp("cli")
+    commands = _quick_commands(root)
+    before = {name: sorted(p.name for p in cwd.iterdir()) for name, (_, cwd) in commands.items()}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(evo, argv, cwd) for name, (argv, cwd) in commands.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    return {name: (results[name], commands[name][1], before[name]) for name in commands}
+
+
+# ----------------------------------------------------------------------- validation
+@pytest.mark.parametrize("case, key, fragment", [(c, k, f) for c, _, _, k, f in VALIDATION_ERRORS] +
+                         [("submit-validates-first", "evolution.tournament_size", "5 exceeds population.size 4")],
+                         ids=[c for c, *_ in VALIDATION_ERRORS] + ["submit-validates-first"])
+def test_validation_error_is_one_line_naming_the_key_with_exit_code_2(quick, case, key, fragment):
+    result, cwd, before = quick[case]
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and key in lines[0] and fragment in lines[0], lines[0]
+    # nothing started: no run folder, nothing written where the command ran
+    assert not (cwd / "run").exists()
+    assert sorted(p.name for p in cwd.iterdir()) == before
+
+
+# ----------------------------------------------------------------------- dry run
+def _split_dry_run(stdout: str) -> tuple[dict, str]:
+    *config_lines, resources = stdout.rstrip("\n").split("\n")
+    return yaml.safe_load("\n".join(config_lines)), resources
+
+
+def test_dry_run_prints_the_resolved_config_and_resources_and_starts_nothing(quick):
+    from evo_sft.config import load_config
+
+    result, cwd, before = quick["dry-run"]
+    assert result.returncode == 0, result.stderr
+    printed, resources = _split_dry_run(result.stdout)
+    expected = load_config(DEMO, [s for s in DRY_RUN_OVERRIDES if s != "--set"])
+    expected.run_dir = str(cwd / "run")
+    assert printed == expected.to_dict()
+    assert printed["population"]["size"] == 8 and printed["evolution"]["generations"] == 3
+    assert printed["evolution"]["bounds"]["lr"]["max"] == 0.05
+    assert printed["lora"]["target_modules"] == yaml.safe_load(DEMO.read_text())["lora"]["target_modules"]
+    assert resources == ("population: 8 members on the 'ray' backend, each 0.5 CPU and 0 GPU -> 4 CPUs, "
+                         "0 GPUs in all; 3 generations x 25 steps; ray: local cluster")
+    assert not (cwd / "run").exists() and sorted(p.name for p in cwd.iterdir()) == before
+
+
+def test_dry_run_without_run_dir_creates_no_runs_folder(quick):
+    result, cwd, before = quick["dry-run-default-run-dir"]
+    assert result.returncode == 0, result.stderr
+    printed, _ = _split_dry_run(result.stdout)
+    assert printed["name"] == "demo" and printed["run_dir"] is None
+    assert sorted(p.name for p in cwd.iterdir()) == before == []
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_experiment_config_validates_with_dry_run(quick, config):
+    result, cwd, before = quick[f"config-{config.stem}"]
+    assert result.returncode == 0, result.stderr
+    printed, resources = _split_dry_run(result.stdout)
+    assert printed["name"] and resources.startswith(f"population: {printed['population']['size']} members")
+    assert sorted(p.name for p in cwd.iterdir()) == before
+
+
+def test_experiments_include_the_documented_qwen_setups():
+    from evo_sft.config import load_config
+
+    for stem, model in (("qwen2.5-3b", "Qwen/Qwen2.5-3B"), ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B")):
+        config = load_config(EXPERIMENTS / f"{stem}.yaml")
+        assert config.model.name == model and config.model.dtype == "bfloat16"
+        assert config.data.source == "HumanLLMs/Human-Like-DPO-Dataset"
+        assert (config.data.prompt_column, config.data.response_column) == ("prompt", "chosen")
+        assert (config.lora.r, config.lora.lora_alpha) == (16, 64)
+        assert sorted(config.lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert config.population.size == 4 and config.population.backend == "ray"
+        assert config.population.num_gpus > 0
+    assert load_config(EXPERIMENTS / "qwen2.5-3b.yaml").population.num_gpus == 1
+
+
+def test_the_config_the_kuberay_job_runs_fits_its_gpu_worker():
+    """docker/kuberay-rayjob.yaml runs experiments/qwen2.5-0.5b.yaml on one worker group: every
+    member must fit at once, or the sweep waits forever for actors that cannot be placed."""
+    from evo_sft.config import load_config
+
+    manifest = REPO / "docker" / "kuberay-rayjob.yaml"
+    job = next(d for d in yaml.safe_load_all(manifest.read_text()) if d and d.get("kind") == "RayJob")
+    config_path = re.search(r"/app/(experiments/\S+\.yaml)", job["spec"]["entrypoint"]).group(1)
+    population = load_config(REPO / config_path).population
+    gpus = cpus = 0.0
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        gpus += group["replicas"] * float(limits.get("nvidia.com/gpu", 0))
+        cpus += group["replicas"] * float(limits["cpu"])
+    assert population.size * population.num_gpus <= gpus
+    assert population.size * population.num_cpus <= cpus
+
+
+# ----------------------------------------------------------------------- the demo on local Ray
+def test_demo_end_to_end_on_local_ray():
+    """The demo config, shrunk to two short generations, on a local Ray cluster."""
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = Path(tempfile.mkdtemp(prefix="es", dir="/tmp")) / "run"  # Ray's socket paths stay short
+    try:
+        result = evo(["run", DEMO, "--run-dir", run_dir, "--set", "data.num_rows=200",
+                      "--set", "evolution.generations=2", "--set", "evolution.steps_per_generation=3"],
+                     cwd=run_dir.parent, timeout=480)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-6000:]
+        assert "MemberActor" in output, "the members did not run as Ray actors"
+        summary = result.stdout[result.stdout.index("=== evo-sft summary ==="):]
+        best = int(re.search(r"best member: (\d+)", summary).group(1))
+        assert re.search(r"^lineage: \d+", summary, re.M)
+        last_table = result.stdout[result.stdout.index("generation 2 "):result.stdout.index("=== evo-sft summary ===")]
+        row = re.search(rf"^ [* ]\s*{best} +(\S+) +(\d+) ", last_table, re.M)
+        scored_with = ast.literal_eval(re.search(r"hyperparameters (\{.*\})", summary).group(1))
+        assert scored_with["batch_size"] == int(row.group(2)), "the summary shows other hyperparameters than were scored"
+        assert scored_with["lr"] == pytest.approx(float(row.group(1)), rel=5e-3)
+        assert len(re.search(r"fitness per generation.*: (.*)", summary).group(1).split()) == 2
+        uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+        assert f"mlflow ui --backend-store-uri {uri}" in summary
+        assert str(run_dir / "best_adapter") in summary
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("demo")
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
+        parents = [r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]
+        members = [r for r in runs if r.data.tags.get("evo_sft.role") == "member"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(members) >= 4
+        assert {r.data.tags["mlflow.parentRunId"] for r in members} == {parents[0].info.run_id}
+        best_fitness = sorted((m.step, m.value) for m in client.get_metric_history(parents[0].info.run_id, "best_fitness"))
+        assert [step for step, _ in best_fitness] == [0, 1]
+        assert best_fitness[1][1] > best_fitness[0][1], "the best member did not improve"
+        founders = [r for r in members if r.data.tags["evo_sft.parent_member_id"] == ""]
+        assert len(founders) == 4
+        for founder in founders:
+            assert {"fitness", "train_loss", "test_loss", "lr", "batch_size", "tokens_per_second"} <= \
+                set(founder.data.metrics)
+
+        # best_adapter: a PEFT folder with the tokenizer, equal to the best member's adapter in the checkpoint
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "best_adapter")
+        input_ids = torch.tensor([tokenizer.encode("<|im_start|>user\nreverse: abcd<|im_end|>\n")])
+
+        def logits(adapter: Path | None) -> torch.Tensor:
+            model = AutoModelForCausalLM.from_pretrained(run_dir / "base_model", dtype=torch.float32)
+            if adapter is not None:
+                model = PeftModel.from_pretrained(model, adapter)
+            model.eval()
+            with torch.no_grad():
+                return model(input_ids=input_ids).logits
+
+        slot_ids = json.loads((run_dir / "checkpoints" / "generation_00002" / "controller.json").read_text())[
+            "controller"]["slot_ids"]
+        in_checkpoint = run_dir / "checkpoints" / "generation_00002" / "members" / f"slot_{slot_ids.index(best)}" / "actor"
+        exported = logits(run_dir / "best_adapter")
+        assert torch.allclose(exported, logits(in_checkpoint), atol=1e-5, rtol=0)
+        assert (exported - logits(None)).abs().max() > 1e-2
+    finally:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
