@@ -470,7 +470,11 @@ class SFT:
         saved = storage.load_json(path / "attributes.json")
         if (path / "model.safetensors").exists():
             model = self.actor.get_base_model() if self.is_lora else self.actor
-            model.load_state_dict(storage.load_tensors(path / "model.safetensors", self.device), strict=False)
+            weights = path / "model.safetensors"
+            try:
+                model.load_state_dict(storage.load_tensors(weights, self.device))
+            except RuntimeError as error:  # missing, unexpected or misshapen tensors
+                raise storage.CheckpointError(f"{weights} does not fit this agent's model: {error}") from error
         if self.is_lora:
             self._load_adapter(path, merge_lora_configs, overwrite_reference_adapter)
         if load_optimizer and (path / "optimizer.safetensors").exists():
@@ -526,8 +530,7 @@ class SFT:
         if (path / "config.json").exists():
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-            network.load_state_dict(storage.load_tensors(path / "model.safetensors"), strict=False)
+            network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))  # weights: load_checkpoint
             init.update(model_name=None, actor_network=network)
         elif init["model_name"] is None:
             raise ValueError(

@@ -243,3 +243,11 @@ def test_merge_lora_configs(saved_config, loader_config, make_agent, train, tmp_
     before = logits_of(agent, probe_ids)
     train(agent, steps=1)
     assert not torch.equal(logits_of(agent, probe_ids), before)
+
+
+def test_full_weights_that_do_not_fit_the_model_are_an_error_naming_the_file(make_agent, tmp_path):
+    """A full fine-tuning checkpoint loaded into a LoRA agent: every base weight has another name."""
+    make_agent(lora_config=None).save_checkpoint(tmp_path / "ft")
+    lora_agent = make_agent()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit this agent's model"):
+        lora_agent.load_checkpoint(tmp_path / "ft")
