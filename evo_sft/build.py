@@ -124,12 +124,31 @@ def member_device(config: ExperimentConfig) -> str:
     return "cuda" if config.population.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def build_host(config_dict: dict, model_path: str, prepared: dict, slot: int, hyperparameters: dict):
-    """One slot's member, built where it will run (in this process or inside a Ray actor)."""
+def slot_groups(size: int, members_per_actor: int) -> list[list[int]]:
+    """The slots that share one base model (one Ray actor): consecutive runs of `members_per_actor`."""
+    return [list(range(first, min(size, first + members_per_actor))) for first in range(0, size, members_per_actor)]
+
+
+def build_hosts(config_dict: dict, model_path: str, prepared: dict, founders: dict[int, dict]) -> dict:
+    """The members of `founders` ({slot: hyperparameters}) on one base model, built where they
+    will run (in this process or inside a Ray actor): {slot: host}."""
     from evo_sft.config import config_from_dict
     from evo_sft.population.member import MemberHost
+    from evo_sft.population.shared_base import SharedBase
 
     config = config_from_dict(config_dict)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
-    agent = build_agent(config, model_path, tokenizer, slot, hyperparameters, member_device(config))
-    return MemberHost(slot, agent, make_gym(config, tokenizer, prepared), config.seed)
+    first = min(founders)
+    agent = build_agent(config, model_path, tokenizer, first, founders[first], member_device(config))
+    gym = make_gym(config, tokenizer, prepared)
+    if len(founders) == 1:
+        return {first: MemberHost(first, agent, gym, config.seed)}
+    return SharedBase(agent, gym, config.seed, founders).members
+
+
+def local_hosts(config: ExperimentConfig, model_path: str, prepared: dict, founders: list[dict]) -> list:
+    """Every slot's host in this process, `population.members_per_actor` to a base model."""
+    hosts = {}
+    for group in slot_groups(config.population.size, config.population.members_per_actor):
+        hosts.update(build_hosts(config.to_dict(), model_path, prepared, {slot: founders[slot] for slot in group}))
+    return [hosts[slot] for slot in range(config.population.size)]

@@ -4,6 +4,7 @@ Layout of `RUN_DIR/checkpoints/generation_NNNNN/`:
   controller.json       generation, random generator state, lineage, fitness, slot ids, extras
   members/slot_K/       each member (PEFT adapter, optimizer, scheduler, attributes)
   members/slot_K.stream.json   the slot's data-stream position
+  members/slot_K.rng.safetensors   the slot's torch random generator (LoRA dropout)
   manifest.json         sha256 of every file
 """
 import shutil

@@ -14,8 +14,10 @@ EXIT_CONFIG_ERROR = 2
 
 def _resources(config) -> str:
     p = config.population
-    return (f"population: {p.size} members on the '{p.backend}' backend, each {p.num_cpus:g} CPU and "
-            f"{p.num_gpus:g} GPU -> {p.size * p.num_cpus:g} CPUs, {p.size * p.num_gpus:g} GPUs in all; "
+    actors = -(-p.size // p.members_per_actor)
+    return (f"population: {p.size} members on the '{p.backend}' backend, {p.members_per_actor} per base model; "
+            f"{actors} actors, each {p.num_cpus:g} CPU and {p.num_gpus:g} GPU -> {actors * p.num_cpus:g} CPUs, "
+            f"{actors * p.num_gpus:g} GPUs in all; "
             f"{config.evolution.generations} generations x {config.evolution.steps_per_generation} steps; "
             f"ray: {config.ray.address or 'local cluster'}")
 

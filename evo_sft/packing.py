@@ -17,7 +17,6 @@ float32 masters, and folds the scaling and the residual add into one `addmm`.
 """
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F

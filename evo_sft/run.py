@@ -92,8 +92,7 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
 
 def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepared: dict, founders: list[dict]):
     if config.population.backend == "local":
-        return LocalPopulation([build.build_host(config.to_dict(), model_path, prepared, slot, hp)
-                                for slot, hp in enumerate(founders)])
+        return LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
     import ray
 
     from evo_sft.population.ray_backend import RayPopulation
@@ -105,7 +104,8 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
             init.setdefault("_temp_dir", str(run_dir / "ray"))
         ray.init(address=config.ray.address, **init)
     return RayPopulation(config.to_dict(), model_path, prepared, founders,
-                         num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus)
+                         num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
+                         members_per_actor=config.population.members_per_actor)
 
 
 def _ray_initialized() -> bool:

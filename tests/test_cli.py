@@ -147,8 +147,8 @@ def test_dry_run_prints_the_resolved_config_and_resources_and_starts_nothing(qui
     assert printed["population"]["size"] == 8 and printed["evolution"]["generations"] == 3
     assert printed["evolution"]["bounds"]["lr"]["max"] == 0.05
     assert printed["lora"]["target_modules"] == yaml.safe_load(DEMO.read_text())["lora"]["target_modules"]
-    assert resources == ("population: 8 members on the 'ray' backend, each 0.5 CPU and 0 GPU -> 4 CPUs, "
-                         "0 GPUs in all; 3 generations x 25 steps; ray: local cluster")
+    assert resources == ("population: 8 members on the 'ray' backend, 1 per base model; 8 actors, each 0.5 CPU "
+                         "and 0 GPU -> 4 CPUs, 0 GPUs in all; 3 generations x 25 steps; ray: local cluster")
     assert not (cwd / "run").exists() and sorted(p.name for p in cwd.iterdir()) == before
 
 
@@ -198,8 +198,9 @@ def test_the_config_the_kuberay_job_runs_fits_its_gpu_worker():
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         gpus += group["replicas"] * float(limits.get("nvidia.com/gpu", 0))
         cpus += group["replicas"] * float(limits["cpu"])
-    assert population.size * population.num_gpus <= gpus
-    assert population.size * population.num_cpus <= cpus
+    actors = -(-population.size // population.members_per_actor)
+    assert actors * population.num_gpus <= gpus
+    assert actors * population.num_cpus <= cpus
 
 
 # ----------------------------------------------------------------------- the demo on local Ray

@@ -163,9 +163,8 @@ def test_members_spread_over_nodes_and_survive_losing_one(cluster, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a one-CPU actor
     try:
-        hosts = [build.build_host(local_config.to_dict(), model_path, prepared, slot, hp)
-                 for slot, hp in enumerate(founders)]
-        local = make_controller(local_config, LocalPopulation(hosts))
+        local = make_controller(local_config, LocalPopulation(build.local_hosts(local_config, model_path, prepared,
+                                                                                founders)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             local.run(GENERATIONS)

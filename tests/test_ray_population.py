@@ -11,42 +11,20 @@ import signal
 import tempfile
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 ray = pytest.importorskip("ray")
 
+from evolution_run import (  # noqa: E402
+    GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces,
+)
+
 from evo_sft import build, run  # noqa: E402
-from evo_sft.checkpoint import EvolutionCheckpointer, checkpoint_dirs  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.controller import Controller  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
-
-GENERATIONS = 3
-
-
-def experiment(backend: str, run_dir: Path, tracking_uri: str | None = None) -> dict:
-    """A tiny experiment: 3 members of the demo model, 3 generations of 6 steps."""
-    return {
-        "name": "raytest",
-        "seed": 3,
-        "run_dir": str(run_dir),
-        "model": {"name": "demo"},
-        "data": {"source": "demo", "num_rows": 60, "test_size": 12, "max_length": 64},
-        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]},
-        "agent": {"lr": 1.0e-3, "batch_size": 4, "micro_batch_size_per_gpu": 4, "max_grad_norm": 1.0},
-        "population": {"size": 3, "backend": backend, "num_cpus": 0.5},
-        "evolution": {
-            "generations": GENERATIONS, "steps_per_generation": 6, "tournament_size": 2,
-            "mutation": {"no_mutation": 0.2, "rl_hp": 0.8},
-            "bounds": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
-        },
-        "tracking": {"uri": tracking_uri, "experiment": "raytest"},
-        "checkpoint": {"every": 1, "keep": 5},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -72,26 +50,6 @@ def tracking_uri(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def last_controller_state(run_dir: Path) -> dict:
-    return json.loads((checkpoint_dirs(run_dir)[0] / "controller.json").read_text())["controller"]
-
-
-def pieces(config, run_dir: Path) -> tuple[str, dict, list[dict]]:
-    """(model path, tokenised data, founders' hyperparameters), as `run.start` prepares them."""
-    model_path = build.resolve_model_path(config, run_dir)
-    prepared = build.prepare_data(config, build.load_tokenizer(config.tokenizer or model_path))
-    return model_path, prepared, build.founder_hyperparameters(config)
-
-
-def make_controller(config, population, run_dir: Path | None = None) -> Controller:
-    """The controller exactly as `run.start` builds it (less tracking and elite export)."""
-    selection, mutations = build.selection_and_mutations(config)
-    checkpointer = EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep) if run_dir else None
-    return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
-                      selection=selection, mutations=mutations,
-                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
-
-
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
     """The same experiment with the in-process backend (what `run.start` builds for backend=local)."""
@@ -101,8 +59,7 @@ def local_reference(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in an actor with num_cpus < 1
     try:
-        population = LocalPopulation([build.build_host(config.to_dict(), model_path, prepared, slot, hp)
-                                      for slot, hp in enumerate(founders)])
+        population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
         controller = make_controller(config, population)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -110,26 +67,6 @@ def local_reference(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return json.loads(json.dumps(controller.state_dict()))
-
-
-def decisions(state: dict) -> dict:
-    """What a run decided, without the fitness values (compared to a tolerance) or restarts."""
-    lineage = state["lineage"]
-    return {
-        "generation": state["generation"],
-        "slot_ids": state["slot_ids"],
-        "members": lineage["members"],
-        "events": [e for e in lineage["events"] if e["kind"] != "restart"],
-    }
-
-
-def assert_same_run(state: dict, reference: dict) -> None:
-    assert decisions(state) == decisions(reference)
-    fitness, expected = dict(map(tuple, state["fitness"])), dict(map(tuple, reference["fitness"]))
-    assert fitness.keys() == expected.keys()
-    for member_id, history in expected.items():
-        assert fitness[member_id] == pytest.approx(history, abs=1e-6, rel=1e-6), member_id
-    assert any(e["kind"] == "clone" for e in state["lineage"]["events"])  # there were decisions to compare
 
 
 def test_ray_run_decides_as_the_local_backend(ray_session, local_reference, tracking_uri, tmp_path):
@@ -154,7 +91,7 @@ class KillingPopulation(RayPopulation):
         super().__init__(*args, **kwargs)
         self.kill_in_train, self.kill_after_clone_in = kill_in_train or {}, kill_after_clone_in
         self.generation, self.killed, self.receivers_of = 0, [], {}
-        self.phase, self.restored_in = None, []
+        self.phase, self.restored_in, self.clone_pairs = None, [], []
 
     def _call(self, slots, method, args_of=lambda slot: ()):
         self.phase = method
@@ -182,6 +119,7 @@ class KillingPopulation(RayPopulation):
 
     def clone(self, pairs):
         self.receivers_of[self.generation - 1] = [receiver for receiver, _ in pairs]
+        self.clone_pairs.extend(pairs)
         super().clone(pairs)
 
     def set_hyperparameters(self, per_slot):
@@ -249,7 +187,7 @@ def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_sessi
     lost = [e for e in controller.lineage.events if e["kind"] == "lost"]
     assert [(e["generation"], e["slot"], e["member_id"]) for e in lost] == [(1, 2, lost_id)]
     assert not any(e["kind"] == "restart" for e in controller.lineage.events)
-    assert any("replaced by a clone of the elite" in str(w.message) for w in caught)
+    assert any("replaced by clones of the elite" in str(w.message) for w in caught)
     assert records[1].fitness[2] == -math.inf and not records[1].train[2]["finite"]
     assert controller.fitness[lost_id][-1] == -math.inf
     replacement = records[1].decisions[2]
@@ -258,3 +196,32 @@ def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_sessi
     assert math.isfinite(records[2].fitness[2])
     assert abs(records[2].fitness[2] - records[1].fitness[records[1].elite_slot]) < 0.5
     assert controller.generation == GENERATIONS
+
+
+def test_members_sharing_actors_decide_as_members_on_their_own_and_survive_a_kill(ray_session, local_reference,
+                                                                                  tmp_path):
+    """Slots 0 and 1 share one actor and base model, slot 2 has its own; the shared actor is
+    SIGKILLed in the middle of generation 2's training. The run decides exactly as the
+    in-process run with one agent per member."""
+    run_dir = tmp_path / "shared"
+    config = config_from_dict(experiment("ray", run_dir, members_per_actor=2))
+    model_path, prepared, founders = pieces(config, run_dir)
+    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
+                                   num_cpus=config.population.num_cpus, members_per_actor=2,
+                                   kill_in_train={2: (0, 0.01)})
+    controller = make_controller(config, population, run_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            controller.run(GENERATIONS)
+        locations = population.locations()
+    finally:
+        population.close()
+
+    assert locations[0]["pid"] == locations[1]["pid"] != locations[2]["pid"]
+    assert locations[0]["pid"] != population.killed[0]["pid"]
+    restarts = [(e["generation"], e["slot"]) for e in controller.lineage.events if e["kind"] == "restart"]
+    assert restarts == [(2, 0), (2, 1)]  # both members of the killed actor were restored
+    kinds = {population.group_of[r] == population.group_of[d] for r, d in population.clone_pairs}
+    assert kinds == {True, False}, "the run made no clone within an actor, or none between actors"
+    assert_same_run(controller.state_dict(), local_reference)

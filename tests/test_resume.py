@@ -11,7 +11,6 @@ Every run here is the demo config shrunk to seconds on the in-process ("local") 
     logits are those of the member's adapter in the checkpoint (loaded two other ways).
 """
 import json
-import math
 import os
 import shutil
 import signal

@@ -25,7 +25,7 @@ class LocalPopulation:
 
     def clone(self, pairs: list[tuple[int, int]]) -> None:
         """(receiver, donor) pairs; every donor is exported before any receiver changes."""
-        states = {donor: self.hosts[donor].export_state() for donor in {d for _, d in pairs}}
+        states = {donor: self.hosts[donor].export_state(on_device=True) for donor in {d for _, d in pairs}}
         for receiver, donor in pairs:
             self.hosts[receiver].import_state(states[donor])
 

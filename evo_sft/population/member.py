@@ -1,9 +1,12 @@
-"""A population slot: one SFT agent and its own data stream. Both backends host these."""
+"""A population slot: one SFT agent, its own data stream and its own torch random generator
+(LoRA dropout). Both backends host these, one per agent or several on one shared base model."""
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from evo_sft import storage
 from evo_sft.agent import ACTOR, SFT
@@ -23,15 +26,29 @@ class MemberHost:
     def __init__(self, slot: int, agent: SFT, gym: SFTGym, seed: int):
         self.slot, self.agent, self.gym = slot, agent, gym
         self.stream = DataStream(len(gym.train), stream_seed(seed, slot))
+        self.rng = seeded_rng_state(stream_seed(seed, slot), agent.device)
+
+    @contextmanager
+    def own_rng(self):
+        """Run with this member's torch generator, so that its dropout masks do not depend on
+        which other members share the process or in what order they train."""
+        outside = rng_state(self.agent.device)
+        set_rng_state(self.rng, self.agent.device)
+        try:
+            yield
+        finally:
+            self.rng = rng_state(self.agent.device)
+            set_rng_state(outside, self.agent.device)
 
     def train(self, steps: int) -> dict:
         """`steps` optimizer steps, each on the next `batch_size` rows of this slot's stream."""
         start = time.perf_counter()
         loss_sum, tokens = 0.0, 0
-        for _ in range(steps):
-            result = self.agent.learn(self.gym.batch(self.stream, self.agent.batch_size))
-            loss_sum += result["mean_loss"] * result["tokens"]
-            tokens += result["tokens"]
+        with self.own_rng():
+            for _ in range(steps):
+                result = self.agent.learn(self.gym.batch(self.stream, self.agent.batch_size))
+                loss_sum += result["mean_loss"] * result["tokens"]
+                tokens += result["tokens"]
         seconds = time.perf_counter() - start
         train_loss = loss_sum / tokens if tokens else math.nan
         return {
@@ -53,26 +70,53 @@ class MemberHost:
     def set_hyperparameters(self, hyperparameters: dict) -> None:
         self.agent.set_hyperparameters(**hyperparameters)
 
-    def export_state(self):
-        return self.agent.export_state(device="cpu")
+    def export_state(self, on_device: bool = False):
+        """The member as tensors + JSON: on the CPU to travel to another process, or on the
+        agent's device for a clone within this one."""
+        return self.agent.export_state(device=str(self.agent.device) if on_device else "cpu")
 
     def import_state(self, state) -> None:
         tensors, meta = state
         self.agent.import_state(tensors, meta)
 
     def save(self, directory: Path) -> None:
-        """The member (adapter, optimizer, scheduler, attributes) and this slot's stream position."""
+        """The member (adapter, optimizer, scheduler, attributes), this slot's stream position
+        and its random generator."""
         directory = Path(directory)
         self.agent.save_checkpoint(directory / f"slot_{self.slot}", lora_only=self.agent.is_lora)
         storage.save_json(directory / f"slot_{self.slot}.stream.json", self.stream.state_dict())
+        storage.save_tensors(directory / f"slot_{self.slot}.rng.safetensors", self.rng)
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
         self.agent.load_checkpoint(directory / f"slot_{self.slot}", load_optimizer=True)
         state = storage.load_json(directory / f"slot_{self.slot}.stream.json")
         self.stream = DataStream.from_state_dict(len(self.gym.train), state)
+        saved = storage.load_tensors(directory / f"slot_{self.slot}.rng.safetensors")
+        self.rng = {**self.rng, **{k: v for k, v in saved.items() if k in self.rng}}  # a CUDA state only on CUDA
 
     def export_adapter(self, directory: Path) -> str:
         """Write the member's adapter as a PEFT folder under `directory`; return its path."""
         self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
         return str(Path(directory) / ACTOR)
+
+
+def seeded_rng_state(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch generator states (CPU, and the device's when it is a GPU) seeded with `seed`."""
+    state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+    return state
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

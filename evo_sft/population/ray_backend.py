@@ -1,5 +1,6 @@
-"""The Ray backend: one actor per member, trained and scored in parallel; clones travel
-actor to actor as object references; a dead actor is rebuilt from the last checkpoint."""
+"""The Ray backend: members on Ray actors (one each, or several sharing one base model), trained
+and scored in parallel; clones travel actor to actor as object references (or stay on the device
+within one actor); a dead actor is rebuilt from the last checkpoint."""
 import math
 import warnings
 from pathlib import Path
@@ -7,13 +8,13 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from evo_sft.build import build_host
+from evo_sft.build import build_hosts, slot_groups
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
-# Calls that change a member; each is logged per slot until the next checkpoint and replayed,
-# in order, on an actor rebuilt after a death.
-STATE_CHANGING = ("train", "import_state", "set_hyperparameters", "load")
+# Calls that change a member (or stash a donor for a clone on the same actor); each is logged
+# per actor until the next checkpoint and replayed, in order, on an actor rebuilt after a death.
+STATE_CHANGING = ("train", "import_state", "set_hyperparameters", "load", "stash", "import_stashed")
 # What a lost member reports for the rest of its generation: it scores -inf, so the plan
 # replaces it with a clone of the elite.
 LOST_RESULTS = {
@@ -24,16 +25,27 @@ LOST_RESULTS = {
 
 
 class MemberActor:
-    """A thin shell: builds its member inside the actor and forwards every call to it."""
+    """A thin shell: builds its members (one, or several on one shared base model) inside the
+    actor and forwards every call to the member of the given slot."""
 
-    def __init__(self, config_dict: dict, model_path: str, prepared: dict, slot: int, hyperparameters: dict):
-        self.host = build_host(config_dict, model_path, prepared, slot, hyperparameters)
+    def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: dict[int, dict]):
+        self.hosts = build_hosts(config_dict, model_path, prepared, founders)
+        self.stashed = {}
 
-    def call(self, method: str, *args):
-        return getattr(self.host, method)(*args)
+    def call(self, slot: int, method: str, *args):
+        if method in ("stash", "import_stashed", "drop_stash"):
+            return getattr(self, method)(slot, *args)
+        return getattr(self.hosts[slot], method)(*args)
 
-    def export_state(self):
-        return self.host.export_state()
+    def stash(self, slot: int) -> None:
+        """Keep a copy of a donor on its device, for clones into members of this actor."""
+        self.stashed[slot] = self.hosts[slot].export_state(on_device=True)
+
+    def import_stashed(self, slot: int, donor: int) -> None:
+        self.hosts[slot].import_state(self.stashed[donor])
+
+    def drop_stash(self, slot: int) -> None:
+        self.stashed.pop(slot, None)
 
     def location(self) -> dict:
         import os
@@ -42,27 +54,30 @@ class MemberActor:
 
 
 class RayPopulation:
-    """The population interface over one Ray actor per member."""
+    """The population interface over Ray actors, each hosting `members_per_actor` members.
+    `num_cpus`/`num_gpus` are what one actor asks for."""
 
     def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: list[dict],
-                 num_cpus: float = 1.0, num_gpus: float = 0.0, on_restart=None, on_lost=None,
-                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1, on_restart=None,
+                 on_lost=None, max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
         self.config_dict, self.model_path = config_dict, model_path
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MemberActor)
         self.founders = list(founders)
         self.current_hyperparameters = list(founders)
+        self.groups = slot_groups(len(founders), members_per_actor)
+        self.group_of = {slot: g for g, group in enumerate(self.groups) for slot in group}
         self._last_checkpoint: Path | None = None
-        self.since_checkpoint: list[list[tuple[str, tuple]]] = [[] for _ in founders]
-        self.restarts = [0] * len(founders)
+        self.since_checkpoint: list[list[tuple[int, str, tuple]]] = [[] for _ in self.groups]
+        self.restarts = [0] * len(self.groups)
         self.max_restarts_per_generation = max_restarts_per_generation
         self.lost: set[int] = set()
         self.on_restart, self.on_lost = on_restart, on_lost
-        self.actors = [self._start(slot, founders[slot]) for slot in range(len(founders))]
+        self.actors = [self._start(g, self.founders) for g in range(len(self.groups))]
 
     @property
     def size(self) -> int:
-        return len(self.actors)
+        return len(self.founders)
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -72,65 +87,74 @@ class RayPopulation:
     def last_checkpoint(self, path: Path | None) -> None:
         """Set when a checkpoint of every member is complete: what came before it need not be replayed."""
         self._last_checkpoint = Path(path) if path is not None else None
-        self.since_checkpoint = [[] for _ in range(self.size)]
+        self.since_checkpoint = [[] for _ in self.groups]
 
-    def _start(self, slot: int, hyperparameters: dict):
-        return self.actor_class.remote(self.config_dict, self.model_path, self.prepared_ref, slot, hyperparameters)
+    def _start(self, group: int, hyperparameters: list[dict]):
+        founders = {slot: hyperparameters[slot] for slot in self.groups[group]}
+        return self.actor_class.remote(self.config_dict, self.model_path, self.prepared_ref, founders)
 
-    def _restore(self, slot: int, error: Exception) -> None:
-        """Replace a dead actor: restore the member from the last checkpoint (or rebuild it as
-        founded before the first one) and replay every call that changed it since then (training,
-        clone imports, mutations), so it is the member it was when it died. A member that dies
-        more than `max_restarts_per_generation` times in one generation is lost instead."""
+    def _restore(self, group: int, error: Exception) -> None:
+        """Replace a dead actor: restore each of its members from the last checkpoint (or rebuild
+        it as founded before the first one) and replay every call that changed it since then
+        (training, clone imports, mutations), so it is the member it was when it died. The
+        members of an actor that dies more than `max_restarts_per_generation` times in one
+        generation are lost instead."""
         while True:
-            self.restarts[slot] += 1
-            if self.restarts[slot] > self.max_restarts_per_generation:
-                self._lose(slot, error)
+            self.restarts[group] += 1
+            if self.restarts[group] > self.max_restarts_per_generation:
+                self._lose(group, error)
                 return
-            warnings.warn(f"the actor of slot {slot} died ({type(error).__name__}); restarting it")
-            self._stop_actor(slot)
-            hyperparameters = self.founders[slot] if self.last_checkpoint is None else self.current_hyperparameters[slot]
-            self.actors[slot] = self._start(slot, hyperparameters)
+            warnings.warn(f"the actor of slots {self.groups[group]} died ({type(error).__name__}); restarting it")
+            self._stop_actor(group)
+            self.actors[group] = self._start(
+                group, self.founders if self.last_checkpoint is None else self.current_hyperparameters)
+            actor = self.actors[group]
             try:
                 if self.last_checkpoint is not None:
-                    ray.get(self.actors[slot].call.remote("load", str(self.last_checkpoint / "members")))
-                for method, args in self.since_checkpoint[slot]:
-                    ray.get(self.actors[slot].call.remote(method, *args))
+                    ray.get([actor.call.remote(slot, "load", str(self.last_checkpoint / "members"))
+                             for slot in self.groups[group]])
+                for slot, method, args in self.since_checkpoint[group]:
+                    ray.get(actor.call.remote(slot, method, *args))
             except ACTOR_FAILURES as again:
                 error = again
                 continue
             break
         if self.on_restart is not None:
-            self.on_restart(slot, str(error))
+            for slot in self.groups[group]:
+                self.on_restart(slot, str(error))
 
-    def _lose(self, slot: int, error: Exception) -> None:
-        """Give up on the member of `slot` for this generation: a fresh actor takes the slot, the
-        member scores -inf, and the generation's plan fills the slot with a clone of the elite."""
-        if slot in self.lost:
-            raise RuntimeError(f"slot {slot}: even a fresh actor for a lost member died: {error}") from error
-        warnings.warn(f"slot {slot} died {self.restarts[slot]} times in this generation ({type(error).__name__}); "
-                      "its member scores -inf and is replaced by a clone of the elite")
-        self._stop_actor(slot)
-        self.actors[slot] = self._start(slot, self.current_hyperparameters[slot])
-        self.lost.add(slot)
+    def _lose(self, group: int, error: Exception) -> None:
+        """Give up on the members of `group` for this generation: a fresh actor takes their slots,
+        they score -inf, and the generation's plan fills the slots with clones of the elite."""
+        slots = self.groups[group]
+        if self.lost.intersection(slots):
+            raise RuntimeError(f"slots {slots}: even a fresh actor for lost members died: {error}") from error
+        warnings.warn(f"the actor of slots {slots} died {self.restarts[group]} times in this generation "
+                      f"({type(error).__name__}); its members score -inf and are replaced by clones of the elite")
+        self._stop_actor(group)
+        self.actors[group] = self._start(group, self.current_hyperparameters)
+        self.lost.update(slots)
         if self.on_lost is not None:
-            self.on_lost(slot, str(error))
+            for slot in slots:
+                self.on_lost(slot, str(error))
 
-    def _stop_actor(self, slot: int) -> None:
+    def _stop_actor(self, group: int) -> None:
         try:
-            ray.kill(self.actors[slot], no_restart=True)
+            ray.kill(self.actors[group], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
 
     def _call(self, slots: list[int], method: str, args_of=lambda slot: ()) -> list:
-        """Call `method` on the given slots' actors in parallel, restarting dead ones."""
-        results = {}
+        """Call `method` on the given slots' members in parallel (members that share an actor
+        run one after another), restarting dead actors."""
+        results, sent_to = {}, {}
 
         def send(slot: int):
             if slot in self.lost and method in LOST_RESULTS:
                 results[slot] = LOST_RESULTS[method](slot)
                 return None
-            return self.actors[slot].call.remote(method, *args_of(slot))
+            sent_to[slot] = self.actors[self.group_of[slot]]
+            return sent_to[slot].call.remote(slot, method, *args_of(slot))
 
         refs = {slot: send(slot) for slot in slots}
         for slot, ref in refs.items():
@@ -138,15 +162,17 @@ class RayPopulation:
                 try:
                     results[slot] = ray.get(ref)
                 except ACTOR_FAILURES as error:
-                    self._restore(slot, error)
+                    group = self.group_of[slot]
+                    if self.actors[group] is sent_to[slot]:  # not yet replaced for another of its slots
+                        self._restore(group, error)
                     ref = send(slot)
                     continue
                 if method in STATE_CHANGING:
-                    self.since_checkpoint[slot].append((method, tuple(args_of(slot))))
+                    self.since_checkpoint[self.group_of[slot]].append((slot, method, tuple(args_of(slot))))
         return [results[slot] for slot in slots]
 
     def train(self, steps: int) -> list[dict]:
-        self.restarts, self.lost = [0] * self.size, set()
+        self.restarts, self.lost = [0] * len(self.groups), set()
         return self._call(list(range(self.size)), "train", lambda slot: (steps,))
 
     def evaluate(self) -> list[float]:
@@ -157,10 +183,19 @@ class RayPopulation:
         return self.current_hyperparameters
 
     def clone(self, pairs: list[tuple[int, int]]) -> None:
-        """Each donor exports once, into the object store; receivers take the reference, so the
-        driver never holds the tensors. Donors are exported before any receiver changes."""
-        states = {donor: self.actors[donor].export_state.remote() for donor in {d for _, d in pairs}}
-        self._call([r for r, _ in pairs], "import_state", lambda slot: (states[dict(pairs)[slot]],))
+        """(receiver, donor) pairs. Between members of one actor a clone is a copy on its device;
+        otherwise the donor exports once, into the object store, and receivers take the reference,
+        so the driver never holds the tensors. Every donor is captured before any receiver changes."""
+        donor_of = dict(pairs)
+        local = [r for r, d in pairs if self.group_of[r] == self.group_of[d]]
+        remote = [r for r, d in pairs if self.group_of[r] != self.group_of[d]]
+        states = {donor: self.actors[self.group_of[donor]].call.remote(donor, "export_state")
+                  for donor in {donor_of[r] for r in remote}}
+        stashed = sorted({donor_of[r] for r in local})
+        self._call(stashed, "stash")
+        self._call(remote, "import_state", lambda slot: (states[donor_of[slot]],))
+        self._call(local, "import_stashed", lambda slot: (donor_of[slot],))
+        self._call(stashed, "drop_stash")
 
     def set_hyperparameters(self, per_slot: dict[int, dict]) -> None:
         self._call(list(per_slot), "set_hyperparameters", lambda slot: (per_slot[slot],))
@@ -175,7 +210,9 @@ class RayPopulation:
         return self._call([slot], "export_adapter", lambda s: (str(directory),))[0]
 
     def locations(self) -> list[dict]:
-        return ray.get([actor.location.remote() for actor in self.actors])
+        """Where each slot's member runs: {node_id, pid} of its actor."""
+        per_actor = ray.get([actor.location.remote() for actor in self.actors])
+        return [per_actor[self.group_of[slot]] for slot in range(self.size)]
 
     def close(self) -> None:
         for actor in self.actors:

@@ -1,0 +1,74 @@
+"""A tiny evolution run shared by the population tests: its config, its pieces, the controller
+as `run.start` builds it, and what two runs must agree on."""
+import json
+from pathlib import Path
+
+import pytest
+
+from evo_sft import build
+from evo_sft.checkpoint import EvolutionCheckpointer, checkpoint_dirs
+from evo_sft.controller import Controller
+
+GENERATIONS = 3
+
+
+def experiment(backend: str, run_dir: Path, tracking_uri: str | None = None, members_per_actor: int = 1) -> dict:
+    """A tiny experiment: 3 members of the demo model, 3 generations of 6 steps. LoRA dropout is
+    on, so runs agree only if every member draws from its own random generator."""
+    return {
+        "name": "raytest",
+        "seed": 3,
+        "run_dir": str(run_dir),
+        "model": {"name": "demo"},
+        "data": {"source": "demo", "num_rows": 60, "test_size": 12, "max_length": 64},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj", "lm_head"]},
+        "agent": {"lr": 1.0e-3, "batch_size": 4, "micro_batch_size_per_gpu": 4, "max_grad_norm": 1.0},
+        "population": {"size": 3, "backend": backend, "num_cpus": 0.5, "members_per_actor": members_per_actor},
+        "evolution": {
+            "generations": GENERATIONS, "steps_per_generation": 6, "tournament_size": 2,
+            "mutation": {"no_mutation": 0.2, "rl_hp": 0.8},
+            "bounds": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
+        },
+        "tracking": {"uri": tracking_uri, "experiment": "raytest"},
+        "checkpoint": {"every": 1, "keep": 5},
+    }
+
+
+def last_controller_state(run_dir: Path) -> dict:
+    return json.loads((checkpoint_dirs(run_dir)[0] / "controller.json").read_text())["controller"]
+
+
+def pieces(config, run_dir: Path) -> tuple[str, dict, list[dict]]:
+    """(model path, tokenised data, founders' hyperparameters), as `run.start` prepares them."""
+    model_path = build.resolve_model_path(config, run_dir)
+    prepared = build.prepare_data(config, build.load_tokenizer(config.tokenizer or model_path))
+    return model_path, prepared, build.founder_hyperparameters(config)
+
+
+def make_controller(config, population, run_dir: Path | None = None) -> Controller:
+    """The controller exactly as `run.start` builds it (less tracking and elite export)."""
+    selection, mutations = build.selection_and_mutations(config)
+    checkpointer = EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep) if run_dir else None
+    return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
+                      selection=selection, mutations=mutations,
+                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
+
+
+def decisions(state: dict) -> dict:
+    """What a run decided, without the fitness values (compared to a tolerance) or restarts."""
+    lineage = state["lineage"]
+    return {
+        "generation": state["generation"],
+        "slot_ids": state["slot_ids"],
+        "members": lineage["members"],
+        "events": [e for e in lineage["events"] if e["kind"] != "restart"],
+    }
+
+
+def assert_same_run(state: dict, reference: dict) -> None:
+    assert decisions(state) == decisions(reference)
+    fitness, expected = dict(map(tuple, state["fitness"])), dict(map(tuple, reference["fitness"]))
+    assert fitness.keys() == expected.keys()
+    for member_id, history in expected.items():
+        assert fitness[member_id] == pytest.approx(history, abs=1e-6, rel=1e-6), member_id
+    assert any(e["kind"] == "clone" for e in state["lineage"]["events"])  # there were decisions to compare

@@ -1,0 +1,62 @@
+"""Several members on one base model (issue 9), in this process: one frozen copy of the weights,
+and members that behave exactly as they would on agents of their own."""
+import warnings
+
+import pytest
+import torch
+from evolution_run import GENERATIONS, assert_same_run, experiment, make_controller, pieces
+
+from evo_sft import build
+from evo_sft.config import config_from_dict
+from evo_sft.population.local import LocalPopulation
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float reductions in every run
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_local(tmp_path, members_per_actor: int):
+    config = config_from_dict(experiment("local", tmp_path / f"k{members_per_actor}", members_per_actor=members_per_actor))
+    model_path, prepared, founders = pieces(config, tmp_path)
+    population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
+    controller = make_controller(config, population)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controller.run(GENERATIONS)
+    return population, controller.state_dict()
+
+
+def base_weights(host) -> set[int]:
+    return {p.data_ptr() for name, p in host.agent.actor.named_parameters() if "lora_" not in name}
+
+
+def test_members_on_one_base_decide_exactly_as_members_on_their_own(tmp_path):
+    """3 members, LoRA dropout on: one agent each, or all three on one base model (which clones
+    between them on the device), give the same lineage and fitness."""
+    alone, reference = run_local(tmp_path, members_per_actor=1)
+    shared, state = run_local(tmp_path, members_per_actor=3)
+    assert_same_run(state, reference)
+
+    assert len({id(host.agent) for host in shared.hosts}) == 1
+    assert len({id(host.agent) for host in alone.hosts}) == 3
+    assert base_weights(shared.hosts[0]) == base_weights(shared.hosts[2])
+    assert not base_weights(alone.hosts[0]) & base_weights(alone.hosts[2])
+
+
+def test_a_member_trains_the_same_whatever_trained_before_it_on_the_base(tmp_path):
+    """Dropout masks come from the member's own generator: training slot 2 before or after
+    slots 0 and 1 on the shared base changes nothing about it."""
+    config = config_from_dict(experiment("local", tmp_path / "order", members_per_actor=3))
+    model_path, prepared, founders = pieces(config, tmp_path)
+
+    def train_in(order):
+        hosts = build.local_hosts(config, model_path, prepared, founders)
+        return {slot: hosts[slot].train(3)["train_loss"] for slot in order}
+
+    forward, backward = train_in([0, 1, 2]), train_in([2, 1, 0])
+    assert forward == backward
+    assert len(set(forward.values())) == 3, "members with different data and learning rates trained alike"
