@@ -8,7 +8,6 @@ Qwen2Tokenizer (byte-level BPE), which would drop this character tokenizer's spa
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -68,8 +67,11 @@ def write_demo_model(directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def demo_dataset(num_rows: int, seed: int = 0) -> Dataset:
-    """Reverse a word: 'reverse: abc' -> 'cba'. Learnable by a tiny model in minutes on a CPU."""
+def demo_dataset(num_rows: int, seed: int = 0):
+    """Reverse a word: 'reverse: abc' -> 'cba', as a `datasets.Dataset`. Learnable by a tiny
+    model in minutes on a CPU."""
+    from datasets import Dataset
+
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghij"))
     prompts, responses = [], []

@@ -1,10 +1,10 @@
-"""Several members on one base model: one frozen copy of the weights, and per member an adapter,
-optimizer, scheduler, attributes, data stream and random generator.
+"""Several members on one base model: one frozen copy of the weights, and per member its own
+adapter tensors, optimizer, scheduler, attributes, data stream and random generator.
 
-Only one member is live in the agent at a time; the others are parked as exported state on the
-same device. A call for a parked member first swaps it in (a device-to-device copy of its
-adapter and optimizer state, once per call, not per step), so every member behaves exactly as it
-would on an agent of its own.
+One member is live in the agent at a time. Making another live swaps tensors, not data: each
+trainable parameter is pointed at that member's tensors and the agent takes that member's
+optimizer and scheduler (whose state is keyed by the same parameter objects). So every member
+behaves exactly as it would on an agent of its own, and a swap copies nothing.
 """
 from evo_sft.agent import SFT
 from evo_sft.data import SFTGym
@@ -16,19 +16,32 @@ class SharedBase:
 
     def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict]):
         self.agent, self.live, self.parked = agent, None, {}
+        initial = {name: p.detach().clone() for name, p in agent.trainable_parameters().items()}
         for slot, hyperparameters in founders.items():
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
             agent.index, agent.lr, agent.batch_size = slot, hyperparameters["lr"], hyperparameters["batch_size"]
             agent.reinit_optimizers()
-            self.parked[slot] = agent.export_state(device=str(agent.device))
+            self.parked[slot] = {"weights": {name: w.clone() for name, w in initial.items()},
+                                 "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
+                                 "attributes": agent.inspect_attributes()}
         self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed)) for slot in founders}
 
     def make_live(self, slot: int) -> None:
         if self.live == slot:
             return
+        agent, params = self.agent, self.agent.trainable_parameters()
         if self.live is not None:
-            self.parked[self.live] = self.agent.export_state(device=str(self.agent.device))
-        self.agent.import_state(*self.parked.pop(slot))
+            self.parked[self.live] = {"weights": {name: p.data for name, p in params.items()},
+                                      "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
+                                      "attributes": agent.inspect_attributes()}
+        member = self.parked.pop(slot)
+        for name, p in params.items():
+            p.data = member["weights"][name]
+            p.grad = None
+        agent.optimizer, agent.lr_scheduler = member["optimizer"], member["scheduler"]
+        agent._set_attributes(member["attributes"])
+        for module in agent.actor.modules():  # compute-dtype copies of the previous member's LoRA weights
+            module.__dict__.pop("_step_weights", None)
         self.live = slot
 
 

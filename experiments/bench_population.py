@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""A population on one GPU: members sharing one base model against one model copy per member
+(issue 9), through the product's own path (`build.local_hosts`, `Controller`, checkpoints).
+
+For each model shape (Qwen2.5-0.5B / -3B, random bf16 weights saved with `save_pretrained`) and
+each population size k, it builds the population, trains every member `--steps` optimizer steps
+after `--warmup` steps, and runs one full generation (train, evaluate, select, clone, mutate,
+record, checkpoint). It prints, per row: peak GPU memory (and its ratio to one member alone),
+aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf16 matmul
+measured in the same run, and the evolution step (select + clone + mutate + record +
+checkpoint) as a share of a generation of 100 optimizer steps per member.
+
+  shared  k members on one base model (population.members_per_actor = k)
+  copies  one model copy per member (members_per_actor = 1), all on the same GPU
+
+Members on one GPU train one after another in both layouts (no batched multi-member step yet).
+Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180 (as
+bench_sft_step.py); 16 sequences per optimizer step; LoRA r=16/alpha 64 on q,k,v,o; gradient
+checkpointing on (so that 8 copies of the 3B shape fit on one card).
+
+    python experiments/bench_population.py --out /tmp/pop            # GPU
+    python experiments/bench_population.py --tiny --device cpu        # quick CPU smoke run
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_sft_step import (  # noqa: E402
+    LORA, SHAPES, build_model, card, free, make_rows, matmul_tflops, step_stats, sync, useful_flops, versions,
+)
+
+from evo_sft import build  # noqa: E402
+from evo_sft.checkpoint import EvolutionCheckpointer  # noqa: E402
+from evo_sft.config import config_from_dict  # noqa: E402
+from evo_sft.controller import Controller  # noqa: E402
+from evo_sft.data import collate  # noqa: E402
+from evo_sft.demo import build_tokenizer  # noqa: E402
+from evo_sft.population.local import LocalPopulation  # noqa: E402
+
+STEPS_PER_GENERATION = 100  # the generation the evolution-step share is reported for
+
+
+class TimedPopulation:
+    """Forwards to a population and adds up the seconds each method took (GPU work included)."""
+
+    def __init__(self, population, device):
+        self.population, self.device, self.seconds = population, device, {}
+
+    def __getattr__(self, name):
+        value = getattr(self.population, name)
+        if not callable(value):
+            return value
+
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            result = value(*args, **kwargs)
+            sync(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            return result
+
+        return timed
+
+    def __setattr__(self, name, value):
+        if name in ("population", "device", "seconds"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.population, name, value)
+
+
+def save_base(size: str, folder: Path, dtype) -> Path:
+    """A random-initialised model of the shape, saved as a hub model would be."""
+    path = folder / f"model-{size}"
+    if not (path / "config.json").exists():
+        build_model(size, torch.device("cpu"), dtype).save_pretrained(path)
+    return path
+
+
+def experiment(size: str, k: int, shared: bool, model_path: Path, tokenizer_path: Path, run_dir: Path,
+               device, steps: int) -> dict:
+    return {
+        "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
+        "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
+                  "attn_implementation": "sdpa"},
+        "tokenizer": str(tokenizer_path),
+        "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
+                 "target_modules": LORA["target_modules"]},
+        "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True},
+        "population": {"size": k, "backend": "local", "num_gpus": 1 if device.type == "cuda" else 0,
+                       "members_per_actor": k if shared else 1},
+        "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
+                      "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
+                      "bounds": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
+        "checkpoint": {"every": 1, "keep": 1},
+    }
+
+
+def measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak_tflops) -> dict:
+    free(device)
+    config = config_from_dict(experiment(size, k, shared, paths["model"], paths["tokenizer"],
+                                         paths["runs"] / f"{size}-{k}-{'shared' if shared else 'copies'}",
+                                         device, args.steps))
+    start = time.perf_counter()
+    founders = build.founder_hyperparameters(config)
+    population = TimedPopulation(LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared, founders)),
+                                 device)
+    build_s = time.perf_counter() - start
+    selection, mutations = build.selection_and_mutations(config)
+    controller = Controller(population, build.hp_config(config), args.steps, config.seed, selection=selection,
+                            mutations=mutations, micro_batch_size=16,
+                            checkpointer=EvolutionCheckpointer(Path(config.run_dir), 1, 1))
+    population.train(args.warmup)
+    population.seconds.clear()
+    sync(device)
+    start = time.perf_counter()
+    record = controller.run_generation()
+    generation_s = time.perf_counter() - start
+    train_s, evaluate_s = population.seconds["train"], population.seconds["evaluate"]
+    evolution_s = generation_s - train_s - evaluate_s
+    tokens = sum(t["tokens"] for t in record.train)
+    tokens_per_s = tokens / train_s
+    generation_100 = train_s * STEPS_PER_GENERATION / args.steps + evaluate_s + evolution_s
+    row = {
+        "model": size, "members": k, "layout": "shared" if shared else "copies",
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "build_s": build_s, "step_ms": 1000 * train_s / (k * args.steps), "tok_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12),
+        "evaluate_s": evaluate_s, "evolution_s": evolution_s,
+        "evolution_parts_s": {name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
+        "evolution_share_100": evolution_s / generation_100,
+        "clones": sum(d.clone for d in record.decisions),
+    }
+    del controller, population, record
+    free(device)
+    return row
+
+
+def print_table(rows):
+    alone = {r["model"]: r for r in rows if r["members"] == 1}
+    print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | MFU "
+          "| clones | evolution s | evolution share (100 steps) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        one = alone[r["model"]]
+        print(f"| {r['model']} | {r['members']} | {r['layout']} | {r['peak_gib']:.2f} | "
+              f"{r['peak_gib'] / one['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
+              f"{r['tok_s'] / one['tok_s']:.2f} | {100 * r['mfu']:.1f}% | {r['clones']} | {r['evolution_s']:.2f} | "
+              f"{100 * r['evolution_share_100']:.2f}% |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    parser.add_argument("--models", default="0.5b,3b")
+    parser.add_argument("--members", default="1,4,8")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per member")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-population-"))
+    tokenizer_path = work / "tokenizer"
+    build_tokenizer().save_pretrained(tokenizer_path)
+    peak = matmul_tflops(device, args.tiny)
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "card": card(device), "bf16_matmul_tflops": peak, "versions": versions(),
+              "warmup": args.warmup, "steps": args.steps}
+    print(json.dumps(header), flush=True)
+    rows = []
+    for size in models:
+        split = make_rows(512, SHAPES[size]["vocab_size"], args.tiny)
+        test = make_rows(64, SHAPES[size]["vocab_size"], args.tiny, seed=1)
+        prepared = {"train": split.to_dict(), "test": test.to_dict()}
+        stats = step_stats(collate(split, range(len(split)), pad_token_id=0))
+        flops_per_token = useful_flops(SHAPES[size], stats) / stats["supervised"]
+        paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path, "runs": work / "runs"}
+        for k in (int(m) for m in args.members.split(",")):
+            for shared in ((True,) if k == 1 else (True, False)):
+                row = measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                with open(out / "bench_population_results.jsonl", "a") as f:
+                    f.write(json.dumps({**header, **row}) + "\n")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
