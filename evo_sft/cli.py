@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from evo_sft.run import resume
 
-    return 130 if resume(Path(args.run_dir), args.generations).interrupted else 0
+    return 130 if resume(Path(args.run_dir), args.generations, args.set).interrupted else 0
 
 
 def _latest(run_dir: Path):
@@ -141,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run from its newest intact checkpoint")
     resume.add_argument("run_dir")
     resume.add_argument("--generations", type=int, help="run until this many generations in total")
+    resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the run's saved config for this session, e.g. ray.address=HEAD:6379")
     resume.set_defaults(func=cmd_resume)
 
     status = sub.add_parser("status", help="generation, members and best member of a run")

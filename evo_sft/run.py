@@ -36,11 +36,13 @@ def start(config: ExperimentConfig) -> RunResult:
     return _run(config, run_dir, checkpoint=None)
 
 
-def resume(run_dir: Path, generations: int | None = None) -> RunResult:
+def resume(run_dir: Path, generations: int | None = None, overrides: list[str] = ()) -> RunResult:
+    """Continue the run in `run_dir`; `overrides` (KEY=VALUE) change its saved config for this
+    session only, e.g. where its Ray cluster or MLflow server now is."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
-    overrides = [f"evolution.generations={generations}"] if generations is not None else []
+    overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
     checkpoint = latest_intact(run_dir)
     print(f"resuming {run_dir} from {checkpoint[0].name}")

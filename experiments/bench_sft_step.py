@@ -197,7 +197,7 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
     extra = {"packing": agent.packing, "liger_layers": liger_layers}
     if profile_to is not None and device.type == "cuda":
         try:
-            extra["profile"] = profile(lambda b: agent.learn(b), batches[warmup:warmup + 2], device, profile_to)
+            extra["profile"] = profile(agent.learn, batches[warmup:warmup + 2], device, profile_to)
         except Exception as e:  # noqa: BLE001
             extra["profile"] = f"failed: {type(e).__name__}: {e}"
     del agent, model

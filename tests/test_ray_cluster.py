@@ -17,12 +17,11 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from evolution_run import make_controller  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from evo_sft import build  # noqa: E402
-from evo_sft.checkpoint import EvolutionCheckpointer  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.controller import Controller  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
 
@@ -76,15 +75,6 @@ def cluster():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-def make_controller(config, population, run_dir: Path | None = None) -> Controller:
-    """The controller as `run.start` builds it (less tracking and elite export)."""
-    selection, mutations = build.selection_and_mutations(config)
-    checkpointer = EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep) if run_dir else None
-    return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
-                      selection=selection, mutations=mutations,
-                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
 
 
 class NodeLosingPopulation(RayPopulation):

@@ -6,9 +6,8 @@ The demo config, shrunk, is submitted as a Ray Job; the job succeeds, its member
 actors on both nodes (each node has 2 CPUs and the population is 4 members of 1 CPU, so they
 cannot all fit on one node; where they ran is read back from the cluster's state API, dead
 actors included), and the run folder it wrote (on this machine's disk, shared by both nodes)
-resumes for one more generation on the same cluster: the run's saved config holds
-`ray.address=auto`, which `ray.init` resolves through the RAY_ADDRESS environment variable,
-so `evo-sft resume` is pointed at the cluster's GCS address that way.
+resumes for one more generation on the same cluster, pointed at it with
+`evo-sft resume RUN_DIR --set ray.address=HEAD:PORT`.
 
 Each node is a `ray start --block` in its own process group; teardown signals those groups
 (by the PIDs of the two `ray start` processes), then kills, by PID, any process left that
@@ -250,8 +249,8 @@ def test_submitted_demo_runs_on_both_nodes_and_resumes(cluster):
         print("job members per node:", {n[:8]: list(job_actors.values()).count(n) for n in set(job_actors.values())})
 
         # The run folder resumes for one more generation, on the same cluster.
-        resume_env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
-        resumed = evo(["resume", run_dir, "--generations", 3], env=resume_env, timeout=JOB_TIMEOUT_S)
+        resumed = evo(["resume", run_dir, "--generations", 3, "--set", f"ray.address={cluster['gcs']}"],
+                      env=cluster["env"], timeout=JOB_TIMEOUT_S)
         resumed_output = resumed.stdout + resumed.stderr
         assert resumed.returncode == 0, resumed_output[-6000:]
         assert f"resuming {run_dir}" in resumed.stdout

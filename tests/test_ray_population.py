@@ -130,16 +130,19 @@ class KillingPopulation(RayPopulation):
         super().set_hyperparameters(per_slot)
 
 
+def killing_run(run_dir, members_per_actor: int = 1, **kills):
+    """(population, controller) of the tiny experiment on a `KillingPopulation`."""
+    config = config_from_dict(experiment("ray", run_dir, members_per_actor=members_per_actor))
+    model_path, prepared, founders = pieces(config, run_dir)
+    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
+                                   num_cpus=config.population.num_cpus, members_per_actor=members_per_actor, **kills)
+    return population, make_controller(config, population, run_dir)
+
+
 def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_session, local_reference, tmp_path):
     """run.start's controller, on a population whose actors are SIGKILLed twice: between a clone
     and its mutation in generation 1, and in the middle of generation 2's training."""
-    run_dir = tmp_path / "killed"
-    config = config_from_dict(experiment("ray", run_dir))
-    model_path, prepared, founders = pieces(config, run_dir)
-    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
-                                   num_cpus=config.population.num_cpus, kill_in_train={2: (1, 0.01)},
-                                   kill_after_clone_in=1)
-    controller = make_controller(config, population, run_dir)
+    population, controller = killing_run(tmp_path / "killed", kill_in_train={2: (1, 0.01)}, kill_after_clone_in=1)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -167,13 +170,8 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
 def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_session, tmp_path):
     """With no restart allowed, the actor killed in generation 1 is lost: its member scores -inf,
     the lineage says so, and the generation's plan fills its slot with a clone of the elite."""
-    run_dir = tmp_path / "lost"
-    config = config_from_dict(experiment("ray", run_dir))
-    model_path, prepared, founders = pieces(config, run_dir)
-    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
-                                   num_cpus=config.population.num_cpus, kill_in_train={1: (2, 0.01)},
-                                   max_restarts_per_generation=0)
-    controller = make_controller(config, population, run_dir)
+    population, controller = killing_run(tmp_path / "lost", kill_in_train={1: (2, 0.01)},
+                                         max_restarts_per_generation=0)
     records = []
     controller.observers.append(lambda _, record: records.append(record))
     try:
@@ -203,13 +201,7 @@ def test_members_sharing_actors_decide_as_members_on_their_own_and_survive_a_kil
     """Slots 0 and 1 share one actor and base model, slot 2 has its own; the shared actor is
     SIGKILLed in the middle of generation 2's training. The run decides exactly as the
     in-process run with one agent per member."""
-    run_dir = tmp_path / "shared"
-    config = config_from_dict(experiment("ray", run_dir, members_per_actor=2))
-    model_path, prepared, founders = pieces(config, run_dir)
-    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
-                                   num_cpus=config.population.num_cpus, members_per_actor=2,
-                                   kill_in_train={2: (0, 0.01)})
-    controller = make_controller(config, population, run_dir)
+    population, controller = killing_run(tmp_path / "shared", members_per_actor=2, kill_in_train={2: (0, 0.01)})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
