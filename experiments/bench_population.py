@@ -10,8 +10,10 @@ aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf
 measured in the same run, and the evolution step (select + clone + mutate + record +
 checkpoint) as a share of a generation of 100 optimizer steps per member.
 
-  shared  k members on one base model (population.members_per_actor = k)
-  copies  one model copy per member (members_per_actor = 1), all on the same GPU
+  shared      k members on one base model (population.members_per_actor = k)
+  copies      one model copy per member (members_per_actor = 1), all on the same GPU
+  ray xG GPU  (--ray-gpus) G Ray actors of one GPU each, --per-gpu members sharing the base
+              model in each: the population over G GPUs against the same on 1 GPU
 
 Members on one GPU train one after another in both layouts (no batched multi-member step yet).
 Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180 (as
@@ -19,6 +21,7 @@ bench_sft_step.py); 16 sequences per optimizer step; LoRA r=16/alpha 64 on q,k,v
 checkpointing on (so that 8 copies of the 3B shape fit on one card).
 
     python experiments/bench_population.py --out /tmp/pop            # GPU
+    python experiments/bench_population.py --members "" --ray-gpus 1,2   # 2-GPU machine, Ray
     python experiments/bench_population.py --tiny --device cpu        # quick CPU smoke run
 """
 import argparse
@@ -86,8 +89,8 @@ def save_base(size: str, folder: Path, dtype) -> Path:
     return path
 
 
-def experiment(size: str, k: int, shared: bool, model_path: Path, tokenizer_path: Path, run_dir: Path,
-               device, steps: int) -> dict:
+def experiment(size: str, k: int, members_per_actor: int, backend: str, model_path: Path, tokenizer_path: Path,
+               run_dir: Path, device, steps: int) -> dict:
     return {
         "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
         "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
@@ -96,8 +99,8 @@ def experiment(size: str, k: int, shared: bool, model_path: Path, tokenizer_path
         "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
                  "target_modules": LORA["target_modules"]},
         "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True},
-        "population": {"size": k, "backend": "local", "num_gpus": 1 if device.type == "cuda" else 0,
-                       "members_per_actor": k if shared else 1},
+        "population": {"size": k, "backend": backend, "num_gpus": 1 if device.type == "cuda" else 0, "num_cpus": 2,
+                       "members_per_actor": members_per_actor},
         "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
                       "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
                       "bounds": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
@@ -105,15 +108,26 @@ def experiment(size: str, k: int, shared: bool, model_path: Path, tokenizer_path
     }
 
 
-def measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak_tflops) -> dict:
+def measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0) -> dict:
+    """One GPU in this process (`gpus` 0), or `gpus` Ray actors of one GPU each, `k // gpus`
+    members sharing the base model in each."""
     free(device)
-    config = config_from_dict(experiment(size, k, shared, paths["model"], paths["tokenizer"],
-                                         paths["runs"] / f"{size}-{k}-{'shared' if shared else 'copies'}",
-                                         device, args.steps))
+    layout = f"ray x{gpus} GPU" if gpus else ("shared" if shared else "copies")
+    config = config_from_dict(experiment(size, k, k // gpus if gpus else (k if shared else 1),
+                                         "ray" if gpus else "local", paths["model"], paths["tokenizer"],
+                                         paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps))
     start = time.perf_counter()
     founders = build.founder_hyperparameters(config)
-    population = TimedPopulation(LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared, founders)),
-                                 device)
+    if gpus:
+        from evo_sft.population.ray_backend import RayPopulation
+
+        population = TimedPopulation(RayPopulation(config.to_dict(), str(paths["model"]), prepared, founders,
+                                                   num_cpus=2, num_gpus=config.population.num_gpus,
+                                                   members_per_actor=k // gpus),
+                                     torch.device("cpu"))  # ray.get returns when the actors are done
+    else:
+        population = TimedPopulation(
+            LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared, founders)), device)
     build_s = time.perf_counter() - start
     selection, mutations = build.selection_and_mutations(config)
     controller = Controller(population, build.hp_config(config), args.steps, config.seed, selection=selection,
@@ -131,8 +145,9 @@ def measure(size, k, shared, args, device, paths, prepared, flops_per_token, pea
     tokens_per_s = tokens / train_s
     generation_100 = train_s * STEPS_PER_GENERATION / args.steps + evaluate_s + evolution_s
     row = {
-        "model": size, "members": k, "layout": "shared" if shared else "copies",
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        "model": size, "members": k, "layout": layout,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" and not gpus
+        else float("nan"),
         "build_s": build_s, "step_ms": 1000 * train_s / (k * args.steps), "tok_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12),
         "evaluate_s": evaluate_s, "evolution_s": evolution_s,
@@ -140,22 +155,27 @@ def measure(size, k, shared, args, device, paths, prepared, flops_per_token, pea
         "evolution_share_100": evolution_s / generation_100,
         "clones": sum(d.clone for d in record.decisions),
     }
+    population.close()
     del controller, population, record
     free(device)
     return row
 
 
 def print_table(rows):
-    alone = {r["model"]: r for r in rows if r["members"] == 1}
-    print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | MFU "
-          "| clones | evolution s | evolution share (100 steps) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """Ratios against one member alone on one GPU and, for Ray rows, against the Ray row on 1 GPU."""
+    alone = {r["model"]: r for r in rows if r["members"] == 1 and r["layout"] == "shared"}
+    one_gpu = {r["model"]: r for r in rows if r["layout"] == "ray x1 GPU"}
+    print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
+          "| MFU | clones | evolution s | evolution share (100 steps) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = {"peak_gib": float("nan"), "tok_s": float("nan")}
     for r in rows:
-        one = alone[r["model"]]
+        one, gpu = alone.get(r["model"], nan), one_gpu.get(r["model"], nan)
+        scaling = f"{r['tok_s'] / gpu['tok_s']:.2f}" if r["layout"].startswith("ray") else ""
         print(f"| {r['model']} | {r['members']} | {r['layout']} | {r['peak_gib']:.2f} | "
               f"{r['peak_gib'] / one['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
-              f"{r['tok_s'] / one['tok_s']:.2f} | {100 * r['mfu']:.1f}% | {r['clones']} | {r['evolution_s']:.2f} | "
-              f"{100 * r['evolution_share_100']:.2f}% |", flush=True)
+              f"{r['tok_s'] / one['tok_s']:.2f} | {scaling} | {100 * r['mfu']:.1f}% | {r['clones']} | "
+              f"{r['evolution_s']:.2f} | {100 * r['evolution_share_100']:.2f}% |", flush=True)
 
 
 def main():
@@ -166,6 +186,8 @@ def main():
     parser.add_argument("--members", default="1,4,8")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per member")
+    parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
+    parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
 
@@ -178,6 +200,11 @@ def main():
     tokenizer_path = work / "tokenizer"
     build_tokenizer().save_pretrained(tokenizer_path)
     peak = matmul_tflops(device, args.tiny)
+    if args.ray_gpus:
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(_temp_dir=str(work / "ray"), include_dashboard=False, log_to_driver=False)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "card": card(device), "bf16_matmul_tflops": peak, "versions": versions(),
               "warmup": args.warmup, "steps": args.steps}
@@ -190,13 +217,15 @@ def main():
         stats = step_stats(collate(split, range(len(split)), pad_token_id=0))
         flops_per_token = useful_flops(SHAPES[size], stats) / stats["supervised"]
         paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path, "runs": work / "runs"}
-        for k in (int(m) for m in args.members.split(",")):
-            for shared in ((True,) if k == 1 else (True, False)):
-                row = measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                with open(out / "bench_population_results.jsonl", "a") as f:
-                    f.write(json.dumps({**header, **row}) + "\n")
+        runs = [(k, shared, 0) for k in (int(m) for m in args.members.split(",") if m)
+                for shared in ((True,) if k == 1 else (True, False))]
+        runs += [(g * args.per_gpu, True, g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]
+        for k, shared, gpus in runs:
+            row = measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak, gpus)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(out / "bench_population_results.jsonl", "a") as f:
+                f.write(json.dumps({**header, **row}) + "\n")
     print_table(rows)
 
 
