@@ -16,31 +16,37 @@ class SharedBase:
 
     def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict]):
         self.agent, self.live, self.parked = agent, None, {}
-        initial = {name: p.detach().clone() for name, p in agent.trainable_parameters().items()}
+        params = agent.trainable_parameters()
+        initial = {name: p.detach().clone() for name, p in params.items()}
         for slot, hyperparameters in founders.items():
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
+            for name, p in params.items():
+                p.data = initial[name].clone()
             agent.index, agent.lr, agent.batch_size = slot, hyperparameters["lr"], hyperparameters["batch_size"]
             agent.reinit_optimizers()
-            self.parked[slot] = {"weights": {name: w.clone() for name, w in initial.items()},
-                                 "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
-                                 "attributes": agent.inspect_attributes()}
+            self.parked[slot] = self._live_member()
         self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed)) for slot in founders}
+
+    def _live_member(self) -> dict:
+        """What makes the agent's live member itself, by reference: its tensors, optimizer,
+        scheduler and attributes."""
+        agent = self.agent
+        return {"weights": {name: p.data for name, p in agent.trainable_parameters().items()},
+                "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
+                "attributes": agent.inspect_attributes()}
 
     def make_live(self, slot: int) -> None:
         if self.live == slot:
             return
-        agent, params = self.agent, self.agent.trainable_parameters()
         if self.live is not None:
-            self.parked[self.live] = {"weights": {name: p.data for name, p in params.items()},
-                                      "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
-                                      "attributes": agent.inspect_attributes()}
+            self.parked[self.live] = self._live_member()
         member = self.parked.pop(slot)
-        for name, p in params.items():
+        for name, p in self.agent.trainable_parameters().items():
             p.data = member["weights"][name]
             p.grad = None
-        agent.optimizer, agent.lr_scheduler = member["optimizer"], member["scheduler"]
-        agent._set_attributes(member["attributes"])
-        for module in agent.actor.modules():  # compute-dtype copies of the previous member's LoRA weights
+        self.agent.optimizer, self.agent.lr_scheduler = member["optimizer"], member["scheduler"]
+        self.agent._set_attributes(member["attributes"])
+        for module in self.agent.actor.modules():  # compute-dtype copies of the previous member's LoRA weights
             module.__dict__.pop("_step_weights", None)
         self.live = slot
 
