@@ -224,21 +224,27 @@ class SFT:
 
         batch = {k: v.cpu() for k, v in batch.items()}
         packed = packing.packed_to_device(packing.pack_batch(batch), self.device)
-        decoder, head = self._decoder_and_head()
+        _, head = self._decoder_and_head()
         packing.cast_lora_weights(self.actor, head.weight.dtype)
-        hidden = decoder(**packing.packed_model_kwargs(packed)).last_hidden_state[0]
-        hidden = hidden.index_select(0, packed["loss_index"])
+        hidden = self.packed_loss_hidden(packed)
         if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
             return self._liger_loss(head.weight, hidden, packed["targets"], head.bias)
-        if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
-            chunk = max(1, packing.LOSS_CHUNK_ELEMENTS // head.out_features)
-            return packing.linear_cross_entropy_sum(hidden, head.weight, head.bias, packed["targets"], chunk)
+        if packing.is_frozen_linear(head):
+            return packing.frozen_head_losses(hidden, head, packed["targets"]).sum()
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             total = total + checkpoint(_chunk_loss_sum, head, hidden[start:start + chunk],
                                        packed["targets"][start:start + chunk], use_reentrant=False)
         return total
+
+    def packed_loss_hidden(self, packed: dict) -> torch.Tensor:
+        """The decoder's last hidden states at the loss rows of a packed row on the device."""
+        from evo_sft import packing
+
+        decoder, _ = self._decoder_and_head()
+        hidden = decoder(**packing.packed_model_kwargs(packed)).last_hidden_state[0]
+        return hidden.index_select(0, packed["loss_index"])
 
     def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.packing:
@@ -284,17 +290,21 @@ class SFT:
             self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=self.device)
         for start in range(step_rows.start, step_rows.stop, micro):
-            micro_batch = _trim_padding({k: v[start:min(step_rows.stop, start + micro)] for k, v in experiences.items()})
+            micro_batch = trim_padding({k: v[start:min(step_rows.stop, start + micro)] for k, v in experiences.items()})
             loss_sum = self._micro_loss_sum(micro_batch)
             if training:
                 (loss_sum / step_tokens).backward()
             step_loss += loss_sum.detach()
         if training:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters().values(), self.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer_steps += 1
+            self.apply_gradients()
         return step_loss, step_tokens
+
+    def apply_gradients(self) -> None:
+        """Clip the accumulated gradients, take the optimizer and scheduler step."""
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters().values(), self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer_steps += 1
 
     @torch.no_grad()
     def test(self, env, loop: int = 1, batch_size: int | None = None) -> float:
@@ -547,7 +557,7 @@ def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
-def _trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     width = int(batch["attention_mask"].sum(-1).max())
     return {k: v[:, :width] for k, v in batch.items()}
 

@@ -113,7 +113,7 @@ def build_agent(config: ExperimentConfig, model_path: str, tokenizer, slot: int,
         max_grad_norm=config.agent.max_grad_norm, update_epochs=config.agent.update_epochs,
         micro_batch_size_per_gpu=config.agent.micro_batch_size_per_gpu, device=device, lora_config=lora,
         seed=config.seed, gradient_checkpointing=config.agent.gradient_checkpointing,
-        use_liger_loss=config.agent.use_liger_loss,
+        use_liger_loss=config.agent.use_liger_loss, packing=config.agent.packing,
         lr_schedule=LRSchedule(schedule.total_steps, schedule.warmup_steps, schedule.min_lr_ratio) if schedule else None,
     )
 
@@ -143,7 +143,7 @@ def build_hosts(config_dict: dict, model_path: str, prepared: dict, founders: di
     gym = make_gym(config, tokenizer, prepared)
     if len(founders) == 1:
         return {first: MemberHost(first, agent, gym, config.seed)}
-    return SharedBase(agent, gym, config.seed, founders).members
+    return SharedBase(agent, gym, config.seed, founders, together=config.population.step_together).members
 
 
 def local_hosts(config: ExperimentConfig, model_path: str, prepared: dict, founders: list[dict]) -> list:

@@ -68,6 +68,7 @@ class AgentConfig:
     update_epochs: int = 1
     gradient_checkpointing: bool = False
     use_liger_loss: bool = False
+    packing: bool | None = None  # padding-free packed micro-batches; None: on with a GPU
     lr_schedule: LRScheduleConfig | None = None
 
 
@@ -78,6 +79,7 @@ class PopulationConfig:
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     members_per_actor: int = 1
+    step_together: bool = True  # members on one base model share each forward/backward where they can
 
 
 @dataclass

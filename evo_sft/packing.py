@@ -27,6 +27,10 @@ PACKED_ATTENTION = "evo_sft_packed"
 # Rows x vocabulary elements per chunk of the frozen-head cross-entropy: 2**25 is ~220 rows of a
 # 152k vocabulary, ~130 MiB of float32 logits, small beside the activations of a packed step.
 LOSS_CHUNK_ELEMENTS = 2**25
+# What a packed forward passes as its attention mask: a ready 4-D mask, which transformers' mask
+# builders return unchanged (in models that build one mask and in those that build one per
+# attention type) instead of materialising a tokens x tokens mask; the packed attention ignores it.
+READY_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -66,6 +70,27 @@ def pack_batch(batch: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def pack_batches(batches: list[dict[str, torch.Tensor]]) -> dict:
+    """One packed row of several host batches laid end to end (`pack_batch` of each), plus
+    `token_part` and `row_part`: the index of the batch each token and each loss row came from."""
+    parts = [pack_batch(batch) for batch in batches]
+    tokens = [part["input_ids"].shape[1] for part in parts]
+    offsets = [0, *torch.tensor(tokens).cumsum(0).tolist()]
+    return {
+        "input_ids": torch.cat([part["input_ids"] for part in parts], 1),
+        "position_ids": torch.cat([part["position_ids"] for part in parts], 1),
+        "cu_seqlens": torch.cat([parts[0]["cu_seqlens"][:1]]
+                                + [part["cu_seqlens"][1:] + offset for part, offset in zip(parts, offsets)]),
+        "max_seqlen": max(part["max_seqlen"] for part in parts),
+        "loss_index": torch.cat([part["loss_index"] + offset for part, offset in zip(parts, offsets)]),
+        "targets": torch.cat([part["targets"] for part in parts]),
+        "num_targets": sum(part["num_targets"] for part in parts),
+        "token_part": torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(tokens)),
+        "row_part": torch.repeat_interleave(torch.arange(len(parts)),
+                                            torch.tensor([part["num_targets"] for part in parts])),
+    }
+
+
 def packed_to_device(packed: dict, device: torch.device) -> dict:
     non_blocking = device.type == "cuda"
     return {k: (v.pin_memory().to(device, non_blocking=True) if non_blocking else v.to(device))
@@ -77,8 +102,7 @@ def packed_model_kwargs(packed: dict) -> dict:
     return {
         "input_ids": packed["input_ids"],
         "position_ids": packed["position_ids"],
-        # a ready mask mapping: transformers builds no mask and calls attention with None
-        "attention_mask": {"full_attention": None, "sliding_attention": None},
+        "attention_mask": READY_MASK,
         "cu_seq_lens_q": packed["cu_seqlens"],
         "cu_seq_lens_k": packed["cu_seqlens"],
         "max_length_q": packed["max_seqlen"],
@@ -190,6 +214,12 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         return super(type(self), self).forward(x, *args, **kwargs)
     name = active[0]
     base = self.base_layer(x)
+    joint = getattr(self, "_joint", None)
+    if joint is not None:  # several members' tokens: see evo_sft.population.step_together
+        weight_a, weight_b, block_mask = joint
+        hidden = F.linear(x, weight_a).mul_(block_mask)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
+        return out.view(base.shape)
     cached = getattr(self, "_step_weights", None)
     master_a, master_b = self.lora_A[name].weight, self.lora_B[name].weight
     if (cached is not None and cached[0] == name and cached[1] == x.dtype and cached[2] is master_a
@@ -223,6 +253,18 @@ def _cast_scaled(dtype, scales, masters):
     return tuple(t.to(dtype) for t in scaled)
 
 
+def cast_scaled(dtype: torch.dtype, scales: list[float], masters: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """`masters[i] * scales[i]` in `dtype`, by one autograd node where gradients are wanted."""
+    if torch.is_grad_enabled() and any(m.requires_grad for m in masters):
+        return _CastAll.apply(dtype, tuple(scales), *masters)
+    with torch.no_grad():
+        return _cast_scaled(dtype, tuple(scales), masters)
+
+
+def is_fast_lora(module) -> bool:
+    return type(module) in _FAST_CLASSES.values()
+
+
 def cast_lora_weights(model, dtype: torch.dtype) -> int:
     """Before a forward: give each fast LoRA layer its compute-dtype weights for this step, made
     by one autograd node, so gradients still reach the float32 masters. A layer uses them only
@@ -230,7 +272,7 @@ def cast_lora_weights(model, dtype: torch.dtype) -> int:
     step or adapter switch falls back to per-call casting. Returns layers prepared."""
     layers, masters, scales = [], [], []
     for module in model.modules():
-        if type(module).__name__.startswith("Fast") and hasattr(module, "lora_A"):
+        if is_fast_lora(module):
             active = module.active_adapters
             if len(active) != 1 or active[0] not in module.lora_A or module.disable_adapters or module.merged:
                 continue
@@ -242,11 +284,7 @@ def cast_lora_weights(model, dtype: torch.dtype) -> int:
             scales += [1.0, float(module.scaling[active[0]])]
     if not layers:
         return 0
-    if torch.is_grad_enabled() and any(m.requires_grad for m in masters):
-        cast = _CastAll.apply(dtype, tuple(scales), *masters)
-    else:
-        with torch.no_grad():
-            cast = _cast_scaled(dtype, tuple(scales), masters)
+    cast = cast_scaled(dtype, scales, masters)
     for i, (module, name, a, b) in enumerate(layers):
         module._step_weights = (name, dtype, a, b, (a._version, b._version), cast[2 * i], cast[2 * i + 1])
     return len(layers)
@@ -276,45 +314,55 @@ def fast_lora(model) -> int:
 
 
 # ----------------------------------------------------------------------------- loss
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ W^T + b, target_i) for a frozen head, in row chunks.
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row CE(hidden_i @ W^T + b, target_i) for a frozen head, in row chunks.
 
-    The gradient with respect to `hidden` is computed chunk by chunk in forward and kept
-    ([rows, hidden], small), so backward needs no second pass through the head and the full
-    rows x vocabulary logits never exist at once. W and b receive no gradient.
+    The gradient of each row's loss with respect to its `hidden` row is computed chunk by chunk
+    in forward and kept ([rows, hidden], small), so backward needs no second pass through the
+    head and the full rows x vocabulary logits never exist at once. W and b receive no gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows):
-        total = hidden.new_zeros((), dtype=torch.float32)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = hidden[start:start + chunk_rows]
             logits = F.linear(rows, weight, bias).float()
             target = targets[start:start + chunk_rows]
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            losses[start:start + chunk_rows] = lse - logits.gather(1, target[:, None]).squeeze(1)
             if grad_hidden is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
                 grad_hidden[start:start + chunk_rows] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
-        return total
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_losses):
         (grad_hidden,) = ctx.saved_tensors
-        grad = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
+        grad = None if grad_hidden is None else grad_hidden * grad_losses[:, None].to(grad_hidden.dtype)
         return grad, None, None, None, None
 
 
-def linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows: int) -> torch.Tensor:
-    """Summed cross-entropy of a frozen linear head over `hidden` rows (see the Function above)."""
+def linear_cross_entropy(hidden, weight, bias, targets, chunk_rows: int) -> torch.Tensor:
+    """Per-row cross-entropy (float32, [rows]) of a frozen linear head over `hidden` rows."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("linear_cross_entropy_sum is for a frozen head; use the checkpointed chunks otherwise")
+        raise ValueError("linear_cross_entropy is for a frozen head; use the checkpointed chunks otherwise")
     if hidden.shape[0] == 0:
-        return hidden.sum(dtype=torch.float32) * 0.0
-    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+        return hidden.sum(-1, dtype=torch.float32) * 0.0
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+
+
+def is_frozen_linear(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters())
+
+
+def frozen_head_losses(hidden, head: torch.nn.Linear, targets) -> torch.Tensor:
+    """`linear_cross_entropy` through `head`, in chunks of about LOSS_CHUNK_ELEMENTS logits."""
+    return linear_cross_entropy(hidden, head.weight, head.bias, targets,
+                                max(1, LOSS_CHUNK_ELEMENTS // head.out_features))
 
 
 # ----------------------------------------------------------------------------- compile

@@ -10,15 +10,19 @@ aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf
 measured in the same run, and the evolution step (select + clone + mutate + record +
 checkpoint) as a share of a generation of 100 optimizer steps per member.
 
-  shared      k members on one base model (population.members_per_actor = k)
+  together    k members on one base model (population.members_per_actor = k), stepped together:
+              each optimizer step sends all k members' micro-batches through one forward and
+              backward, each member keeping its own adapter, loss and optimizer step
+  shared      k members on one base model, trained one after another (step_together off)
   copies      one model copy per member (members_per_actor = 1), all on the same GPU
   ray xG GPU  (--ray-gpus) G Ray actors of one GPU each, --per-gpu members sharing the base
-              model in each: the population over G GPUs against the same on 1 GPU
+              model in each (stepped together): the population over G GPUs against 1 GPU
 
-Members on one GPU train one after another in both layouts (no batched multi-member step yet).
 Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180 (as
-bench_sft_step.py); 16 sequences per optimizer step; LoRA r=16/alpha 64 on q,k,v,o; gradient
-checkpointing on (so that 8 copies of the 3B shape fit on one card).
+bench_sft_step.py); 16 sequences per optimizer step and member; LoRA r=16/alpha 64 on q,k,v,o
+without dropout (stepping together needs lora_dropout 0); gradient checkpointing on (so that 8
+copies of the 3B shape fit on one card). `--check` first compares, on the 0.5B shape, members
+stepped together with the same members trained alone (losses and adapter updates).
 
     python experiments/bench_population.py --out /tmp/pop            # GPU
     python experiments/bench_population.py --members "" --ray-gpus 1,2   # 2-GPU machine, Ray
@@ -89,18 +93,19 @@ def save_base(size: str, folder: Path, dtype) -> Path:
     return path
 
 
-def experiment(size: str, k: int, members_per_actor: int, backend: str, model_path: Path, tokenizer_path: Path,
-               run_dir: Path, device, steps: int) -> dict:
+def experiment(k: int, members_per_actor: int, together: bool, backend: str, model_path: Path,
+               tokenizer_path: Path, run_dir: Path, device, steps: int) -> dict:
     return {
         "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
         "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
                   "attn_implementation": "sdpa"},
         "tokenizer": str(tokenizer_path),
-        "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
+        "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
                  "target_modules": LORA["target_modules"]},
-        "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True},
+        "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True,
+                  "packing": True},
         "population": {"size": k, "backend": backend, "num_gpus": 1 if device.type == "cuda" else 0, "num_cpus": 2,
-                       "members_per_actor": members_per_actor},
+                       "members_per_actor": members_per_actor, "step_together": together},
         "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
                       "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
                       "bounds": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
@@ -108,13 +113,15 @@ def experiment(size: str, k: int, members_per_actor: int, backend: str, model_pa
     }
 
 
-def measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0) -> dict:
+def measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0) -> dict:
     """One GPU in this process (`gpus` 0), or `gpus` Ray actors of one GPU each, `k // gpus`
     members sharing the base model in each."""
     free(device)
-    layout = f"ray x{gpus} GPU" if gpus else ("shared" if shared else "copies")
-    config = config_from_dict(experiment(size, k, k // gpus if gpus else (k if shared else 1),
-                                         "ray" if gpus else "local", paths["model"], paths["tokenizer"],
+    if gpus:
+        layout = f"ray x{gpus} GPU"
+    members_per_actor = k // gpus if gpus else (1 if layout == "copies" else k)
+    config = config_from_dict(experiment(k, members_per_actor, layout != "shared", "ray" if gpus else "local",
+                                         paths["model"], paths["tokenizer"],
                                          paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps))
     start = time.perf_counter()
     founders = build.founder_hyperparameters(config)
@@ -122,7 +129,8 @@ def measure(size, k, shared, args, device, paths, prepared, flops_per_token, pea
         from evo_sft.population.ray_backend import RayPopulation
 
         population = TimedPopulation(RayPopulation(config.to_dict(), str(paths["model"]), prepared, founders,
-                                                   num_cpus=2, num_gpus=config.population.num_gpus,
+                                                   num_cpus=2 if device.type == "cuda" else 1,
+                                                   num_gpus=config.population.num_gpus,
                                                    members_per_actor=k // gpus),
                                      torch.device("cpu"))  # ray.get returns when the actors are done
     else:
@@ -161,9 +169,40 @@ def measure(size, k, shared, args, device, paths, prepared, flops_per_token, pea
     return row
 
 
+def check_together(size, args, device, paths, prepared, k: int = 4, steps: int = 3) -> dict:
+    """k members stepped together against the same k members each on a model of its own: the
+    relative difference of their train losses and of their adapter updates after `steps` steps."""
+    def hosts(members_per_actor: int):
+        config = config_from_dict(experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
+                                             paths["runs"] / f"check-{size}-{members_per_actor}", device, steps))
+        return build.local_hosts(config, str(paths["model"]), prepared, build.founder_hyperparameters(config))
+
+    def adapters(host) -> torch.Tensor:
+        if hasattr(host, "base"):
+            host.base.make_live(host.slot)
+        return torch.cat([p.detach().float().flatten() for p in host.agent.trainable_parameters().values()])
+
+    free(device)
+    alone = hosts(1)
+    initial = [adapters(host) for host in alone]
+    alone_results = LocalPopulation(alone).train(steps)
+    alone_updates = [adapters(host) - start for host, start in zip(alone, initial)]
+    del alone
+    free(device)
+    together = hosts(k)
+    together_results = LocalPopulation(together).train(steps)
+    together_updates = [adapters(host) - start for host, start in zip(together, initial)]
+    return {
+        "check": f"{k} members stepped together vs alone, {steps} steps", "model": size,
+        "train_loss_max_rel_diff": max(abs(a["train_loss"] - b["train_loss"]) / abs(b["train_loss"])
+                                       for a, b in zip(together_results, alone_results)),
+        "update_max_rel_diff": max(float((a - b).norm() / b.norm()) for a, b in zip(together_updates, alone_updates)),
+    }
+
+
 def print_table(rows):
     """Ratios against one member alone on one GPU and, for Ray rows, against the Ray row on 1 GPU."""
-    alone = {r["model"]: r for r in rows if r["members"] == 1 and r["layout"] == "shared"}
+    alone = {r["model"]: r for r in rows if r["layout"] == "alone"}
     one_gpu = {r["model"]: r for r in rows if r["layout"] == "ray x1 GPU"}
     print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
           "| MFU | clones | evolution s | evolution share (100 steps) |")
@@ -186,6 +225,8 @@ def main():
     parser.add_argument("--members", default="1,4,8")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per member")
+    parser.add_argument("--layouts", default="together,shared,copies", help="for more than one member on one GPU")
+    parser.add_argument("--check", action="store_true", help="compare stepping together with training alone first")
     parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -217,11 +258,16 @@ def main():
         stats = step_stats(collate(split, range(len(split)), pad_token_id=0))
         flops_per_token = useful_flops(SHAPES[size], stats) / stats["supervised"]
         paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path, "runs": work / "runs"}
-        runs = [(k, shared, 0) for k in (int(m) for m in args.members.split(",") if m)
-                for shared in ((True,) if k == 1 else (True, False))]
-        runs += [(g * args.per_gpu, True, g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]
-        for k, shared, gpus in runs:
-            row = measure(size, k, shared, args, device, paths, prepared, flops_per_token, peak, gpus)
+        if args.check:
+            check = check_together(size, args, device, paths, prepared)
+            print(json.dumps(check), flush=True)
+            with open(out / "bench_population_results.jsonl", "a") as f:
+                f.write(json.dumps({**header, **check}) + "\n")
+        runs = [(k, layout, 0) for k in (int(m) for m in args.members.split(",") if m)
+                for layout in (("alone",) if k == 1 else args.layouts.split(","))]
+        runs += [(g * args.per_gpu, "", g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]
+        for k, layout, gpus in runs:
+            row = measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak, gpus)
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(out / "bench_population_results.jsonl", "a") as f:

@@ -99,17 +99,19 @@ def test_varlen_reference_matches_per_document_attention_with_gqa():
         start += n
 
 
-def test_linear_cross_entropy_sum_matches_autograd():
+def test_linear_cross_entropy_matches_autograd_row_by_row():
     torch.manual_seed(0)
     hidden = torch.randn(13, 16, requires_grad=True)
     weight, bias = torch.randn(VOCAB, 16), torch.randn(VOCAB)
     targets = torch.randint(0, VOCAB, (13,))
-    total = packing.linear_cross_entropy_sum(hidden, weight, bias, targets, chunk_rows=4)
-    (total * 0.5).backward()
+    row_weights = torch.rand(13)  # each row's own factor reaches its own hidden row
+    losses = packing.linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=4)
+    (losses * row_weights).sum().backward()
     ref_hidden = hidden.detach().clone().requires_grad_(True)
-    ref = F.cross_entropy(F.linear(ref_hidden, weight, bias), targets, reduction="sum")
-    (ref * 0.5).backward()
-    assert torch.allclose(total, ref, rtol=1e-5)
+    ref = F.cross_entropy(F.linear(ref_hidden, weight, bias), targets, reduction="none")
+    (ref * row_weights).sum().backward()
+    assert losses.shape == (13,)
+    assert torch.allclose(losses, ref, rtol=1e-5)
     assert torch.allclose(hidden.grad, ref_hidden.grad, atol=1e-5)
 
 

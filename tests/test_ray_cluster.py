@@ -137,7 +137,7 @@ def test_members_spread_over_nodes_and_survive_losing_one(cluster, tmp_path):
     assert set(nodes_before) == {head_id, worker.node_id}
     lost = [slot for slot, node in enumerate(nodes_before) if node == worker.node_id]
     assert [slot for phase, slot in population.restored_in] == lost
-    assert all(phase == "train" for phase, _ in population.restored_in)
+    assert all(phase == "train_group" for phase, _ in population.restored_in)
     # After: the run completed on the head node, with the restart in the lineage.
     assert controller.generation == GENERATIONS
     assert {location["node_id"] for location in after} == {head_id}

@@ -154,7 +154,7 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
     assert controller.generation == GENERATIONS
     assert [k["generation"] for k in population.killed] == [1, 2]
     assert population.killed[0]["slot"] in population.receivers_of[1]
-    assert population.restored_in == ["set_hyperparameters", "train"]  # each death found where it happened
+    assert population.restored_in == ["set_hyperparameters", "train_group"]  # each death found where it happened
     restarts = [e for e in controller.lineage.events if e["kind"] == "restart"]
     assert [(e["generation"], e["slot"]) for e in restarts] == [(k["generation"], k["slot"]) for k in population.killed]
     assert all(e["member_id"] in controller.lineage.members and e["error"] for e in restarts)

@@ -15,7 +15,12 @@ class LocalPopulation:
         return len(self.hosts)
 
     def train(self, steps: int) -> list[dict]:
-        return [host.train(steps) for host in self.hosts]
+        """Every member; members sharing a base model train in one call (together where they can)."""
+        results = {}
+        for host in self.hosts:
+            if host.slot not in results:
+                results.update(host.train_group(steps))
+        return [results[host.slot] for host in self.hosts]
 
     def evaluate(self) -> list[float]:
         return [host.evaluate() for host in self.hosts]

@@ -49,17 +49,11 @@ class MemberHost:
                 result = self.agent.learn(self.gym.batch(self.stream, self.agent.batch_size))
                 loss_sum += result["mean_loss"] * result["tokens"]
                 tokens += result["tokens"]
-        seconds = time.perf_counter() - start
-        train_loss = loss_sum / tokens if tokens else math.nan
-        return {
-            "slot": self.slot,
-            "train_loss": train_loss,
-            "finite": math.isfinite(train_loss),
-            "tokens": tokens,
-            "seconds": seconds,
-            "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-            "optimizer_step": self.agent.optimizer_steps,
-        }
+        return train_result(self.slot, loss_sum, tokens, time.perf_counter() - start, self.agent.optimizer_steps)
+
+    def train_group(self, steps: int) -> dict[int, dict]:
+        """Train every member on this member's base model, here only this one: {slot: result}."""
+        return {self.slot: self.train(steps)}
 
     def evaluate(self) -> float:
         return self.agent.test(self.gym, batch_size=EVAL_BATCH_SIZE)
@@ -99,6 +93,20 @@ class MemberHost:
         """Write the member's adapter as a PEFT folder under `directory`; return its path."""
         self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
         return str(Path(directory) / ACTOR)
+
+
+def train_result(slot: int, loss_sum: float, tokens: int, seconds: float, optimizer_step: int) -> dict:
+    """What a member reports for a `train` call."""
+    train_loss = loss_sum / tokens if tokens else math.nan
+    return {
+        "slot": slot,
+        "train_loss": train_loss,
+        "finite": math.isfinite(train_loss),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "optimizer_step": optimizer_step,
+    }
 
 
 def seeded_rng_state(seed: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -14,14 +14,15 @@ MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 # Calls that change a member (or stash a donor for a clone on the same actor); each is logged
 # per actor until the next checkpoint and replayed, in order, on an actor rebuilt after a death.
-STATE_CHANGING = ("train", "import_state", "set_hyperparameters", "load", "stash", "import_stashed")
-# What a lost member reports for the rest of its generation: it scores -inf, so the plan
-# replaces it with a clone of the elite.
-LOST_RESULTS = {
-    "train": lambda slot: {"slot": slot, "train_loss": math.nan, "finite": False, "tokens": 0, "seconds": 0.0,
-                           "tokens_per_second": 0.0, "optimizer_step": None},
-    "evaluate": lambda slot: -math.inf,
-}
+# "train_group" trains every member of the actor (together where they can).
+STATE_CHANGING = ("train_group", "import_state", "set_hyperparameters", "load", "stash", "import_stashed")
+
+
+def lost_train_result(slot: int) -> dict:
+    """What a lost member reports for the rest of its generation: it scores -inf, so the plan
+    replaces it with a clone of the elite."""
+    return {"slot": slot, "train_loss": math.nan, "finite": False, "tokens": 0, "seconds": 0.0,
+            "tokens_per_second": 0.0, "optimizer_step": None}
 
 
 class MemberActor:
@@ -145,13 +146,14 @@ class RayPopulation:
             pass
 
     def _call(self, slots: list[int], method: str, args_of=lambda slot: ()) -> list:
-        """Call `method` on the given slots' members in parallel (members that share an actor
-        run one after another), restarting dead actors."""
+        """Call `method` on the given slots' members in parallel (calls to one actor run one
+        after another), restarting dead actors."""
         results, sent_to = {}, {}
 
         def send(slot: int):
-            if slot in self.lost and method in LOST_RESULTS:
-                results[slot] = LOST_RESULTS[method](slot)
+            if slot in self.lost and method in ("train_group", "evaluate"):
+                results[slot] = -math.inf if method == "evaluate" else {
+                    s: lost_train_result(s) for s in self.groups[self.group_of[slot]]}
                 return None
             sent_to[slot] = self.actors[self.group_of[slot]]
             return sent_to[slot].call.remote(slot, method, *args_of(slot))
@@ -172,8 +174,12 @@ class RayPopulation:
         return [results[slot] for slot in slots]
 
     def train(self, steps: int) -> list[dict]:
+        """One call per actor, which trains all of its members."""
         self.restarts, self.lost = [0] * len(self.groups), set()
-        return self._call(list(range(self.size)), "train", lambda slot: (steps,))
+        results = {}
+        for group_results in self._call([group[0] for group in self.groups], "train_group", lambda slot: (steps,)):
+            results.update(group_results)
+        return [results[slot] for slot in range(self.size)]
 
     def evaluate(self) -> list[float]:
         return self._call(list(range(self.size)), "evaluate")

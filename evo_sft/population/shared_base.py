@@ -5,17 +5,31 @@ One member is live in the agent at a time. Making another live swaps tensors, no
 trainable parameter is pointed at that member's tensors and the agent takes that member's
 optimizer and scheduler (whose state is keyed by the same parameter objects). So every member
 behaves exactly as it would on an agent of its own, and a swap copies nothing.
+
+Training steps the members together where the model allows it (`step_together`): each optimizer
+step sends every member's micro-batches through one forward and backward of the base model, then
+each member in turn takes its own optimizer step. Otherwise they train one after another.
 """
+import time
+import warnings
+
+import torch
+
 from evo_sft.agent import SFT
 from evo_sft.data import SFTGym
-from evo_sft.population.member import MemberHost
+from evo_sft.population import step_together
+from evo_sft.population.member import MemberHost, train_result
 
 
 class SharedBase:
     """The members of `founders` ({slot: hyperparameters}) on `agent`'s base model."""
 
-    def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict]):
+    def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict], together: bool = True):
         self.agent, self.live, self.parked = agent, None, {}
+        self.together_blocker = step_together.blocker(agent) if together else "population.step_together is off"
+        if together and self.together_blocker and len(founders) > 1:
+            warnings.warn(f"the {len(founders)} members on one base model train one after another: "
+                          f"{self.together_blocker}")
         params = agent.trainable_parameters()
         initial = {name: p.detach().clone() for name, p in params.items()}
         for slot, hyperparameters in founders.items():
@@ -35,11 +49,15 @@ class SharedBase:
                 "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
                 "attributes": agent.inspect_attributes()}
 
+    def park(self) -> None:
+        if self.live is not None:
+            self.parked[self.live] = self._live_member()
+            self.live = None
+
     def make_live(self, slot: int) -> None:
         if self.live == slot:
             return
-        if self.live is not None:
-            self.parked[self.live] = self._live_member()
+        self.park()
         member = self.parked.pop(slot)
         for name, p in self.agent.trainable_parameters().items():
             p.data = member["weights"][name]
@@ -50,12 +68,55 @@ class SharedBase:
             module.__dict__.pop("_step_weights", None)
         self.live = slot
 
+    def train(self, steps: int) -> dict[int, dict]:
+        """`steps` optimizer steps of every member: {slot: result}."""
+        self.park()
+        epochs = {member["attributes"]["update_epochs"] for member in self.parked.values()}
+        if self.together_blocker or len(self.members) == 1 or len(epochs) > 1:
+            return {slot: member.train(steps) for slot, member in self.members.items()}
+        return self._train_together(steps, epochs.pop())
+
+    def _train_together(self, steps: int, epochs: int) -> dict[int, dict]:
+        agent, slots = self.agent, list(self.members)
+        start = time.perf_counter()
+        layers = step_together.lora_layers(agent)
+        loss_sums = torch.zeros(len(slots), dtype=torch.float32, device=agent.device)
+        tokens = [0] * len(slots)
+        agent.set_training_mode(True)
+        for _ in range(steps):
+            attributes = [self.parked[slot]["attributes"] for slot in slots]
+            batches = [self.members[slot].host.gym.batch(self.members[slot].host.stream, a["batch_size"])
+                       for slot, a in zip(slots, attributes)]
+            micro_sizes = [a["micro_batch_size_per_gpu"] or a["batch_size"] for a in attributes]
+            for _ in range(epochs):
+                weights = [self.parked[slot]["weights"] for slot in slots]
+                grads, step_sums, step_tokens = step_together.forward_backward(agent, layers, weights, batches,
+                                                                               micro_sizes)
+                loss_sums += step_sums
+                for i, slot in enumerate(slots):
+                    tokens[i] += step_tokens[i]
+                    if grads[i] is None:
+                        warnings.warn(f"member {slot}: an optimizer step had no supervised tokens and was skipped")
+                        continue
+                    self.make_live(slot)
+                    for name, p in agent.trainable_parameters().items():
+                        p.grad = grads[i][name]
+                    agent.apply_gradients()
+                self.park()
+        seconds = time.perf_counter() - start
+        return {slot: train_result(slot, float(loss_sum), tokens[i], seconds,
+                                   self.parked[slot]["attributes"]["optimizer_steps"])
+                for i, (slot, loss_sum) in enumerate(zip(slots, loss_sums.tolist()))}
+
 
 class SharedMember:
     """A `MemberHost` whose every call first makes its member the live one on the shared base."""
 
     def __init__(self, base: SharedBase, host: MemberHost):
         self.base, self.host = base, host
+
+    def train_group(self, steps: int) -> dict[int, dict]:
+        return self.base.train(steps)
 
     def __getattr__(self, name: str):
         method = getattr(self.host, name)

@@ -1,0 +1,103 @@
+"""Several LoRA members of one base model through one forward and one backward.
+
+Their micro-batches are packed into one padding-free row. Each LoRA layer runs its frozen base
+layer once for all tokens, and every member's adapter at once: x @ [A_1; ...; A_k]^T gives each
+token every member's rank-r projection, a block mask keeps only the token's own member's block,
+and one matmul with [B_1 ... B_k] adds the deltas. A member's loss is normalised by its own
+step's supervised tokens, so the gradient of the summed objective with respect to a member's
+adapter is the gradient of that member's own step, as if it had trained alone.
+
+It needs packed batches, the fast LoRA forward on every adapter, no LoRA dropout (each member's
+masks would have to come from its own generator), a frozen linear output head and no trained
+parameters besides the adapters. `blocker` names what is missing.
+"""
+from contextlib import contextmanager
+
+import torch
+
+from evo_sft import packing
+from evo_sft.agent import ACTOR, SFT, trim_padding
+from evo_sft.loss import supervised_token_count
+
+
+def lora_layers(agent: SFT) -> list[tuple[torch.nn.Module, str, str]]:
+    """(layer, name of its A weight, name of its B weight) for each fast LoRA layer of the agent."""
+    return [(module, f"{name}.lora_A.{ACTOR}.weight", f"{name}.lora_B.{ACTOR}.weight")
+            for name, module in agent.actor.named_modules()
+            if packing.is_fast_lora(module) and ACTOR in module.lora_A]
+
+
+def blocker(agent: SFT) -> str | None:
+    """Why the members of this agent's base model cannot step together, or None."""
+    if not agent.packing:
+        return "packed batches are off (agent.packing; on by default on a GPU)"
+    if agent._liger_loss is not None:
+        return "agent.use_liger_loss is on"
+    if not packing.is_frozen_linear(agent._decoder_and_head()[1]):
+        return "the output head is trained (LoRA or modules_to_save on it)"
+    layers = lora_layers(agent)
+    others = sorted(set(agent.trainable_parameters()) - {name for _, a, b in layers for name in (a, b)})
+    if others:
+        return f"parameters besides LoRA adapters are trained ({others[0]})"
+    for module, _, _ in layers:
+        if not isinstance(module.lora_dropout[ACTOR], torch.nn.Identity):
+            return "lora.lora_dropout > 0 (masks would have to come from each member's own generator)"
+        if (ACTOR in module.lora_variant or module.lora_A[ACTOR].bias is not None
+                or module.lora_B[ACTOR].bias is not None or not isinstance(module.base_layer, torch.nn.Linear)):
+            return "an adapter is not a plain LoRA on a Linear layer (DoRA, bias or another base layer)"
+    return None
+
+
+@contextmanager
+def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.Tensor]], token_part: torch.Tensor):
+    """For the forward and backward inside the block, every LoRA layer holds the adapters of all
+    members in `weights`, stacked and cast to the compute dtype (gradients flow back to each
+    member's tensors), and the block mask that gives token t only the adapter of member
+    `token_part[t]`."""
+    masters, scales = [], []
+    for module, a_name, b_name in layers:
+        masters += [torch.cat([member[a_name] for member in weights]),
+                    torch.cat([member[b_name] for member in weights], dim=1)]
+        scales += [1.0, float(module.scaling[ACTOR])]
+    cast = packing.cast_scaled(dtype, scales, masters)
+    k, masks = len(weights), {}
+    for index, (module, _, _) in enumerate(layers):
+        weight_a, weight_b = cast[2 * index], cast[2 * index + 1]
+        rank = weight_a.shape[0] // k
+        if rank not in masks:
+            masks[rank] = (torch.arange(k * rank, device=token_part.device) // rank == token_part[:, None]).to(dtype)
+        module._joint = (weight_a, weight_b, masks[rank])
+    try:
+        yield
+    finally:
+        for module, _, _ in layers:
+            del module._joint
+
+
+def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]], batches: list[dict],
+                     micro_sizes: list[int]) -> tuple[list[dict | None], torch.Tensor, list[int]]:
+    """One optimizer step's gradients for each member: `weights[i]` is member i's adapter tensors
+    by parameter name, `batches[i]` its step's host batch, cut into micro-batches of
+    `micro_sizes[i]` rows. The i-th micro-batches of all members go through one forward and
+    backward. Returns each member's gradients by name (None for a step without supervised
+    tokens), the loss sums on the device ([members], float32) and the supervised tokens."""
+    step_tokens = [supervised_token_count(batch["labels"]) for batch in batches]
+    leaves = [{name: w.detach().requires_grad_() for name, w in member.items()} if tokens else None
+              for member, tokens in zip(weights, step_tokens)]
+    micro_batches = [[trim_padding({k: v[start:start + micro] for k, v in batch.items()})
+                      for start in range(0, batch["input_ids"].shape[0], micro)] if tokens else []
+                     for batch, micro, tokens in zip(batches, micro_sizes, step_tokens)]
+    head = agent._decoder_and_head()[1]
+    loss_sums = torch.zeros(len(weights), dtype=torch.float32, device=agent.device)
+    for round_index in range(max(map(len, micro_batches))):
+        present = [i for i, micro in enumerate(micro_batches) if round_index < len(micro)]
+        packed = packing.pack_batches([micro_batches[i][round_index] for i in present])
+        packed["row_member"] = torch.tensor(present)[packed["row_part"]]
+        packed["row_weight"] = torch.tensor([1.0 / step_tokens[i] for i in present])[packed["row_part"]]
+        packed = packing.packed_to_device(packed, agent.device)
+        with members_in_layers(layers, head.weight.dtype, [leaves[i] for i in present], packed["token_part"]):
+            losses = packing.frozen_head_losses(agent.packed_loss_hidden(packed), head, packed["targets"])
+            (losses * packed["row_weight"]).sum().backward()
+        loss_sums.index_add_(0, packed["row_member"], losses.detach())
+    grads = [{name: leaf.grad for name, leaf in member.items()} if member is not None else None for member in leaves]
+    return grads, loss_sums, step_tokens

@@ -1,0 +1,115 @@
+"""Members on one base model stepped together (one forward and backward for all of their
+micro-batches) train as they would alone: same losses, weights and optimizer state as members
+on agents of their own trained with padded batches, and the same evolution decisions."""
+import warnings
+
+import pytest
+import torch
+from evolution_run import GENERATIONS, assert_same_run, experiment, make_controller, pieces
+
+from evo_sft import build
+from evo_sft.config import config_from_dict
+from evo_sft.population.local import LocalPopulation
+
+# Per slot: the batch size (micro-batches of 4 rows, so slots 1 and 2 need two rounds, slot 2's
+# second one short) and the learning rate.
+HYPERPARAMETERS = {0: {"batch_size": 4, "lr": 3e-3}, 1: {"batch_size": 8, "lr": 1e-3}, 2: {"batch_size": 6, "lr": 2e-2}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hosts_of(tmp_path, config_dict: dict) -> list:
+    config = config_from_dict(config_dict)
+    model_path, prepared, founders = pieces(config, tmp_path)
+    hosts = build.local_hosts(config, model_path, prepared, founders)
+    for slot, hyperparameters in HYPERPARAMETERS.items():
+        hosts[slot].set_hyperparameters(hyperparameters)
+    return hosts
+
+
+def count_decoder_forwards(hosts) -> list[int]:
+    calls = [0]
+    for agent in {id(host.agent): host.agent for host in hosts}.values():
+        agent._decoder_and_head()[0].register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp_path, gradient_checkpointing):
+    together_config = experiment("local", tmp_path / "together", members_per_actor=3, step_together=True)
+    alone_config = experiment("local", tmp_path / "alone", members_per_actor=1, step_together=True)
+    for config in (together_config, alone_config):
+        config["agent"]["gradient_checkpointing"] = gradient_checkpointing
+    alone_config["agent"]["packing"] = False  # the reference: padded batches, PEFT's own LoRA forward
+    together, alone = hosts_of(tmp_path, together_config), hosts_of(tmp_path, alone_config)
+    assert together[0].base.together_blocker is None
+    assert not alone[0].agent.packing
+    forwards = count_decoder_forwards(together)
+    steps = 3
+
+    together_results = LocalPopulation(together).train(steps)
+    alone_results = LocalPopulation(alone).train(steps)
+
+    assert forwards[0] == 2 * steps  # every member's i-th micro-batch in one forward: two rounds per step
+    for slot, (got, want) in enumerate(zip(together_results, alone_results)):
+        assert got["tokens"] == want["tokens"] > 0
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+        assert got["optimizer_step"] == want["optimizer_step"] == steps
+        got_agent, want_agent = together[slot], alone[slot]
+        got_agent.base.make_live(slot)
+        got_params, want_params = got_agent.agent.trainable_parameters(), want_agent.agent.trainable_parameters()
+        assert got_params.keys() == want_params.keys()
+        for name, want_param in want_params.items():
+            torch.testing.assert_close(got_params[name].detach(), want_param.detach(), rtol=1e-4, atol=1e-6)
+            got_moments = got_agent.agent.optimizer.state[got_params[name]]
+            want_moments = want_agent.agent.optimizer.state[want_param]
+            torch.testing.assert_close(got_moments["exp_avg_sq"], want_moments["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+        assert got_agent.agent.lr == HYPERPARAMETERS[slot]["lr"]
+    # members with different learning rates and data did not train alike
+    assert len({round(r["train_loss"], 6) for r in together_results}) == 3
+
+
+def run(tmp_path, name: str, members_per_actor: int) -> dict:
+    config = config_from_dict(experiment("local", tmp_path / name, members_per_actor=members_per_actor,
+                                         step_together=True))
+    model_path, prepared, founders = pieces(config, tmp_path)
+    population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
+    controller = make_controller(config, population)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controller.run(GENERATIONS)
+    return controller.state_dict()
+
+
+def test_an_evolution_stepped_together_decides_as_members_on_their_own(tmp_path):
+    """Selection, clones (on the device) and mutated batch sizes between generations: the run
+    with three members stepped together decides as the run with one agent per member."""
+    assert_same_run(run(tmp_path, "together", 3), run(tmp_path, "alone", 1), rel=1e-5)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda c: c["lora"].update(lora_dropout=0.1), "lora.lora_dropout > 0"),
+    (lambda c: c["lora"].update(target_modules=["q_proj", "lm_head"]), "the output head is trained"),
+    (lambda c: c["agent"].update(packing=False), "packed batches are off"),
+    (lambda c: c["population"].update(step_together=False), "population.step_together is off"),
+])
+def test_members_that_cannot_step_together_say_why_and_train_one_after_another(tmp_path, change, reason):
+    config_dict = experiment("local", tmp_path / "run", members_per_actor=3, step_together=True)
+    change(config_dict)
+    config = config_from_dict(config_dict)
+    model_path, prepared, founders = pieces(config, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hosts = build.local_hosts(config, model_path, prepared, founders)
+    assert reason in hosts[0].base.together_blocker
+    if "step_together" not in reason:  # the user asked for it and does not get it: say so
+        assert any(reason in str(w.message) and "one after another" in str(w.message) for w in caught)
+    forwards = count_decoder_forwards(hosts)
+    LocalPopulation(hosts).train(1)
+    assert forwards[0] == 3
