@@ -301,7 +301,8 @@ class SFT:
 
     def apply_gradients(self) -> None:
         """Clip the accumulated gradients, take the optimizer and scheduler step."""
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters().values(), self.max_grad_norm)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer_steps += 1

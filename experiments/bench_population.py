@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sft_step import (  # noqa: E402
-    LORA, SHAPES, build_model, card, free, make_rows, matmul_tflops, step_stats, sync, useful_flops, versions,
+    LORA, SHAPES, build_model, card, free, make_rows, matmul_tflops, profile, step_stats, sync, useful_flops, versions,
 )
 
 from evo_sft import build  # noqa: E402
@@ -51,6 +51,8 @@ from evo_sft.checkpoint import EvolutionCheckpointer  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.controller import Controller  # noqa: E402
 from evo_sft.data import collate  # noqa: E402
+from evo_sft.loss import supervised_token_count  # noqa: E402
+from evo_sft.population import step_together  # noqa: E402
 from evo_sft.demo import build_tokenizer  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 
@@ -157,7 +159,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" and not gpus
         else float("nan"),
         "build_s": build_s, "step_ms": 1000 * train_s / (k * args.steps), "tok_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12),
+        "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12 * max(1, gpus)),  # per GPU
         "evaluate_s": evaluate_s, "evolution_s": evolution_s,
         "evolution_parts_s": {name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
         "evolution_share_100": evolution_s / generation_100,
@@ -169,35 +171,63 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     return row
 
 
-def check_together(size, args, device, paths, prepared, k: int = 4, steps: int = 3) -> dict:
-    """k members stepped together against the same k members each on a model of its own: the
-    relative difference of their train losses and of their adapter updates after `steps` steps."""
-    def hosts(members_per_actor: int):
-        config = config_from_dict(experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
-                                             paths["runs"] / f"check-{size}-{members_per_actor}", device, steps))
-        return build.local_hosts(config, str(paths["model"]), prepared, build.founder_hyperparameters(config))
+def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
+    """The first step's adapter gradients of k members stepped together against each member's
+    own packed step, and (the bf16 noise floor) each member's packed step against its padded step."""
+    def agents_and_batches(members_per_actor: int, packing: bool):
+        config = experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
+                            paths["runs"] / f"check-{size}-{members_per_actor}", device, 1)
+        config["agent"]["packing"] = packing
+        config = config_from_dict(config)
+        hosts = build.local_hosts(config, str(paths["model"]), prepared, build.founder_hyperparameters(config))
+        return hosts, [host.gym.batch(host.stream, 16) for host in hosts]
 
-    def adapters(host) -> torch.Tensor:
-        if hasattr(host, "base"):
-            host.base.make_live(host.slot)
-        return torch.cat([p.detach().float().flatten() for p in host.agent.trainable_parameters().values()])
+    def own_step(host, batch) -> torch.Tensor:
+        loss = host.agent._micro_loss_sum(batch) / supervised_token_count(batch["labels"])
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in host.agent.trainable_parameters().values()])
+        host.agent.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
 
     free(device)
-    alone = hosts(1)
-    initial = [adapters(host) for host in alone]
-    alone_results = LocalPopulation(alone).train(steps)
-    alone_updates = [adapters(host) - start for host, start in zip(alone, initial)]
-    del alone
-    free(device)
-    together = hosts(k)
-    together_results = LocalPopulation(together).train(steps)
-    together_updates = [adapters(host) - start for host, start in zip(together, initial)]
+    grads = {}
+    for packing in (False, True):
+        hosts, batches = agents_and_batches(1, packing)
+        for host in hosts:
+            host.agent.set_training_mode(True)
+        grads[packing] = [own_step(host, batch) for host, batch in zip(hosts, batches)]
+        del hosts
+        free(device)
+    hosts, batches = agents_and_batches(k, True)
+    base = hosts[0].base
+    base.park()
+    base.agent.set_training_mode(True)
+    names = list(base.agent.trainable_parameters())
+    together, _, _ = step_together.forward_backward(
+        base.agent, step_together.lora_layers(base.agent), [base.parked[h.slot]["weights"] for h in hosts], batches,
+        [16] * k)
+    together = [torch.cat([g[name].float().flatten() for name in names]) for g in together]
     return {
-        "check": f"{k} members stepped together vs alone, {steps} steps", "model": size,
-        "train_loss_max_rel_diff": max(abs(a["train_loss"] - b["train_loss"]) / abs(b["train_loss"])
-                                       for a, b in zip(together_results, alone_results)),
-        "update_max_rel_diff": max(float((a - b).norm() / b.norm()) for a, b in zip(together_updates, alone_updates)),
+        "check": f"first-step adapter gradients, {k} members", "model": size,
+        "together_vs_own_packed_max_rel": max(rel(a, b) for a, b in zip(together, grads[True])),
+        "own_packed_vs_own_padded_max_rel": max(rel(a, b) for a, b in zip(grads[True], grads[False])),
     }
+
+
+def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8) -> dict:
+    """A torch.profiler trace summary of 2 optimizer steps of k members stepped together."""
+    config = config_from_dict(experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
+                                         paths["runs"] / f"profile-{size}", device, 1))
+    population = LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared,
+                                                   build.founder_hyperparameters(config)))
+    population.train(2)
+    summary = profile(lambda _: population.train(1), [0, 1], device, out / f"profile_{size}_together{k}.txt")
+    del population
+    free(device)
+    return {"profile": f"{k} members stepped together, 2 steps", "model": size, **summary}
 
 
 def print_table(rows):
@@ -226,7 +256,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per member")
     parser.add_argument("--layouts", default="together,shared,copies", help="for more than one member on one GPU")
-    parser.add_argument("--check", action="store_true", help="compare stepping together with training alone first")
+    parser.add_argument("--check", action="store_true", help="first compare stepping together with training alone")
+    parser.add_argument("--profile", action="store_true", help="profile 8 members stepped together (top kernels)")
     parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -258,11 +289,12 @@ def main():
         stats = step_stats(collate(split, range(len(split)), pad_token_id=0))
         flops_per_token = useful_flops(SHAPES[size], stats) / stats["supervised"]
         paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path, "runs": work / "runs"}
-        if args.check:
-            check = check_together(size, args, device, paths, prepared)
-            print(json.dumps(check), flush=True)
+        extras = ([check_together(size, args, device, paths, prepared)] if args.check else []) + (
+            [profile_together(size, args, device, paths, prepared, out)] if args.profile else [])
+        for extra in extras:
+            print(json.dumps(extra), flush=True)
             with open(out / "bench_population_results.jsonl", "a") as f:
-                f.write(json.dumps({**header, **check}) + "\n")
+                f.write(json.dumps({**header, **extra}) + "\n")
         runs = [(k, layout, 0) for k in (int(m) for m in args.members.split(",") if m)
                 for layout in (("alone",) if k == 1 else args.layouts.split(","))]
         runs += [(g * args.per_gpu, "", g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]

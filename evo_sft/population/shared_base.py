@@ -30,11 +30,13 @@ class SharedBase:
         if together and self.together_blocker and len(founders) > 1:
             warnings.warn(f"the {len(founders)} members on one base model train one after another: "
                           f"{self.together_blocker}")
-        params = agent.trainable_parameters()
-        initial = {name: p.detach().clone() for name, p in params.items()}
+        # the same parameter and layer objects for every member (walking the model costs ms)
+        self.params = agent.trainable_parameters()
+        self.lora_layers = [m for m in agent.actor.modules() if hasattr(m, "lora_A")]
+        initial = {name: p.detach().clone() for name, p in self.params.items()}
         for slot, hyperparameters in founders.items():
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
-            for name, p in params.items():
+            for name, p in self.params.items():
                 p.data = initial[name].clone()
             agent.index, agent.lr, agent.batch_size = slot, hyperparameters["lr"], hyperparameters["batch_size"]
             agent.reinit_optimizers()
@@ -45,7 +47,7 @@ class SharedBase:
         """What makes the agent's live member itself, by reference: its tensors, optimizer,
         scheduler and attributes."""
         agent = self.agent
-        return {"weights": {name: p.data for name, p in agent.trainable_parameters().items()},
+        return {"weights": {name: p.data for name, p in self.params.items()},
                 "optimizer": agent.optimizer, "scheduler": agent.lr_scheduler,
                 "attributes": agent.inspect_attributes()}
 
@@ -59,12 +61,12 @@ class SharedBase:
             return
         self.park()
         member = self.parked.pop(slot)
-        for name, p in self.agent.trainable_parameters().items():
+        for name, p in self.params.items():
             p.data = member["weights"][name]
             p.grad = None
         self.agent.optimizer, self.agent.lr_scheduler = member["optimizer"], member["scheduler"]
         self.agent._set_attributes(member["attributes"])
-        for module in self.agent.actor.modules():  # compute-dtype copies of the previous member's LoRA weights
+        for module in self.lora_layers:  # compute-dtype copies of the previous member's LoRA weights
             module.__dict__.pop("_step_weights", None)
         self.live = slot
 
@@ -99,7 +101,7 @@ class SharedBase:
                         warnings.warn(f"member {slot}: an optimizer step had no supervised tokens and was skipped")
                         continue
                     self.make_live(slot)
-                    for name, p in agent.trainable_parameters().items():
+                    for name, p in self.params.items():
                         p.grad = grads[i][name]
                     agent.apply_gradients()
                 self.park()
