@@ -282,10 +282,14 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _write_manifest(directory: Path) -> None:
+    """List every file with its sha256, except the files of a complete atomic directory inside
+    (one with its own manifest, already hashed and fsynced): its manifest stands for them, and
+    `_verify` follows it."""
+    nested = {p.parent for p in directory.rglob(MANIFEST) if p.parent != directory}
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory).as_posix()
-        if relative == MANIFEST:
+        if relative == MANIFEST or (path.name != MANIFEST and nested.intersection(path.parents)):
             continue
         _fsync(path)
         files[relative] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
@@ -314,6 +318,8 @@ def _verify(path: Path) -> dict:
             raise CheckpointError(f"size mismatch for {_full(file)}: {size} bytes, manifest says {entry['bytes']}")
         if _sha256(file) != entry["sha256"]:
             raise CheckpointError(f"sha256 mismatch for {_full(file)}: the file is damaged")
+        if file.name == MANIFEST:  # a complete atomic directory inside: check its files too
+            _verify(file.parent)
     return manifest
 
 

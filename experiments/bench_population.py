@@ -218,15 +218,14 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
 
 
 def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8) -> dict:
-    """A torch.profiler trace summary of 2 optimizer steps of k members stepped together."""
+    """A torch.profiler trace summary of 2 optimizer steps of k members stepped together (the
+    next row frees the population's GPU memory)."""
     config = config_from_dict(experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
                                          paths["runs"] / f"profile-{size}", device, 1))
     population = LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared,
                                                    build.founder_hyperparameters(config)))
     population.train(2)
     summary = profile(lambda _: population.train(1), [0, 1], device, out / f"profile_{size}_together{k}.txt")
-    del population
-    free(device)
     return {"profile": f"{k} members stepped together, 2 steps", "model": size, **summary}
 
 

@@ -130,9 +130,10 @@ class KillingPopulation(RayPopulation):
         super().set_hyperparameters(per_slot)
 
 
-def killing_run(run_dir, members_per_actor: int = 1, **kills):
+def killing_run(run_dir, members_per_actor: int = 1, step_together: bool = False, **kills):
     """(population, controller) of the tiny experiment on a `KillingPopulation`."""
-    config = config_from_dict(experiment("ray", run_dir, members_per_actor=members_per_actor))
+    config = config_from_dict(experiment("ray", run_dir, members_per_actor=members_per_actor,
+                                         step_together=step_together))
     model_path, prepared, founders = pieces(config, run_dir)
     population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
                                    num_cpus=config.population.num_cpus, members_per_actor=members_per_actor, **kills)
@@ -217,3 +218,29 @@ def test_members_sharing_actors_decide_as_members_on_their_own_and_survive_a_kil
     kinds = {population.group_of[r] == population.group_of[d] for r, d in population.clone_pairs}
     assert kinds == {True, False}, "the run made no clone within an actor, or none between actors"
     assert_same_run(controller.state_dict(), local_reference)
+
+
+def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_survive_a_kill(ray_session, tmp_path):
+    """All three members on one actor, stepped together; the actor is SIGKILLed in the middle of
+    generation 2's training and rebuilt by a replay of its joint training calls. The run decides
+    as the in-process run with one agent per member."""
+    config = config_from_dict(experiment("local", tmp_path / "alone", step_together=True))
+    model_path, prepared, founders = pieces(config, tmp_path / "alone")
+    controller = make_controller(config, LocalPopulation(build.local_hosts(config, model_path, prepared, founders)))
+    population, together = killing_run(tmp_path / "together", members_per_actor=3, step_together=True,
+                                       kill_in_train={2: (0, 0.01)})
+    records = []
+    together.observers.append(lambda _, record: records.append(record))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            controller.run(GENERATIONS)
+            together.run(GENERATIONS)
+    finally:
+        population.close()
+
+    # one joint call trained all three: they report the same seconds (alone, each has its own)
+    assert all(len({result["seconds"] for result in record.train}) == 1 for record in records)
+    assert [k["generation"] for k in population.killed] == [2]
+    assert population.restored_in == ["train_group"]
+    assert_same_run(together.state_dict(), json.loads(json.dumps(controller.state_dict())), rel=1e-5)

@@ -113,3 +113,29 @@ def test_members_that_cannot_step_together_say_why_and_train_one_after_another(t
     forwards = count_decoder_forwards(hosts)
     LocalPopulation(hosts).train(1)
     assert forwards[0] == 3
+
+
+def test_a_member_gone_nan_does_not_reach_the_members_stepped_with_it(tmp_path):
+    """Member 1's adapter holds a NaN: stepped together, the NaN would reach the others through
+    the stacked matmuls (0 * NaN), so the step is redone member by member. The others train
+    exactly as alone; member 1 reports a non-finite loss."""
+    together_config = experiment("local", tmp_path / "together", members_per_actor=3, step_together=True)
+    alone_config = experiment("local", tmp_path / "alone", members_per_actor=1, step_together=True)
+    together, alone = hosts_of(tmp_path, together_config), hosts_of(tmp_path, alone_config)
+    for hosts in (together, alone):
+        if hasattr(hosts[1], "base"):
+            hosts[1].base.make_live(1)
+        with torch.no_grad():
+            next(iter(hosts[1].agent.trainable_parameters().values()))[0, 0] = float("nan")
+
+    together_results = LocalPopulation(together).train(2)
+    alone_results = LocalPopulation(alone).train(2)
+
+    assert not together_results[1]["finite"] and not alone_results[1]["finite"]
+    for slot in (0, 2):
+        assert together_results[slot]["train_loss"] == pytest.approx(alone_results[slot]["train_loss"], rel=1e-5)
+        together[slot].base.make_live(slot)
+        for name, want in alone[slot].agent.trainable_parameters().items():
+            got = together[slot].agent.trainable_parameters()[name]
+            assert torch.isfinite(got).all(), name
+            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)

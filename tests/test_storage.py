@@ -321,6 +321,23 @@ def test_verify_reports_truncated_missing_and_no_manifest(tmp_path):
         verify_directory(final)
 
 
+def test_nested_atomic_directory_is_hashed_once_and_verified_through_its_manifest(tmp_path):
+    """A member checkpoint written atomically inside a generation's: the outer manifest lists the
+    inner manifest (which lists the inner files), and verifying the outer checks the inner files."""
+    final = tmp_path / "generation"
+    with atomic_directory(final) as tmp:
+        write_checkpoint(tmp / "members" / "slot_0", 1)
+        save_json(tmp / "controller.json", {"generation": 1})
+    manifest = verify_directory(final)
+    assert set(manifest["files"]) == {"controller.json", "members/slot_0/manifest.json"}
+    inner = final / "members" / "slot_0" / "w.safetensors"
+    data = bytearray(inner.read_bytes())
+    data[-5] ^= 0x01
+    inner.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(f"sha256 mismatch for {inner}")):
+        verify_directory(final)
+
+
 def test_verify_ignores_unlisted_files(tmp_path):
     final = tmp_path / "ckpt"
     write_checkpoint(final, 1)

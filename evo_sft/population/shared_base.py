@@ -85,15 +85,20 @@ class SharedBase:
         loss_sums = torch.zeros(len(slots), dtype=torch.float32, device=agent.device)
         tokens = [0] * len(slots)
         agent.set_training_mode(True)
-        for _ in range(steps):
-            attributes = [self.parked[slot]["attributes"] for slot in slots]
-            batches = [self.members[slot].host.gym.batch(self.members[slot].host.stream, a["batch_size"])
-                       for slot, a in zip(slots, attributes)]
-            micro_sizes = [a["micro_batch_size_per_gpu"] or a["batch_size"] for a in attributes]
-            for _ in range(epochs):
+        batches = self._next_batches(slots)
+        for step in range(steps):
+            micro_sizes = [self.parked[slot]["attributes"]["micro_batch_size_per_gpu"] or len(batch["input_ids"])
+                           for slot, batch in zip(slots, batches)]
+            for epoch in range(epochs):
                 weights = [self.parked[slot]["weights"] for slot in slots]
                 grads, step_sums, step_tokens = step_together.forward_backward(agent, layers, weights, batches,
                                                                                micro_sizes)
+                finite = step_together.all_finite(grads, step_sums)
+                upcoming = self._next_batches(slots) if epoch == epochs - 1 and step + 1 < steps else batches
+                if not bool(finite):  # the one sync of a step, after the host has prepared the next one
+                    alone = [step_together.forward_backward(agent, layers, [w], [b], [m])
+                             for w, b, m in zip(weights, batches, micro_sizes)]
+                    grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
                 loss_sums += step_sums
                 for i, slot in enumerate(slots):
                     tokens[i] += step_tokens[i]
@@ -105,10 +110,16 @@ class SharedBase:
                         p.grad = grads[i][name]
                     agent.apply_gradients()
                 self.park()
+            batches = upcoming
         seconds = time.perf_counter() - start
         return {slot: train_result(slot, float(loss_sum), tokens[i], seconds,
                                    self.parked[slot]["attributes"]["optimizer_steps"])
                 for i, (slot, loss_sum) in enumerate(zip(slots, loss_sums.tolist()))}
+
+    def _next_batches(self, slots: list[int]) -> list[dict]:
+        """Each member's next optimizer step of `batch_size` rows from its own stream."""
+        return [self.members[slot].host.gym.batch(self.members[slot].host.stream,
+                                                  self.parked[slot]["attributes"]["batch_size"]) for slot in slots]
 
 
 class SharedMember:

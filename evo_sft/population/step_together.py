@@ -10,6 +10,9 @@ adapter is the gradient of that member's own step, as if it had trained alone.
 It needs packed batches, the fast LoRA forward on every adapter, no LoRA dropout (each member's
 masks would have to come from its own generator), a frozen linear output head and no trained
 parameters besides the adapters. `blocker` names what is missing.
+
+A NaN or inf in one member would reach the others (0 * NaN is NaN in the stacked matmuls), so
+a step whose losses or gradients are not all finite is redone with each member on its own.
 """
 from contextlib import contextmanager
 
@@ -101,3 +104,9 @@ def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]],
         loss_sums.index_add_(0, packed["row_member"], losses.detach())
     grads = [{name: leaf.grad for name, leaf in member.items()} if member is not None else None for member in leaves]
     return grads, loss_sums, step_tokens
+
+
+def all_finite(grads: list[dict | None], loss_sums: torch.Tensor) -> torch.Tensor:
+    """On the device, without a sync: whether every loss sum and every gradient is finite."""
+    norms = [torch.stack(torch._foreach_norm(list(member.values()))).sum() for member in grads if member is not None]
+    return torch.isfinite(torch.stack([loss_sums.sum(), *norms])).all()

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Saving a generation checkpoint of k members: this tree's `evo_sft.storage` against the one of
+a named git revision, in the same run. Each member is an atomic directory (manifest, sha256,
+fsync) inside the generation's atomic directory, as `EvolutionCheckpointer` writes them; a
+member's state is random float32 tensors of about the size of a 3B LoRA-r16 member with its
+AdamW moments (88 MB).
+
+    python experiments/bench_checkpoint_save.py --baseline-rev 2449d59
+"""
+import argparse
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def storage_module(source: str, name: str):
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline-rev", required=True)
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=str(ROOT), help="where to write (the disk being measured)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    baseline = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:evo_sft/storage.py"],
+                              check=True, capture_output=True, text=True).stdout
+    impls = {f"baseline {args.baseline_rev}": storage_module(baseline, "storage_baseline"),
+             "this tree": storage_module((ROOT / "evo_sft" / "storage.py").read_text(), "storage_tree")}
+    state = {f"t{i}": torch.randn(1_000_000) for i in range(22)}
+    results = {name: {"save": [], "verify": []} for name in impls}
+    for _ in range(args.repeats):
+        for name, storage in impls.items():
+            root = Path(tempfile.mkdtemp(dir=args.dir))
+            start = time.perf_counter()
+            with storage.atomic_directory(root / "generation") as tmp:
+                for slot in range(args.members):
+                    with storage.atomic_directory(tmp / "members" / f"slot_{slot}") as member:
+                        storage.save_tensors(member / "state.safetensors", state)
+            results[name]["save"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            storage.verify_directory(root / "generation")
+            results[name]["verify"].append(time.perf_counter() - start)
+            shutil.rmtree(root)
+    print(f"| storage | save of {args.members} members x 88 MB, s (median of {args.repeats}) | verify, s |")
+    print("|---|---:|---:|")
+    for name, times in results.items():
+        print(f"| {name} | {sorted(times['save'])[len(times['save']) // 2]:.2f} | "
+              f"{sorted(times['verify'])[len(times['verify']) // 2]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
