@@ -1,13 +1,16 @@
 """A tiny evolution run shared by the population tests: its config, its pieces, the controller
 as `run.start` builds it, and what two runs must agree on."""
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 
 from evo_sft import build
 from evo_sft.checkpoint import EvolutionCheckpointer, checkpoint_dirs
+from evo_sft.config import config_from_dict
 from evo_sft.controller import Controller
+from evo_sft.population.local import LocalPopulation
 
 GENERATIONS = 3
 
@@ -60,6 +63,19 @@ def make_controller(config, population, run_dir: Path | None = None) -> Controll
     return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
                       selection=selection, mutations=mutations,
                       micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
+
+
+def run_local(config_dict: dict, run_dir: Path):
+    """The experiment run in this process for GENERATIONS generations (warnings silenced), as
+    `run.start` would with backend=local: (population, controller state)."""
+    config = config_from_dict(config_dict)
+    model_path, prepared, founders = pieces(config, run_dir)
+    population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
+    controller = make_controller(config, population)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controller.run(GENERATIONS)
+    return population, controller.state_dict()
 
 
 def decisions(state: dict) -> dict:

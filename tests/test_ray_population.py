@@ -18,12 +18,11 @@ import torch
 ray = pytest.importorskip("ray")
 
 from evolution_run import (  # noqa: E402
-    GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces,
+    GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces, run_local,
 )
 
-from evo_sft import build, run  # noqa: E402
+from evo_sft import run  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.population.local import LocalPopulation  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
 
 
@@ -54,19 +53,13 @@ def tracking_uri(tmp_path_factory):
 def local_reference(tmp_path_factory):
     """The same experiment with the in-process backend (what `run.start` builds for backend=local)."""
     run_dir = tmp_path_factory.mktemp("local")
-    config = config_from_dict(experiment("local", run_dir))
-    model_path, prepared, founders = pieces(config, run_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in an actor with num_cpus < 1
     try:
-        population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
-        controller = make_controller(config, population)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            controller.run(GENERATIONS)
+        _, state = run_local(experiment("local", run_dir), run_dir)
     finally:
         torch.set_num_threads(threads)
-    return json.loads(json.dumps(controller.state_dict()))
+    return json.loads(json.dumps(state))
 
 
 def test_ray_run_decides_as_the_local_backend(ray_session, local_reference, tracking_uri, tmp_path):
@@ -224,9 +217,7 @@ def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_surviv
     """All three members on one actor, stepped together; the actor is SIGKILLed in the middle of
     generation 2's training and rebuilt by a replay of its joint training calls. The run decides
     as the in-process run with one agent per member."""
-    config = config_from_dict(experiment("local", tmp_path / "alone", step_together=True))
-    model_path, prepared, founders = pieces(config, tmp_path / "alone")
-    controller = make_controller(config, LocalPopulation(build.local_hosts(config, model_path, prepared, founders)))
+    _, alone = run_local(experiment("local", tmp_path / "alone", step_together=True), tmp_path / "alone")
     population, together = killing_run(tmp_path / "together", members_per_actor=3, step_together=True,
                                        kill_in_train={2: (0, 0.01)})
     records = []
@@ -234,7 +225,6 @@ def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_surviv
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            controller.run(GENERATIONS)
             together.run(GENERATIONS)
     finally:
         population.close()
@@ -243,4 +233,4 @@ def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_surviv
     assert all(len({result["seconds"] for result in record.train}) == 1 for record in records)
     assert [k["generation"] for k in population.killed] == [2]
     assert population.restored_in == ["train_group"]
-    assert_same_run(together.state_dict(), json.loads(json.dumps(controller.state_dict())), rel=1e-5)
+    assert_same_run(together.state_dict(), json.loads(json.dumps(alone)), rel=1e-5)

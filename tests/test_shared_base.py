@@ -1,14 +1,11 @@
 """Several members on one base model (issue 9), in this process: one frozen copy of the weights,
 and members that behave exactly as they would on agents of their own."""
-import warnings
-
 import pytest
 import torch
-from evolution_run import GENERATIONS, assert_same_run, experiment, make_controller, pieces
+from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
 from evo_sft.config import config_from_dict
-from evo_sft.population.local import LocalPopulation
 
 
 @pytest.fixture(autouse=True)
@@ -19,17 +16,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_local(tmp_path, members_per_actor: int):
-    config = config_from_dict(experiment("local", tmp_path / f"k{members_per_actor}", members_per_actor=members_per_actor))
-    model_path, prepared, founders = pieces(config, tmp_path)
-    population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
-    controller = make_controller(config, population)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        controller.run(GENERATIONS)
-    return population, controller.state_dict()
-
-
 def base_weights(host) -> set[int]:
     return {p.data_ptr() for name, p in host.agent.actor.named_parameters() if "lora_" not in name}
 
@@ -37,8 +23,8 @@ def base_weights(host) -> set[int]:
 def test_members_on_one_base_decide_exactly_as_members_on_their_own(tmp_path):
     """3 members, LoRA dropout on: one agent each, or all three on one base model (which clones
     between them on the device), give the same lineage and fitness."""
-    alone, reference = run_local(tmp_path, members_per_actor=1)
-    shared, state = run_local(tmp_path, members_per_actor=3)
+    alone, reference = run_local(experiment("local", tmp_path / "k1", members_per_actor=1), tmp_path)
+    shared, state = run_local(experiment("local", tmp_path / "k3", members_per_actor=3), tmp_path)
     assert_same_run(state, reference)
 
     assert len({id(host.agent) for host in shared.hosts}) == 1

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from evolution_run import GENERATIONS, assert_same_run, experiment, make_controller, pieces
+from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
 from evo_sft.config import config_from_dict
@@ -75,22 +75,13 @@ def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp
     assert len({round(r["train_loss"], 6) for r in together_results}) == 3
 
 
-def run(tmp_path, name: str, members_per_actor: int) -> dict:
-    config = config_from_dict(experiment("local", tmp_path / name, members_per_actor=members_per_actor,
-                                         step_together=True))
-    model_path, prepared, founders = pieces(config, tmp_path)
-    population = LocalPopulation(build.local_hosts(config, model_path, prepared, founders))
-    controller = make_controller(config, population)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        controller.run(GENERATIONS)
-    return controller.state_dict()
-
-
 def test_an_evolution_stepped_together_decides_as_members_on_their_own(tmp_path):
     """Selection, clones (on the device) and mutated batch sizes between generations: the run
     with three members stepped together decides as the run with one agent per member."""
-    assert_same_run(run(tmp_path, "together", 3), run(tmp_path, "alone", 1), rel=1e-5)
+    _, together = run_local(experiment("local", tmp_path / "together", members_per_actor=3, step_together=True),
+                            tmp_path)
+    _, alone = run_local(experiment("local", tmp_path / "alone", members_per_actor=1, step_together=True), tmp_path)
+    assert_same_run(together, alone, rel=1e-5)
 
 
 @pytest.mark.parametrize("change, reason", [

@@ -32,7 +32,7 @@ class SharedBase:
                           f"{self.together_blocker}")
         # the same parameter and layer objects for every member (walking the model costs ms)
         self.params = agent.trainable_parameters()
-        self.lora_layers = [m for m in agent.actor.modules() if hasattr(m, "lora_A")]
+        self.fast_layers = step_together.lora_layers(agent)
         initial = {name: p.detach().clone() for name, p in self.params.items()}
         for slot, hyperparameters in founders.items():
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
@@ -66,7 +66,7 @@ class SharedBase:
             p.grad = None
         self.agent.optimizer, self.agent.lr_scheduler = member["optimizer"], member["scheduler"]
         self.agent._set_attributes(member["attributes"])
-        for module in self.lora_layers:  # compute-dtype copies of the previous member's LoRA weights
+        for module, _, _ in self.fast_layers:  # compute-dtype copies of the previous member's LoRA weights
             module.__dict__.pop("_step_weights", None)
         self.live = slot
 
@@ -81,7 +81,6 @@ class SharedBase:
     def _train_together(self, steps: int, epochs: int) -> dict[int, dict]:
         agent, slots = self.agent, list(self.members)
         start = time.perf_counter()
-        layers = step_together.lora_layers(agent)
         loss_sums = torch.zeros(len(slots), dtype=torch.float32, device=agent.device)
         tokens = [0] * len(slots)
         agent.set_training_mode(True)
@@ -91,12 +90,12 @@ class SharedBase:
                            for slot, batch in zip(slots, batches)]
             for epoch in range(epochs):
                 weights = [self.parked[slot]["weights"] for slot in slots]
-                grads, step_sums, step_tokens = step_together.forward_backward(agent, layers, weights, batches,
+                grads, step_sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
                                                                                micro_sizes)
                 finite = step_together.all_finite(grads, step_sums)
                 upcoming = self._next_batches(slots) if epoch == epochs - 1 and step + 1 < steps else batches
                 if not bool(finite):  # the one sync of a step, after the host has prepared the next one
-                    alone = [step_together.forward_backward(agent, layers, [w], [b], [m])
+                    alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m])
                              for w, b, m in zip(weights, batches, micro_sizes)]
                     grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
                 loss_sums += step_sums
