@@ -456,21 +456,44 @@ class SFT:
     def save_checkpoint(self, path: str | Path, lora_only: bool = True, save_optimizer: bool = True) -> None:
         """Write `path/actor/` (PEFT adapter), `attributes.json`, optimizer and scheduler state
         and, when `lora_only=False` or without LoRA, the full weights. Atomic, hashed, no pickle."""
-        with storage.atomic_directory(path) as tmp:
-            if self.is_lora:
-                adapters = [ACTOR] + ([REFERENCE] if self.use_separate_reference_adapter else [])
-                self.actor.save_pretrained(tmp, selected_adapters=adapters)
-            if not lora_only or not self.is_lora:
-                model = self.actor.get_base_model() if self.is_lora else self.actor
-                storage.save_tensors(tmp / "model.safetensors", model.state_dict())
-                model.config.to_json_file(tmp / "config.json")
-            if save_optimizer:
-                storage.save_state(tmp, "optimizer", self.optimizer.state_dict())
-                storage.save_state(tmp, "scheduler", _scheduler_state(self.lr_scheduler))
-            storage.save_json(tmp / "attributes.json", {
-                "algo": self.algo, "attributes": self.inspect_attributes(),
-                "lora_config": _lora_kwargs(self.lora_config.to_dict()) if self.is_lora else None,
-            })
+        self.checkpoint_snapshot(lora_only, save_optimizer).write_atomic(path)
+
+    def checkpoint_snapshot(self, lora_only: bool = True, save_optimizer: bool = True) -> storage.Snapshot:
+        """What `save_checkpoint` writes, copied now, so that it can be written while training goes on."""
+        snapshot = storage.Snapshot()
+        if self.is_lora:
+            for adapter in [ACTOR] + ([REFERENCE] if self.use_separate_reference_adapter else []):
+                self._snapshot_adapter(snapshot, adapter)
+        if not lora_only or not self.is_lora:
+            model = self.actor.get_base_model() if self.is_lora else self.actor
+            snapshot.tensors("model.safetensors", model.state_dict())
+            snapshot.writer("config.json", copy.deepcopy(model.config).to_json_file)
+        if save_optimizer:
+            snapshot.state("optimizer", self.optimizer.state_dict())
+            snapshot.state("scheduler", _scheduler_state(self.lr_scheduler))
+        snapshot.json("attributes.json", {
+            "algo": self.algo, "attributes": self.inspect_attributes(),
+            "lora_config": _lora_kwargs(self.lora_config.to_dict()) if self.is_lora else None,
+        })
+        return snapshot
+
+    def _snapshot_adapter(self, snapshot: storage.Snapshot, adapter: str) -> None:
+        """`adapter` as PEFT's `save_pretrained` writes it (`<adapter>/adapter_model.safetensors`
+        and `adapter_config.json`), loadable with `PeftModel.from_pretrained`."""
+        from peft import get_peft_model_state_dict
+
+        snapshot.tensors(f"{adapter}/adapter_model.safetensors",
+                         get_peft_model_state_dict(self.actor, adapter_name=adapter), metadata={"format": "pt"})
+        config = copy.deepcopy(self.actor.peft_config[adapter])
+        config.inference_mode = True
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = self.actor.base_model.model.__dict__.get("name_or_path") or None
+        auto_mapping = None
+        if config.task_type is None:
+            base_class = self.actor._get_base_model_class(is_prompt_tuning=False)
+            auto_mapping = {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+        snapshot.writer(f"{adapter}/adapter_config.json",
+                        lambda path: config.save_pretrained(path.parent, auto_mapping_dict=auto_mapping))
 
     def load_checkpoint(self, path: str | Path, load_optimizer: bool = False, overwrite_reference_adapter: bool = False,
                         overwrite_critic_adapter: bool = True, merge_lora_configs: bool = False) -> None:

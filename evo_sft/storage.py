@@ -14,8 +14,9 @@ import os
 import re
 import secrets
 import shutil
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +25,8 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "evo-sft-checkpoint"
 MANIFEST_VERSION = 1
+WRITE_THREADS = min(8, os.cpu_count() or 1)
+MAX_PENDING_BYTES = 4 << 30
 
 
 class CheckpointError(Exception):
@@ -81,14 +84,17 @@ def load_json(path: str | os.PathLike) -> Any:
 # Tensors
 
 
+def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor copied once into its own contiguous CPU storage (safetensors refuses shared ones)."""
+    return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for name, t in tensors.items()}
+
+
 def save_tensors(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write tensors as safetensors; each is copied to its own contiguous CPU storage."""
-    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    save_file(owned, str(path), metadata=metadata)
+    save_file(cpu_copy(tensors), str(path), metadata=metadata)
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -169,9 +175,71 @@ def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any, device: st
 
 def save_state(directory: str | os.PathLike, name: str, obj: Any) -> None:
     """Write `obj` as `<name>.safetensors` (tensors) + `<name>.json` (structure)."""
-    tensors, structure = flatten_state(obj)
-    save_tensors(Path(directory) / f"{name}.safetensors", tensors)
-    save_json(Path(directory) / f"{name}.json", structure)
+    snapshot = Snapshot()
+    snapshot.state(name, obj)
+    snapshot.write(directory)
+
+
+class Snapshot:
+    """Files copied out of live state now and written later, possibly on another thread while
+    the state trains on: tensors are CPU copies, JSON is copied, and a nested snapshot becomes
+    an atomic directory of its own. `nbytes` counts the tensor bytes it holds."""
+
+    def __init__(self):
+        self.files: list[tuple[str, Callable[[Path], None]]] = []
+        self.nbytes = 0
+
+    def tensors(self, relative: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        owned = cpu_copy(tensors)
+        self.nbytes += sum(t.nbytes for t in owned.values())
+        self.files.append((relative, lambda path: save_file(owned, str(path), metadata=metadata)))
+
+    def json(self, relative: str, obj: Any) -> None:
+        _check_json(obj, relative)
+        frozen = json.loads(json.dumps(obj))
+        self.files.append((relative, lambda path: save_json(path, frozen)))
+
+    def state(self, name: str, obj: Any) -> None:
+        """`obj` as `<name>.safetensors` + `<name>.json`, as `save_state` writes it."""
+        tensors, structure = flatten_state(obj)
+        self.tensors(f"{name}.safetensors", tensors)
+        self.json(f"{name}.json", structure)
+
+    def writer(self, relative: str, write: Callable[[Path], None]) -> None:
+        """A file (or folder) that `write(path)` makes from data it already owns."""
+        self.files.append((relative, write))
+
+    def directory(self, relative: str, snapshot: "Snapshot") -> None:
+        self.nbytes += snapshot.nbytes
+        self.files.append((relative, snapshot.write_atomic))
+
+    def write(self, directory: str | os.PathLike) -> None:
+        for relative, write in self.files:
+            path = Path(directory) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+
+    def write_atomic(self, path: str | os.PathLike) -> None:
+        with atomic_directory(path) as tmp:
+            self.write(tmp)
+
+
+def write_snapshots(snapshots: Iterable[Snapshot], directory: str | os.PathLike,
+                    threads: int = WRITE_THREADS, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+    """Write each snapshot into `directory` on a pool of threads (serialising, hashing and fsync
+    release the GIL). The next snapshot is taken from the iterable only while the unwritten ones
+    hold less than `max_pending_bytes`, so large members never pile up in memory. The first
+    error is raised once every started write has ended."""
+    sizes: dict[Future, int] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for snapshot in snapshots:
+            sizes[pool.submit(snapshot.write, directory)] = snapshot.nbytes
+            while sum(n for f, n in sizes.items() if not f.done()) >= max_pending_bytes:
+                wait([f for f in sizes if not f.done()], return_when=FIRST_COMPLETED)
+            if any(f.done() and f.exception() is not None for f in sizes):
+                break
+    for future in sizes:
+        future.result()
 
 
 def load_state(directory: str | os.PathLike, name: str, device: str | torch.device = "cpu") -> Any:

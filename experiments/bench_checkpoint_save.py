@@ -3,19 +3,23 @@
 a named git revision, in the same run. Each member is an atomic directory (manifest, sha256,
 fsync) inside the generation's atomic directory, as `EvolutionCheckpointer` writes them; a
 member's state is random float32 tensors of about the size of a 3B LoRA-r16 member with its
-AdamW moments (88 MB).
+AdamW moments (88 MB). Revisions before `write_snapshots` write the members one after another.
 
-    python experiments/bench_checkpoint_save.py --baseline-rev 2449d59
+    python experiments/bench_checkpoint_save.py --baseline-rev 11d299e
 """
 import argparse
 import importlib.util
+import os
+import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import safetensors
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +34,37 @@ def storage_module(source: str, name: str):
     return module
 
 
+def write_members(storage, state: dict, members: int, directory: Path) -> None:
+    """As the population writes its members: copied one after another and written on a pool of
+    threads where the storage module has `write_snapshots`, else each copied and written in turn."""
+    if not hasattr(storage, "write_snapshots"):
+        for slot in range(members):
+            with storage.atomic_directory(directory / f"slot_{slot}") as member:
+                storage.save_tensors(member / "state.safetensors", state)
+        return
+
+    def snapshot(slot: int):
+        member, files = storage.Snapshot(), storage.Snapshot()
+        files.tensors("state.safetensors", state)
+        member.directory(f"slot_{slot}", files)
+        return member
+
+    storage.write_snapshots((snapshot(slot) for slot in range(members)), directory)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-rev", required=True)
+    parser.add_argument("--baseline-file", help="that revision's evo_sft/storage.py, where there is no git "
+                                                "(`git show REV:evo_sft/storage.py > FILE`)")
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=str(ROOT), help="where to write (the disk being measured)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    baseline = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:evo_sft/storage.py"],
-                              check=True, capture_output=True, text=True).stdout
+    baseline = Path(args.baseline_file).read_text() if args.baseline_file else subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:evo_sft/storage.py"],
+        check=True, capture_output=True, text=True).stdout
     impls = {f"baseline {args.baseline_rev}": storage_module(baseline, "storage_baseline"),
              "this tree": storage_module((ROOT / "evo_sft" / "storage.py").read_text(), "storage_tree")}
     state = {f"t{i}": torch.randn(1_000_000) for i in range(22)}
@@ -49,14 +74,14 @@ def main():
             root = Path(tempfile.mkdtemp(dir=args.dir))
             start = time.perf_counter()
             with storage.atomic_directory(root / "generation") as tmp:
-                for slot in range(args.members):
-                    with storage.atomic_directory(tmp / "members" / f"slot_{slot}") as member:
-                        storage.save_tensors(member / "state.safetensors", state)
+                write_members(storage, state, args.members, tmp / "members")
             results[name]["save"].append(time.perf_counter() - start)
             start = time.perf_counter()
             storage.verify_directory(root / "generation")
             results[name]["verify"].append(time.perf_counter() - start)
             shutil.rmtree(root)
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, safetensors {safetensors.__version__}, writing under {args.dir}")
     print(f"| storage | save of {args.members} members x 88 MB, s (median of {args.repeats}) | verify, s |")
     print("|---|---:|---:|")
     for name, times in results.items():

@@ -59,11 +59,9 @@ def test_layout_is_peft_and_pickle_free(make_agent, make_model, train, tmp_path,
     files = [f for f in path.rglob("*") if f.is_file()]
     for file in files:
         assert file.suffix not in PICKLE_SUFFIXES, file
-        # every file is JSON, safetensors or PEFT's model card: nothing that a loader would unpickle
+        # every file is JSON or safetensors: nothing that a loader would unpickle
         if file.suffix == ".json":
             json.loads(file.read_text())
-        elif file.name == "README.md":
-            file.read_text(encoding="utf-8")
         else:
             assert file.suffix == ".safetensors", file
             with safe_open(str(file), framework="pt") as f:
@@ -119,6 +117,24 @@ def test_load_checkpoint_on_a_fresh_agent(make_agent, train, tmp_path, demo_gym,
     assert torch.equal(logits_of(with_optimizer, probe_ids), logits_of(agent, probe_ids))
     assert_same_optimizer(with_optimizer, agent, assert_same)
     assert_same_next_step(agent, with_optimizer, demo_gym.step(), snapshot, assert_same)
+
+
+def test_a_snapshot_holds_the_state_of_when_it_was_taken(make_agent, train, tmp_path, demo_gym, logits_of, probe_ids,
+                                                        snapshot, assert_same):
+    """A population checkpoint copies each member and writes it while others are copied (or
+    trained): what is written must be the member as it was when copied."""
+    agent = train(make_agent(lr=2e-3))
+    taken = agent.checkpoint_snapshot()
+    logits, optimizer = logits_of(agent, probe_ids), snapshot.optimizer(agent)
+    train(agent, steps=2)
+    assert not torch.equal(logits_of(agent, probe_ids), logits)
+    taken.write_atomic(tmp_path / "ckpt")
+
+    loaded = make_agent(lr=1e-4)
+    loaded.load_checkpoint(tmp_path / "ckpt", load_optimizer=True)
+    assert torch.equal(logits_of(loaded, probe_ids), logits)
+    assert_same(snapshot.optimizer(loaded), optimizer)
+    assert loaded.optimizer_steps == agent.optimizer_steps - 2
 
 
 def test_full_weights_round_trip(make_agent, train, tmp_path, demo_gym, logits_of, probe_ids, snapshot, assert_same):

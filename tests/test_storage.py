@@ -343,3 +343,43 @@ def test_verify_ignores_unlisted_files(tmp_path):
     write_checkpoint(final, 1)
     (final / "notes.txt").write_text("added later")
     assert "notes.txt" not in verify_directory(final)["files"]
+
+
+def _snapshot_of(name: str, log: list, nbytes: int, fail: bool = False) -> storage.Snapshot:
+    """A snapshot that logs when it is taken and when its one file is written."""
+    log.append(f"take {name}")
+    snapshot = storage.Snapshot()
+    snapshot.tensors(f"{name}.safetensors", {"w": torch.zeros(nbytes // 4)})
+
+    def write(path):
+        if fail:
+            raise OSError(f"disk full writing {name}")
+        save_json(path, name)
+        log.append(f"wrote {name}")
+
+    snapshot.writer(f"{name}.json", write)
+    return snapshot
+
+
+def test_write_snapshots_writes_every_member_and_bounds_the_memory_held(tmp_path):
+    log = []
+    storage.write_snapshots((_snapshot_of(f"m{i}", log, nbytes=4096) for i in range(4)), tmp_path,
+                            threads=4, max_pending_bytes=4096)
+    # each snapshot alone reaches the bound, so the next is taken only once the previous is written
+    assert log == [f"{event} m{i}" for i in range(4) for event in ("take", "wrote")]
+    for i in range(4):
+        assert load_json(tmp_path / f"m{i}.json") == f"m{i}"
+        assert load_tensors(tmp_path / f"m{i}.safetensors")["w"].numel() == 1024
+
+    log.clear()
+    storage.write_snapshots((_snapshot_of(f"n{i}", log, nbytes=4096) for i in range(4)), tmp_path,
+                            threads=4, max_pending_bytes=1 << 20)
+    assert log[:4] == [f"take n{i}" for i in range(4)]  # under the bound, all are taken at once
+
+
+def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_path):
+    log = []
+    snapshots = (_snapshot_of(f"m{i}", log, nbytes=4096, fail=i == 1) for i in range(4))
+    with pytest.raises(OSError, match="disk full writing m1"):
+        storage.write_snapshots(snapshots, tmp_path, threads=2, max_pending_bytes=4096)
+    assert log == ["take m0", "wrote m0", "take m1"]

@@ -1,6 +1,7 @@
 """The in-process backend: every member in this process, trained one after another."""
 from pathlib import Path
 
+from evo_sft import storage
 from evo_sft.population.member import MemberHost
 
 
@@ -39,8 +40,8 @@ class LocalPopulation:
             self.hosts[slot].set_hyperparameters(hyperparameters)
 
     def save(self, directory: Path) -> None:
-        for host in self.hosts:
-            host.save(directory)
+        """Each member is copied in turn and written on its own thread."""
+        storage.write_snapshots((host.snapshot() for host in self.hosts), directory)
 
     def load(self, directory: Path) -> None:
         for host in self.hosts:

@@ -73,13 +73,14 @@ class MemberHost:
         tensors, meta = state
         self.agent.import_state(tensors, meta)
 
-    def save(self, directory: Path) -> None:
+    def snapshot(self) -> storage.Snapshot:
         """The member (adapter, optimizer, scheduler, attributes), this slot's stream position
-        and its random generator."""
-        directory = Path(directory)
-        self.agent.save_checkpoint(directory / f"slot_{self.slot}", lora_only=self.agent.is_lora)
-        storage.save_json(directory / f"slot_{self.slot}.stream.json", self.stream.state_dict())
-        storage.save_tensors(directory / f"slot_{self.slot}.rng.safetensors", self.rng)
+        and its random generator, as files of a population checkpoint's `members/` folder."""
+        snapshot = storage.Snapshot()
+        snapshot.directory(f"slot_{self.slot}", self.agent.checkpoint_snapshot(lora_only=self.agent.is_lora))
+        snapshot.json(f"slot_{self.slot}.stream.json", self.stream.state_dict())
+        snapshot.tensors(f"slot_{self.slot}.rng.safetensors", self.rng)
+        return snapshot
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)

@@ -8,6 +8,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from evo_sft import storage
 from evo_sft.build import build_hosts, slot_groups
 
 MAX_RESTARTS_PER_GENERATION = 3
@@ -36,7 +37,13 @@ class MemberActor:
     def call(self, slot: int, method: str, *args):
         if method in ("stash", "import_stashed", "drop_stash"):
             return getattr(self, method)(slot, *args)
+        if method == "save_members":
+            return self.save_members(*args)
         return getattr(self.hosts[slot], method)(*args)
+
+    def save_members(self, directory: str) -> None:
+        """Every member of this actor, each copied in turn and written on its own thread."""
+        storage.write_snapshots((host.snapshot() for host in self.hosts.values()), directory)
 
     def stash(self, slot: int) -> None:
         """Keep a copy of a donor on its device, for clones into members of this actor."""
@@ -207,7 +214,8 @@ class RayPopulation:
         self._call(list(per_slot), "set_hyperparameters", lambda slot: (per_slot[slot],))
 
     def save(self, directory: Path) -> None:
-        self._call(list(range(self.size)), "save", lambda slot: (str(directory),))
+        """One call per actor, which writes all of its members."""
+        self._call([group[0] for group in self.groups], "save_members", lambda slot: (str(directory),))
 
     def load(self, directory: Path) -> None:
         self._call(list(range(self.size)), "load", lambda slot: (str(directory),))
