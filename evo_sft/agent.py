@@ -3,7 +3,7 @@ cross-entropy on response tokens, with the public API of AgileRL's `SFT`."""
 import copy
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class SFT:
                  device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True, clone: bool = False,
                  seed: int = 42, gradient_checkpointing: bool = True, use_liger_loss: bool = False,
                  use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None,
-                 packing: bool | None = None):
+                 packing: bool | None = None, compile_layers: bool = False):
         if accelerator is not None:
             raise NotImplementedError("SFT does not support an accelerate Accelerator yet; pass accelerator=None")
         if (model_name is None) == (actor_network is None):
@@ -104,6 +104,8 @@ class SFT:
         self.actor = self._prepare_model(actor_network, clone)
         # Padding-free packed micro-batches with varlen attention (evo_sft.packing); on by default on CUDA.
         self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
+        self.compile_layers = compile_layers
+        self._compile_layers()
         self.reinit_optimizers()
 
     # ----------------------------------------------------------------- model set-up
@@ -123,6 +125,15 @@ class SFT:
                 self._copy_adapter(model, ACTOR, REFERENCE)
                 model.set_adapter(ACTOR)
         return model.to(self.device)
+
+    def _compile_layers(self) -> None:
+        """torch.compile each decoder layer of this agent's model (fewer, fused kernels and less
+        Python per layer; the first steps pay the compilation)."""
+        if self.compile_layers:
+            from evo_sft import packing
+
+            if not packing.compile_decoder_layers(self.actor):
+                warnings.warn("compile_layers=True but the model has no decoder layers to compile; running eager")
 
     def _enable_packing(self, wanted: bool) -> bool:
         if not wanted:
@@ -225,7 +236,6 @@ class SFT:
         batch = {k: v.cpu() for k, v in batch.items()}
         packed = packing.packed_to_device(packing.pack_batch(batch), self.device)
         _, head = self._decoder_and_head()
-        packing.cast_lora_weights(self.actor, head.weight.dtype)
         hidden = self.packed_loss_hidden(packed)
         if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
             return self._liger_loss(head.weight, hidden, packed["targets"], head.bias)
@@ -245,6 +255,14 @@ class SFT:
         decoder, _ = self._decoder_and_head()
         hidden = decoder(**packing.packed_model_kwargs(packed)).last_hidden_state[0]
         return hidden.index_select(0, packed["loss_index"])
+
+    def _lora_step_weights(self):
+        """The LoRA weights cast once for a packed micro-batch's forward and backward."""
+        from evo_sft import packing
+
+        if not self.packing:
+            return nullcontext()
+        return packing.lora_step_weights(self.actor, self._decoder_and_head()[1].weight.dtype)
 
     def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.packing:
@@ -291,9 +309,10 @@ class SFT:
         step_loss = torch.zeros((), device=self.device)
         for start in range(step_rows.start, step_rows.stop, micro):
             micro_batch = trim_padding({k: v[start:min(step_rows.stop, start + micro)] for k, v in experiences.items()})
-            loss_sum = self._micro_loss_sum(micro_batch)
-            if training:
-                (loss_sum / step_tokens).backward()
+            with self._lora_step_weights():
+                loss_sum = self._micro_loss_sum(micro_batch)
+                if training:
+                    (loss_sum / step_tokens).backward()
             step_loss += loss_sum.detach()
         if training:
             self.apply_gradients()
@@ -317,7 +336,8 @@ class SFT:
         for _ in range(loop):
             loss_sum, token_sum = 0.0, 0
             for batch in env.test_batches(batch_size):
-                loss_sum += float(self._micro_loss_sum(batch))
+                with self._lora_step_weights():
+                    loss_sum += float(self._micro_loss_sum(batch))
                 token_sum += supervised_token_count(batch["labels"])
             losses.append(loss_sum / token_sum)
         mean_loss = sum(losses) / len(losses)
@@ -332,7 +352,8 @@ class SFT:
         return self.actor
 
     def recompile(self) -> None:
-        """Nothing is compiled by this agent, so there is nothing to rebuild; kept for API parity."""
+        """Compile the decoder layers again where `compile_layers` is on (AgileRL API)."""
+        self._compile_layers()
 
     # ----------------------------------------------------------------- adapters
     @contextmanager
@@ -434,6 +455,7 @@ class SFT:
         """An independent agent with the same weights, adapters, optimizer, scheduler and attributes."""
         clone = copy.copy(self)
         clone.actor = copy.deepcopy(self.actor)
+        clone._compile_layers()  # a copied compiled layer would still call the original's forward
         clone.mutation_hooks = list(self.mutation_hooks)
         clone.reinit_optimizers()
         tensors, meta = self.export_state(device=str(self.device))

@@ -114,6 +114,7 @@ def build_agent(config: ExperimentConfig, model_path: str, tokenizer, slot: int,
         micro_batch_size_per_gpu=config.agent.micro_batch_size_per_gpu, device=device, lora_config=lora,
         seed=config.seed, gradient_checkpointing=config.agent.gradient_checkpointing,
         use_liger_loss=config.agent.use_liger_loss, packing=config.agent.packing,
+        compile_layers=config.agent.compile_layers,
         lr_schedule=LRSchedule(schedule.total_steps, schedule.warmup_steps, schedule.min_lr_ratio) if schedule else None,
     )
 

@@ -69,6 +69,7 @@ class AgentConfig:
     gradient_checkpointing: bool = False
     use_liger_loss: bool = False
     packing: bool | None = None  # padding-free packed micro-batches; None: on with a GPU
+    compile_layers: bool = False  # torch.compile each decoder layer
     lr_schedule: LRScheduleConfig | None = None
 
 

@@ -17,6 +17,7 @@ float32 masters, and folds the scaling and the residual add into one `addmm`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -112,26 +113,6 @@ def packed_model_kwargs(packed: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- attention
-class _FlashVarlen(torch.autograd.Function):
-    """PyTorch's built-in FlashAttention-2 varlen kernel, causal, no dropout. q/k/v: [T, H, D]."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-            0.0, True, rng_state, unused, scale=ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
 def _varlen_reference(q, k, v, cu_seqlens, scale):
     """Document-by-document causal sdpa (any device, any dtype). q/k/v: [T, H, D]."""
     bounds = cu_seqlens.tolist()
@@ -149,12 +130,69 @@ def _flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
-@torch.compiler.disable
+# Varlen attention as custom operators: torch.compile sees one opaque node (no graph break inside
+# a compiled, checkpointed decoder layer). On CUDA in half precision they run PyTorch's built-in
+# FlashAttention-2 varlen kernel (causal, no dropout); elsewhere `_varlen_reference`, whose
+# backward recomputes it under autograd.
+@torch.library.custom_op("evo_sft::varlen_attention_forward", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float? scale)"
+                                " -> (Tensor, Tensor, Tensor, Tensor)")
+def _varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale):
+    """(out, logsumexp, rng_state, unused): what the backward needs. q: [T, Hq, D], k/v: [T, Hkv, D]."""
+    if _flash_usable(q):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        return out, lse, rng_state, unused
+    empty = q.new_empty(0)
+    return _varlen_reference(q, k, v, cu_seqlens, scale), empty, empty.clone(), empty.clone()
+
+
+@_varlen_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    if _flash_usable(q):  # the aten kernel's own shape rules
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        return out, lse, rng_state, unused
+    return torch.empty_like(q), q.new_empty(0), q.new_empty(0), q.new_empty(0)
+
+
+@torch.library.custom_op("evo_sft::varlen_attention_backward", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                "Tensor cu_seqlens, Tensor rng_state, Tensor unused, SymInt max_seqlen, float? scale)"
+                                " -> (Tensor, Tensor, Tensor)")
+def _varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, rng_state, unused, max_seqlen, scale):
+    if _flash_usable(q):
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            0.0, True, rng_state, unused, scale=scale)
+        return dq, dk, dv
+    _, pullback = torch.func.vjp(lambda *qkv: _varlen_reference(*qkv, cu_seqlens, scale), q, k, v)
+    return pullback(grad_out)
+
+
+@_varlen_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, rng_state, unused, max_seqlen, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_varlen_backward(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse, rng_state, unused = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _varlen_gradients(ctx, grad_out, *unused_grads):
+    dq, dk, dv = _varlen_backward(grad_out, *ctx.saved_tensors, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_varlen_forward.register_autograd(_varlen_gradients, setup_context=_save_for_varlen_backward)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float | None):
     """Causal attention within each document of a packed row. q: [T, Hq, D], k/v: [T, Hkv, D]."""
-    if _flash_usable(q):
-        return _FlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, scale)
-    return _varlen_reference(q, k, v, cu_seqlens, scale)
+    return _varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale)[0]
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -221,13 +259,11 @@ def _fast_lora_forward(self, x, *args, **kwargs):
         out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
         return out.view(base.shape)
     cached = getattr(self, "_step_weights", None)
-    master_a, master_b = self.lora_A[name].weight, self.lora_B[name].weight
-    if (cached is not None and cached[0] == name and cached[1] == x.dtype and cached[2] is master_a
-            and cached[3] is master_b and cached[4] == (master_a._version, master_b._version)):
-        weight_a, weight_b = cached[5], cached[6]
+    if cached is not None and cached[0] == name and cached[1] == x.dtype:
+        weight_a, weight_b = cached[2], cached[3]
     else:
-        weight_a = master_a.to(x.dtype)
-        weight_b = (master_b * self.scaling[name]).to(x.dtype)
+        weight_a = self.lora_A[name].weight.to(x.dtype)
+        weight_b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
     hidden = F.linear(self.lora_dropout[name](x), weight_a)
     out = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t())
     return out.view(base.shape)
@@ -265,11 +301,12 @@ def is_fast_lora(module) -> bool:
     return type(module) in _FAST_CLASSES.values()
 
 
-def cast_lora_weights(model, dtype: torch.dtype) -> int:
-    """Before a forward: give each fast LoRA layer its compute-dtype weights for this step, made
-    by one autograd node, so gradients still reach the float32 masters. A layer uses them only
-    while its masters are unchanged (same tensors, same in-place version), so a later optimizer
-    step or adapter switch falls back to per-call casting. Returns layers prepared."""
+@contextmanager
+def lora_step_weights(model, dtype: torch.dtype):
+    """For one micro-batch's forward and backward (a checkpointed layer's recompute included):
+    each fast LoRA layer takes its compute-dtype weights from one autograd node made here, so
+    gradients still reach the float32 masters, instead of two or three small ops per layer per
+    forward and recompute."""
     layers, masters, scales = [], [], []
     for module in model.modules():
         if is_fast_lora(module):
@@ -279,15 +316,17 @@ def cast_lora_weights(model, dtype: torch.dtype) -> int:
             a, b = module.lora_A[active[0]].weight, module.lora_B[active[0]].weight
             if a.dtype == dtype and b.dtype == dtype and module.scaling[active[0]] == 1:
                 continue
-            layers.append((module, active[0], a, b))
+            layers.append((module, active[0]))
             masters += [a, b]
             scales += [1.0, float(module.scaling[active[0]])]
-    if not layers:
-        return 0
-    cast = cast_scaled(dtype, scales, masters)
-    for i, (module, name, a, b) in enumerate(layers):
-        module._step_weights = (name, dtype, a, b, (a._version, b._version), cast[2 * i], cast[2 * i + 1])
-    return len(layers)
+    cast = cast_scaled(dtype, scales, masters) if layers else ()
+    for i, (module, name) in enumerate(layers):
+        module._step_weights = (name, dtype, cast[2 * i], cast[2 * i + 1])
+    try:
+        yield
+    finally:
+        for module, _ in layers:
+            del module._step_weights
 
 
 def _fast_class(cls: type) -> type:

@@ -30,6 +30,7 @@ stepped together with the same members trained alone (losses and adapter updates
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -96,7 +97,7 @@ def save_base(size: str, folder: Path, dtype) -> Path:
 
 
 def experiment(k: int, members_per_actor: int, together: bool, backend: str, model_path: Path,
-               tokenizer_path: Path, run_dir: Path, device, steps: int) -> dict:
+               tokenizer_path: Path, run_dir: Path, device, steps: int, compile_layers: bool = False) -> dict:
     return {
         "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
         "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
@@ -105,7 +106,7 @@ def experiment(k: int, members_per_actor: int, together: bool, backend: str, mod
         "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
                  "target_modules": LORA["target_modules"]},
         "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True,
-                  "packing": True},
+                  "packing": True, "compile_layers": compile_layers},
         "population": {"size": k, "backend": backend, "num_gpus": 1 if device.type == "cuda" else 0, "num_cpus": 2,
                        "members_per_actor": members_per_actor, "step_together": together},
         "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
@@ -115,16 +116,21 @@ def experiment(k: int, members_per_actor: int, together: bool, backend: str, mod
     }
 
 
-def measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0) -> dict:
+def measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0,
+            compile_layers: bool = False) -> dict:
     """One GPU in this process (`gpus` 0), or `gpus` Ray actors of one GPU each, `k // gpus`
     members sharing the base model in each."""
     free(device)
+    together = layout != "shared"
     if gpus:
         layout = f"ray x{gpus} GPU"
     members_per_actor = k // gpus if gpus else (1 if layout == "copies" else k)
-    config = config_from_dict(experiment(k, members_per_actor, layout != "shared", "ray" if gpus else "local",
+    if compile_layers:
+        layout += " +compile"
+    config = config_from_dict(experiment(k, members_per_actor, together, "ray" if gpus else "local",
                                          paths["model"], paths["tokenizer"],
-                                         paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps))
+                                         paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps,
+                                         compile_layers))
     start = time.perf_counter()
     founders = build.founder_hyperparameters(config)
     if gpus:
@@ -144,6 +150,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
                             mutations=mutations, micro_batch_size=16,
                             checkpointer=EvolutionCheckpointer(Path(config.run_dir), 1, 1))
     population.train(args.warmup)
+    population.evaluate()  # compiled layers compile their no-grad graph here, not in the timed generation
     population.seconds.clear()
     sync(device)
     start = time.perf_counter()
@@ -173,10 +180,11 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
 
 def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
     """The first step's adapter gradients of k members stepped together against each member's
-    own packed step, and (the bf16 noise floor) each member's packed step against its padded step."""
-    def agents_and_batches(members_per_actor: int, packing: bool):
+    own packed step, and (the bf16 noise floor) each member's packed step against its padded step;
+    each member's step with compiled decoder layers against its eager packed step."""
+    def agents_and_batches(members_per_actor: int, packing: bool, compile_layers: bool = False):
         config = experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
-                            paths["runs"] / f"check-{size}-{members_per_actor}", device, 1)
+                            paths["runs"] / f"check-{size}-{members_per_actor}", device, 1, compile_layers)
         config["agent"]["packing"] = packing
         config = config_from_dict(config)
         hosts = build.local_hosts(config, str(paths["model"]), prepared, build.founder_hyperparameters(config))
@@ -194,11 +202,11 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
 
     free(device)
     grads = {}
-    for packing in (False, True):
-        hosts, batches = agents_and_batches(1, packing)
+    for packing, compile_layers in ((False, False), (True, False), (True, True)):
+        hosts, batches = agents_and_batches(1, packing, compile_layers)
         for host in hosts:
             host.agent.set_training_mode(True)
-        grads[packing] = [own_step(host, batch) for host, batch in zip(hosts, batches)]
+        grads[packing, compile_layers] = [own_step(host, batch) for host, batch in zip(hosts, batches)]
         del hosts
         free(device)
     hosts, batches = agents_and_batches(k, True)
@@ -212,8 +220,9 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
     together = [torch.cat([g[name].float().flatten() for name in names]) for g in together]
     return {
         "check": f"first-step adapter gradients, {k} members", "model": size,
-        "together_vs_own_packed_max_rel": max(rel(a, b) for a, b in zip(together, grads[True])),
-        "own_packed_vs_own_padded_max_rel": max(rel(a, b) for a, b in zip(grads[True], grads[False])),
+        "together_vs_own_packed_max_rel": max(rel(a, b) for a, b in zip(together, grads[True, False])),
+        "own_packed_vs_own_padded_max_rel": max(rel(a, b) for a, b in zip(grads[True, False], grads[False, False])),
+        "own_compiled_vs_own_packed_max_rel": max(rel(a, b) for a, b in zip(grads[True, True], grads[True, False])),
     }
 
 
@@ -230,15 +239,16 @@ def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8)
 
 
 def print_table(rows):
-    """Ratios against one member alone on one GPU and, for Ray rows, against the Ray row on 1 GPU."""
+    """Ratios against one member alone on one GPU and, for Ray rows, against the Ray row on 1 GPU
+    with the same compile setting."""
     alone = {r["model"]: r for r in rows if r["layout"] == "alone"}
-    one_gpu = {r["model"]: r for r in rows if r["layout"] == "ray x1 GPU"}
+    one_gpu = {(r["model"], r["layout"].endswith("+compile")): r for r in rows if r["layout"].startswith("ray x1 GPU")}
     print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
           "| MFU | clones | evolution s | evolution share (100 steps) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     nan = {"peak_gib": float("nan"), "tok_s": float("nan")}
     for r in rows:
-        one, gpu = alone.get(r["model"], nan), one_gpu.get(r["model"], nan)
+        one, gpu = alone.get(r["model"], nan), one_gpu.get((r["model"], r["layout"].endswith("+compile")), nan)
         scaling = f"{r['tok_s'] / gpu['tok_s']:.2f}" if r["layout"].startswith("ray") else ""
         print(f"| {r['model']} | {r['members']} | {r['layout']} | {r['peak_gib']:.2f} | "
               f"{r['peak_gib'] / one['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
@@ -259,6 +269,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="profile 8 members stepped together (top kernels)")
     parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
+    parser.add_argument("--compile", default="off", help="agent.compile_layers for every row: off, on, or off,on")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
 
@@ -297,8 +308,8 @@ def main():
         runs = [(k, layout, 0) for k in (int(m) for m in args.members.split(",") if m)
                 for layout in (("alone",) if k == 1 else args.layouts.split(","))]
         runs += [(g * args.per_gpu, "", g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]
-        for k, layout, gpus in runs:
-            row = measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak, gpus)
+        for (k, layout, gpus), compile_layers in itertools.product(runs, [c == "on" for c in args.compile.split(",")]):
+            row = measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak, gpus, compile_layers)
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(out / "bench_population_results.jsonl", "a") as f:

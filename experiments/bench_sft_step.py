@@ -181,9 +181,8 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
     model = build_model(size, device, dtype)
     agent = SFT(pad_token_id=0, pad_token="<pad>", actor_network=model, lora_config=lora_config(),
                 batch_size=SEQS_PER_STEP, lr=LR, max_grad_norm=1.0, device=str(device),
-                gradient_checkpointing=gc_on, packing=packing, use_liger_loss=liger == "liger_loss")
-    if compile_layers:
-        packing_module.compile_decoder_layers(agent.actor)
+                gradient_checkpointing=gc_on, packing=packing, use_liger_loss=liger == "liger_loss",
+                compile_layers=compile_layers)
     liger_layers = liger == "liger_layers" and packing_module.apply_liger_layer_kernels(agent.actor)
     losses = []
     for batch in batches[:warmup]:

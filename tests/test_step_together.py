@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo
 from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
@@ -40,12 +41,15 @@ def count_decoder_forwards(hosts) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp_path, gradient_checkpointing):
+@pytest.mark.parametrize("gradient_checkpointing, compile_layers", [(False, False), (True, False), (True, True)])
+def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp_path, gradient_checkpointing,
+                                                                            compile_layers):
     together_config = experiment("local", tmp_path / "together", members_per_actor=3, step_together=True)
     alone_config = experiment("local", tmp_path / "alone", members_per_actor=1, step_together=True)
     for config in (together_config, alone_config):
         config["agent"]["gradient_checkpointing"] = gradient_checkpointing
+    together_config["agent"]["compile_layers"] = compile_layers
+    torch._dynamo.reset()
     alone_config["agent"]["packing"] = False  # the reference: padded batches, PEFT's own LoRA forward
     together, alone = hosts_of(tmp_path, together_config), hosts_of(tmp_path, alone_config)
     assert together[0].base.together_blocker is None
@@ -57,6 +61,9 @@ def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp
     alone_results = LocalPopulation(alone).train(steps)
 
     assert forwards[0] == 2 * steps  # every member's i-th micro-batch in one forward: two rounds per step
+    if compile_layers:  # each decoder layer ran as one compiled graph, stacked adapters included
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        assert not torch._dynamo.utils.counters["graph_break"]
     for slot, (got, want) in enumerate(zip(together_results, alone_results)):
         assert got["tokens"] == want["tokens"] > 0
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)

@@ -66,8 +66,6 @@ class SharedBase:
             p.grad = None
         self.agent.optimizer, self.agent.lr_scheduler = member["optimizer"], member["scheduler"]
         self.agent._set_attributes(member["attributes"])
-        for module, _, _ in self.fast_layers:  # compute-dtype copies of the previous member's LoRA weights
-            module.__dict__.pop("_step_weights", None)
         self.live = slot
 
     def train(self, steps: int) -> dict[int, dict]:
