@@ -68,7 +68,7 @@ class SFT:
                  device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True, clone: bool = False,
                  seed: int = 42, gradient_checkpointing: bool = True, use_liger_loss: bool = False,
                  use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None,
-                 packing: bool | None = None, compile_layers: bool = False):
+                 packing: bool | None = None, compile_layers: bool | None = None):
         if accelerator is not None:
             raise NotImplementedError("SFT does not support an accelerate Accelerator yet; pass accelerator=None")
         if (model_name is None) == (actor_network is None):
@@ -104,7 +104,8 @@ class SFT:
         self.actor = self._prepare_model(actor_network, clone)
         # Padding-free packed micro-batches with varlen attention (evo_sft.packing); on by default on CUDA.
         self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
-        self.compile_layers = compile_layers
+        # torch.compile of each decoder layer; on by default where packing runs on CUDA.
+        self.compile_layers = self.packing and self.device.type == "cuda" if compile_layers is None else compile_layers
         self._compile_layers()
         self.reinit_optimizers()
 

@@ -269,7 +269,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="profile 8 members stepped together (top kernels)")
     parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
-    parser.add_argument("--compile", default="off", help="agent.compile_layers for every row: off, on, or off,on")
+    parser.add_argument("--compile", default="on", help="agent.compile_layers for every row: on (the default on a "
+                                                        "GPU), off, or off,on")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
 

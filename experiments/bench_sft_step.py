@@ -6,8 +6,10 @@ prompts 16-128 tokens, responses lognormal with median ~180 tokens, 16 sequences
 step), same LoRA (r=16, alpha=64, dropout 0.05 on q,k,v,o), same learning rate, with gradient
 checkpointing on and off:
 
-  evo          evo_sft.SFT.learn as shipped (packed, padding-free on CUDA)
+  evo          evo_sft.SFT.learn as shipped (on CUDA: packed, padding-free, compiled decoder layers)
+  evo_eager    the same with compile_layers=False
   evo_padded   evo_sft.SFT.learn with packing=False (the padded path; reference for the gain)
+  evo_liger    evo plus Liger's RoPE/RMSNorm/SwiGLU kernels
   trl_default  TRL SFTTrainer with its defaults (per-device batch 16, no accumulation)
   trl_liger    TRL + use_liger_kernel=True
   trl_pf_liger TRL + padding_free=True + use_liger_kernel=True
@@ -173,7 +175,7 @@ def free(device):
 
 
 # ----------------------------------------------------------------------------- methods
-def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_to=None, compile_layers=False,
+def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_to=None, compile_layers=None,
             liger=False):
     from evo_sft import packing as packing_module
     from evo_sft.agent import SFT
@@ -193,7 +195,7 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
         losses.append(agent.learn(batch)["mean_loss"])
     sync(device)
     elapsed = time.perf_counter() - t
-    extra = {"packing": agent.packing, "liger_layers": liger_layers}
+    extra = {"packing": agent.packing, "compile_layers": agent.compile_layers, "liger_layers": liger_layers}
     if profile_to is not None and device.type == "cuda":
         try:
             extra["profile"] = profile(agent.learn, batches[warmup:warmup + 2], device, profile_to)
@@ -340,7 +342,7 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="tiny model and short sequences (CPU smoke run)")
     parser.add_argument("--models", default="0.5b,3b")
     parser.add_argument("--gc", default="off,on")
-    parser.add_argument("--methods", default="evo,evo_padded,trl_default,trl_liger,trl_pf_liger")
+    parser.add_argument("--methods", default="evo,evo_eager,trl_default,trl_liger,trl_pf_liger")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     parser.add_argument("--profile", default="", help="evo methods to profile for two steps, comma-separated")
@@ -405,7 +407,8 @@ def run_phase(methods, models, args, device, dtype, peak, total_steps, out, resu
                                 if method in args.profile.split(",") else None)
                         elapsed, losses, extra = run_evo(size, gc_on, batches, args.warmup, device, dtype,
                                                          packing=False if method == "evo_padded" else None,
-                                                         profile_to=prof, compile_layers="compile" in method,
+                                                         profile_to=prof,
+                                                         compile_layers=False if "eager" in method else None,
                                                          liger="liger_layers" if "liger" in method else False)
                     else:
                         elapsed, losses, extra = run_trl(size, gc_on, batches, args.warmup, device, dtype, split,
