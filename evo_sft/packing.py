@@ -406,8 +406,8 @@ def frozen_head_losses(hidden, head: torch.nn.Linear, targets) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- compile
 def compile_decoder_layers(model) -> int:
-    """torch.compile each decoder layer (dynamic shapes: packed lengths vary per step). The varlen
-    attention call stays eager (one kernel either way). Returns the number of layers compiled."""
+    """torch.compile each decoder layer (dynamic shapes: packed lengths vary per step). Varlen
+    attention is a custom operator, one opaque node in the graph. Returns the layers compiled."""
     import torch._dynamo
 
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",

@@ -2,6 +2,7 @@
 and members that behave exactly as they would on agents of their own."""
 import pytest
 import torch
+import torch._dynamo
 from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
@@ -46,3 +47,17 @@ def test_a_member_trains_the_same_whatever_trained_before_it_on_the_base(tmp_pat
     forward, backward = train_in([0, 1, 2]), train_in([2, 1, 0])
     assert forward == backward
     assert len(set(forward.values())) == 3, "members with different data and learning rates trained alike"
+
+
+def test_compiled_members_on_one_base_decide_as_eager_members_on_their_own(tmp_path):
+    """Compiled decoder layers, with the members on one base trained one after another (each
+    swapped into the same compiled layers), cloned and scored: the same decisions and fitness as
+    eager members on agents of their own."""
+    _, reference = run_local(experiment("local", tmp_path / "eager", members_per_actor=1, step_together=True), tmp_path)
+    compiled = experiment("local", tmp_path / "compiled", members_per_actor=3, step_together=True)
+    compiled["population"]["step_together"] = False
+    compiled["agent"]["compile_layers"] = True
+    torch._dynamo.reset()
+    _, state = run_local(compiled, tmp_path)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert_same_run(state, reference, rel=1e-5)

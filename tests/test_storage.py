@@ -4,6 +4,7 @@ import math
 import os
 import pickle
 import re
+import threading
 
 import pytest
 import torch
@@ -345,13 +346,15 @@ def test_verify_ignores_unlisted_files(tmp_path):
     assert "notes.txt" not in verify_directory(final)["files"]
 
 
-def _snapshot_of(name: str, log: list, nbytes: int, fail: bool = False) -> storage.Snapshot:
-    """A snapshot that logs when it is taken and when its one file is written."""
+def _snapshot_of(name: str, log: list, nbytes: int, fail: bool = False, gate=None) -> storage.Snapshot:
+    """A snapshot that logs when it is taken and when its one file is written (after `gate` opens)."""
     log.append(f"take {name}")
     snapshot = storage.Snapshot()
     snapshot.tensors(f"{name}.safetensors", {"w": torch.zeros(nbytes // 4)})
 
     def write(path):
+        if gate is not None:
+            gate.wait(timeout=5)
         if fail:
             raise OSError(f"disk full writing {name}")
         save_json(path, name)
@@ -371,10 +374,18 @@ def test_write_snapshots_writes_every_member_and_bounds_the_memory_held(tmp_path
         assert load_json(tmp_path / f"m{i}.json") == f"m{i}"
         assert load_tensors(tmp_path / f"m{i}.safetensors")["w"].numel() == 1024
 
+    # under the bound, every snapshot is taken while the first writes still wait
     log.clear()
-    storage.write_snapshots((_snapshot_of(f"n{i}", log, nbytes=4096) for i in range(4)), tmp_path,
-                            threads=4, max_pending_bytes=1 << 20)
-    assert log[:4] == [f"take n{i}" for i in range(4)]  # under the bound, all are taken at once
+    all_taken = threading.Event()
+
+    def snapshots():
+        for i in range(4):
+            yield _snapshot_of(f"n{i}", log, nbytes=4096, gate=all_taken)
+        all_taken.set()
+
+    storage.write_snapshots(snapshots(), tmp_path, threads=4, max_pending_bytes=1 << 20)
+    assert log[:4] == [f"take n{i}" for i in range(4)]
+    assert sorted(log[4:]) == [f"wrote n{i}" for i in range(4)]
 
 
 def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_path):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import ray
+import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from evo_sft import storage
@@ -16,7 +17,24 @@ ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 # Calls that change a member (or stash a donor for a clone on the same actor); each is logged
 # per actor until the next checkpoint and replayed, in order, on an actor rebuilt after a death.
 # "train_group" trains every member of the actor (together where they can).
-STATE_CHANGING = ("train_group", "import_state", "set_hyperparameters", "load", "stash", "import_stashed")
+STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed")
+ACTOR_METHODS = ("stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
+
+
+def portable(state) -> tuple[dict, dict, dict]:
+    """A member state for another process: each tensor as a numpy byte array, which Ray moves out
+    of band (torch tensors are pickled, several times slower), plus its dtype and shape."""
+    tensors, meta = state
+    arrays = {name: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() for name, t in tensors.items()}
+    layout = {name: [str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()}
+    return arrays, layout, meta
+
+
+def from_portable(payload) -> tuple[dict, dict]:
+    """The state `portable` made, as tensors of their own (Ray's arrays are read-only views)."""
+    arrays, layout, meta = payload
+    return {name: torch.from_numpy(arrays[name].copy()).view(getattr(torch, dtype)).reshape(shape)
+            for name, (dtype, shape) in layout.items()}, meta
 
 
 def lost_train_result(slot: int) -> dict:
@@ -35,7 +53,7 @@ class MemberActor:
         self.stashed = {}
 
     def call(self, slot: int, method: str, *args):
-        if method in ("stash", "import_stashed", "drop_stash"):
+        if method in ACTOR_METHODS:
             return getattr(self, method)(slot, *args)
         if method == "save_members":
             return self.save_members(*args)
@@ -54,6 +72,12 @@ class MemberActor:
 
     def drop_stash(self, slot: int) -> None:
         self.stashed.pop(slot, None)
+
+    def export_portable(self, slot: int):
+        return portable(self.hosts[slot].export_state())
+
+    def import_portable(self, slot: int, payload) -> None:
+        self.hosts[slot].import_state(from_portable(payload))
 
     def location(self) -> dict:
         import os
@@ -202,11 +226,11 @@ class RayPopulation:
         donor_of = dict(pairs)
         local = [r for r, d in pairs if self.group_of[r] == self.group_of[d]]
         remote = [r for r, d in pairs if self.group_of[r] != self.group_of[d]]
-        states = {donor: self.actors[self.group_of[donor]].call.remote(donor, "export_state")
+        states = {donor: self.actors[self.group_of[donor]].call.remote(donor, "export_portable")
                   for donor in {donor_of[r] for r in remote}}
         stashed = sorted({donor_of[r] for r in local})
         self._call(stashed, "stash")
-        self._call(remote, "import_state", lambda slot: (states[donor_of[slot]],))
+        self._call(remote, "import_portable", lambda slot: (states[donor_of[slot]],))
         self._call(local, "import_stashed", lambda slot: (donor_of[slot],))
         self._call(stashed, "drop_stash")
 
