@@ -171,6 +171,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
         "evolution_parts_s": {name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
         "evolution_share_100": evolution_s / generation_100,
         "clones": sum(d.clone for d in record.decisions),
+        "train_s_per_slot": [t["seconds"] for t in record.train],  # one actor's call: a straggler shows here
     }
     population.close()
     del controller, population, record
