@@ -89,14 +89,6 @@ def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for name, t in tensors.items()}
 
 
-def save_tensors(
-    path: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str] | None = None,
-) -> None:
-    save_file(cpu_copy(tensors), str(path), metadata=metadata)
-
-
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"missing file {_full(path)}")
@@ -173,13 +165,6 @@ def unflatten_state(tensors: dict[str, torch.Tensor], structure: Any, device: st
     return build(structure)
 
 
-def save_state(directory: str | os.PathLike, name: str, obj: Any) -> None:
-    """Write `obj` as `<name>.safetensors` (tensors) + `<name>.json` (structure)."""
-    snapshot = Snapshot()
-    snapshot.state(name, obj)
-    snapshot.write(directory)
-
-
 class Snapshot:
     """Files copied out of live state now and written later, possibly on another thread while
     the state trains on: tensors are CPU copies, JSON is copied, and a nested snapshot becomes
@@ -200,7 +185,8 @@ class Snapshot:
         self.files.append((relative, lambda path: save_json(path, frozen)))
 
     def state(self, name: str, obj: Any) -> None:
-        """`obj` as `<name>.safetensors` + `<name>.json`, as `save_state` writes it."""
+        """`obj` (an optimizer or scheduler state, ...) as `<name>.safetensors` (tensors) +
+        `<name>.json` (structure), which `load_state` reads back."""
         tensors, structure = flatten_state(obj)
         self.tensors(f"{name}.safetensors", tensors)
         self.json(f"{name}.json", structure)

@@ -19,8 +19,6 @@ from evo_sft.storage import (
     load_tensors,
     recover_directory,
     save_json,
-    save_state,
-    save_tensors,
     unflatten_state,
     verify_directory,
 )
@@ -95,7 +93,9 @@ def test_tensors_round_trip_with_shared_storage_and_metadata(tmp_path):
         "mask": torch.tensor([True, False]),
         "empty": torch.zeros(0, 4),
     }
-    save_tensors(tmp_path / "t.safetensors", tensors, metadata={"kind": "test"})
+    snapshot = storage.Snapshot()
+    snapshot.tensors("t.safetensors", tensors, metadata={"kind": "test"})
+    snapshot.write(tmp_path)
     loaded = load_tensors(tmp_path / "t.safetensors")
     for name, t in tensors.items():
         assert_same(t.detach(), loaded[name])
@@ -104,7 +104,9 @@ def test_tensors_round_trip_with_shared_storage_and_metadata(tmp_path):
 
 def test_load_tensors_reports_truncated_and_missing_file(tmp_path):
     path = tmp_path / "t.safetensors"
-    save_tensors(path, {"w": torch.randn(64, 64)})
+    snapshot = storage.Snapshot()
+    snapshot.tensors(path.name, {"w": torch.randn(64, 64)})
+    snapshot.write(tmp_path)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=re.escape(str(path))):
         load_tensors(path)
@@ -172,9 +174,11 @@ def test_optimizer_and_scheduler_state_resume_bit_identical(tmp_path):
     model, optimizer, schedulers = make_training()
     for step in range(3):
         train_step(model, optimizer, schedulers, step)
-    save_tensors(tmp_path / "model.safetensors", model.state_dict())
-    save_state(tmp_path, "optimizer", optimizer.state_dict())
-    save_state(tmp_path, "schedulers", [s.state_dict() for s in schedulers])
+    snapshot = storage.Snapshot()
+    snapshot.tensors("model.safetensors", model.state_dict())
+    snapshot.state("optimizer", optimizer.state_dict())
+    snapshot.state("schedulers", [s.state_dict() for s in schedulers])
+    snapshot.write(tmp_path)
 
     model2, optimizer2, schedulers2 = make_training(seed=1)
     model2.load_state_dict(load_tensors(tmp_path / "model.safetensors"))
@@ -193,8 +197,11 @@ def test_optimizer_and_scheduler_state_resume_bit_identical(tmp_path):
 
 
 def test_load_state_reports_mismatched_files(tmp_path):
-    save_state(tmp_path, "s", {"w": torch.zeros(2)})
-    save_tensors(tmp_path / "s.safetensors", {"other": torch.zeros(2)})
+    state, other = storage.Snapshot(), storage.Snapshot()
+    state.state("s", {"w": torch.zeros(2)})
+    other.tensors("s.safetensors", {"other": torch.zeros(2)})
+    state.write(tmp_path)
+    other.write(tmp_path)
     with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "s.json"))):
         load_state(tmp_path, "s")
 
@@ -204,7 +211,9 @@ def test_load_state_reports_mismatched_files(tmp_path):
 
 def write_checkpoint(path, value):
     with atomic_directory(path) as tmp:
-        save_tensors(tmp / "w.safetensors", {"w": torch.full((32,), float(value))})
+        snapshot = storage.Snapshot()
+        snapshot.tensors("w.safetensors", {"w": torch.full((32,), float(value))})
+        snapshot.write(tmp)
         (tmp / "sub" / "deeper").mkdir(parents=True)
         save_json(tmp / "sub" / "deeper" / "meta.json", {"value": value})
 
@@ -238,7 +247,9 @@ def test_exception_inside_atomic_directory_keeps_previous_checkpoint(tmp_path):
     before = {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()}
     with pytest.raises(RuntimeError, match="boom"):
         with atomic_directory(final) as tmp:
-            save_tensors(tmp / "w.safetensors", {"w": torch.zeros(32)})
+            snapshot = storage.Snapshot()
+            snapshot.tensors("w.safetensors", {"w": torch.zeros(32)})
+            snapshot.write(tmp)
             raise RuntimeError("boom")
     assert {p.name: p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
     verify_directory(final)
