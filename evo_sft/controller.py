@@ -84,12 +84,19 @@ class Controller:
 
     # ----------------------------------------------------------------- the loop
     def run(self, generations: int) -> None:
-        """Run until `generations` generations are complete in total."""
-        while self.generation < generations:
-            self.run_generation()
+        """Run until `generations` generations are complete in total; the last checkpoint is
+        committed before this returns (or raises)."""
+        try:
+            while self.generation < generations:
+                self.run_generation()
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.settle(self)
 
     def run_generation(self) -> GenerationRecord:
         train = self.population.train(self.steps_per_generation)
+        if self.checkpointer is not None:
+            self.checkpointer.settle(self)
         fitness = self.population.evaluate()
         for slot, result in enumerate(train):
             if not (result["finite"] and math.isfinite(fitness[slot])):

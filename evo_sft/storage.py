@@ -33,6 +33,10 @@ class CheckpointError(Exception):
     """A checkpoint file is missing or damaged; the message names the file."""
 
 
+class WriterLost(Exception):
+    """The process that was writing part of a checkpoint is gone, so that checkpoint is incomplete."""
+
+
 def _full(path: str | os.PathLike) -> Path:
     return Path(path).absolute()
 
@@ -210,22 +214,39 @@ class Snapshot:
             self.write(tmp)
 
 
+class PendingWrites:
+    """Writes that `write_snapshots` started; `wait()` returns once all have ended and raises
+    the first error."""
+
+    def __init__(self, futures: list[Future]):
+        self.futures = futures
+
+    def wait(self) -> None:
+        for future in self.futures:
+            future.result()
+
+
 def write_snapshots(snapshots: Iterable[Snapshot], directory: str | os.PathLike,
-                    threads: int = WRITE_THREADS, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+                    threads: int = WRITE_THREADS, max_pending_bytes: int = MAX_PENDING_BYTES) -> PendingWrites:
     """Write each snapshot into `directory` on a pool of threads (serialising, hashing and fsync
-    release the GIL). The next snapshot is taken from the iterable only while the unwritten ones
-    hold less than `max_pending_bytes`, so large members never pile up in memory. The first
-    error is raised once every started write has ended."""
+    release the GIL). Returns once every snapshot is taken, so the state may change while the
+    writes go on. The next snapshot is taken only while the unwritten ones hold less than
+    `max_pending_bytes`, so large members never pile up in memory; after a failed write no more
+    are taken. A snapshot that cannot be taken is raised once the started writes have ended."""
     sizes: dict[Future, int] = {}
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         for snapshot in snapshots:
             sizes[pool.submit(snapshot.write, directory)] = snapshot.nbytes
             while sum(n for f, n in sizes.items() if not f.done()) >= max_pending_bytes:
                 wait([f for f in sizes if not f.done()], return_when=FIRST_COMPLETED)
             if any(f.done() and f.exception() is not None for f in sizes):
                 break
-    for future in sizes:
-        future.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)
+    return PendingWrites(list(sizes))
 
 
 def load_state(directory: str | os.PathLike, name: str, device: str | torch.device = "cpu") -> Any:
@@ -291,6 +312,42 @@ def recover_directory(final_path: str | os.PathLike) -> bool:
     return True
 
 
+class AtomicDirectory:
+    """A fresh temporary directory, `tmp`, that `commit()` swaps in for `final_path` atomically
+    and `abort()` deletes; `atomic_directory` is its context manager, and documents the rules.
+    Split like this, the files may be written on other threads before the commit."""
+
+    def __init__(self, final_path: str | os.PathLike):
+        self.final = Path(final_path)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        recover_directory(self.final)
+        for leftover in _siblings(self.final, "tmp") + _siblings(self.final, "old"):
+            shutil.rmtree(leftover)
+        self.tmp = self.final.parent / f".tmp-{self.final.name}-{secrets.token_hex(4)}"
+        self.tmp.mkdir()
+
+    def commit(self) -> Path:
+        try:
+            _write_manifest(self.tmp)
+        except BaseException:
+            self.abort()
+            raise
+        final = self.final
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+            os.rename(final, old)
+            os.rename(self.tmp, final)
+            _fsync(final.parent)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.tmp, final)
+            _fsync(final.parent)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces `final_path` atomically on success.
@@ -309,30 +366,13 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
     `atomic_directory` on the same path apply it, and the latter also deletes
     leftovers of interrupted writes. One writer per `final_path` at a time.
     """
-    final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(final)
-    for leftover in _siblings(final, "tmp") + _siblings(final, "old"):
-        shutil.rmtree(leftover)
-
-    tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    directory = AtomicDirectory(final_path)
     try:
-        yield tmp
-        _write_manifest(tmp)
+        yield directory.tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        directory.abort()
         raise
-
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-        _fsync(final.parent)
+    directory.commit()
 
 
 def _write_manifest(directory: Path) -> None:

@@ -8,7 +8,10 @@ after `--warmup` steps, and runs one full generation (train, evaluate, select, c
 record, checkpoint). It prints, per row: peak GPU memory (and its ratio to one member alone),
 aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf16 matmul
 measured in the same run, and the evolution step (select + clone + mutate + record +
-checkpoint) as a share of a generation of 100 optimizer steps per member.
+checkpoint) as a share of a generation of 100 optimizer steps per member. The checkpoint is
+written while the next generation trains, as in a run: its share is the time the generation
+spends copying the members plus any wait for the commit after that training, and each row
+records how much slower that training ran (`train_with_writes_x`).
 
   together    k members on one base model (population.members_per_actor = k), stepped together:
               each optimizer step sends all k members' micro-batches through one forward and
@@ -157,7 +160,14 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     record = controller.run_generation()
     generation_s = time.perf_counter() - start
     train_s, evaluate_s = population.seconds["train"], population.seconds["evaluate"]
-    evolution_s = generation_s - train_s - evaluate_s
+    # as in a run, the next generation trains while this generation's checkpoint is written;
+    # what is left of the writes after that training is waited for before scoring
+    next_train = population.train(args.steps)
+    train_with_writes_s = population.seconds["train"] - train_s
+    start = time.perf_counter()
+    controller.checkpointer.settle(controller)
+    commit_wait_s = time.perf_counter() - start
+    evolution_s = generation_s - train_s - evaluate_s + commit_wait_s
     tokens = sum(t["tokens"] for t in record.train)
     tokens_per_s = tokens / train_s
     generation_100 = train_s * STEPS_PER_GENERATION / args.steps + evaluate_s + evolution_s
@@ -168,7 +178,10 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
         "build_s": build_s, "step_ms": 1000 * train_s / (k * args.steps), "tok_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12 * max(1, gpus)),  # per GPU
         "evaluate_s": evaluate_s, "evolution_s": evolution_s,
-        "evolution_parts_s": {name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
+        "evolution_parts_s": {**{name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
+                              "commit_wait": commit_wait_s},
+        "train_with_writes_x": train_with_writes_s / train_s,  # the next generation's training, writes in flight
+        "tok_s_next": sum(t["tokens"] for t in next_train) / train_with_writes_s,
         "evolution_share_100": evolution_s / generation_100,
         "clones": sum(d.clone for d in record.decisions),
         "train_s_per_slot": [t["seconds"] for t in record.train],  # one actor's call: a straggler shows here
@@ -228,15 +241,18 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
 
 
 def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8) -> dict:
-    """A torch.profiler trace summary of 2 optimizer steps of k members stepped together (the
-    next row frees the population's GPU memory)."""
+    """A torch.profiler trace summary of 2 optimizer steps of k members stepped together, with
+    compiled layers where `--compile` has "on" (the next row frees the population's GPU memory)."""
+    compile_layers = "on" in args.compile.split(",")
     config = config_from_dict(experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
-                                         paths["runs"] / f"profile-{size}", device, 1))
+                                         paths["runs"] / f"profile-{size}", device, 1, compile_layers))
     population = LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared,
                                                    build.founder_hyperparameters(config)))
     population.train(2)
-    summary = profile(lambda _: population.train(1), [0, 1], device, out / f"profile_{size}_together{k}.txt")
-    return {"profile": f"{k} members stepped together, 2 steps", "model": size, **summary}
+    suffix = "_compiled" if compile_layers else ""
+    summary = profile(lambda _: population.train(1), [0, 1], device, out / f"profile_{size}_together{k}{suffix}.txt")
+    return {"profile": f"{k} members stepped together, 2 steps", "model": size, "compile_layers": compile_layers,
+            **summary}
 
 
 def print_table(rows):
@@ -245,15 +261,18 @@ def print_table(rows):
     alone = {r["model"]: r for r in rows if r["layout"] == "alone"}
     one_gpu = {(r["model"], r["layout"].endswith("+compile")): r for r in rows if r["layout"].startswith("ray x1 GPU")}
     print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
-          "| MFU | clones | evolution s | evolution share (100 steps) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    nan = {"peak_gib": float("nan"), "tok_s": float("nan")}
+          "| next generation tok/s | its x ray 1 GPU | MFU | clones | evolution s | evolution share (100 steps) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = {"peak_gib": float("nan"), "tok_s": float("nan"), "tok_s_next": float("nan")}
     for r in rows:
         one, gpu = alone.get(r["model"], nan), one_gpu.get((r["model"], r["layout"].endswith("+compile")), nan)
-        scaling = f"{r['tok_s'] / gpu['tok_s']:.2f}" if r["layout"].startswith("ray") else ""
+        ray_row = r["layout"].startswith("ray")
+        scaling = f"{r['tok_s'] / gpu['tok_s']:.2f}" if ray_row else ""
+        next_scaling = f"{r['tok_s_next'] / gpu['tok_s_next']:.2f}" if ray_row else ""
         print(f"| {r['model']} | {r['members']} | {r['layout']} | {r['peak_gib']:.2f} | "
               f"{r['peak_gib'] / one['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
-              f"{r['tok_s'] / one['tok_s']:.2f} | {scaling} | {100 * r['mfu']:.1f}% | {r['clones']} | "
+              f"{r['tok_s'] / one['tok_s']:.2f} | {scaling} | {r['tok_s_next']:.0f} | {next_scaling} | "
+              f"{100 * r['mfu']:.1f}% | {r['clones']} | "
               f"{r['evolution_s']:.2f} | {100 * r['evolution_share_100']:.2f}% |", flush=True)
 
 

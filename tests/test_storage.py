@@ -378,7 +378,7 @@ def _snapshot_of(name: str, log: list, nbytes: int, fail: bool = False, gate=Non
 def test_write_snapshots_writes_every_member_and_bounds_the_memory_held(tmp_path):
     log = []
     storage.write_snapshots((_snapshot_of(f"m{i}", log, nbytes=4096) for i in range(4)), tmp_path,
-                            threads=4, max_pending_bytes=4096)
+                            threads=4, max_pending_bytes=4096).wait()
     # each snapshot alone reaches the bound, so the next is taken only once the previous is written
     assert log == [f"{event} m{i}" for i in range(4) for event in ("take", "wrote")]
     for i in range(4):
@@ -394,7 +394,7 @@ def test_write_snapshots_writes_every_member_and_bounds_the_memory_held(tmp_path
             yield _snapshot_of(f"n{i}", log, nbytes=4096, gate=all_taken)
         all_taken.set()
 
-    storage.write_snapshots(snapshots(), tmp_path, threads=4, max_pending_bytes=1 << 20)
+    storage.write_snapshots(snapshots(), tmp_path, threads=4, max_pending_bytes=1 << 20).wait()
     assert log[:4] == [f"take n{i}" for i in range(4)]
     assert sorted(log[4:]) == [f"wrote n{i}" for i in range(4)]
 
@@ -403,5 +403,15 @@ def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_pa
     log = []
     snapshots = (_snapshot_of(f"m{i}", log, nbytes=4096, fail=i == 1) for i in range(4))
     with pytest.raises(OSError, match="disk full writing m1"):
-        storage.write_snapshots(snapshots, tmp_path, threads=2, max_pending_bytes=4096)
+        storage.write_snapshots(snapshots, tmp_path, threads=2, max_pending_bytes=4096).wait()
     assert log == ["take m0", "wrote m0", "take m1"]
+
+
+def test_write_snapshots_returns_once_every_snapshot_is_taken_and_writes_on(tmp_path):
+    log, written = [], threading.Event()
+    writes = storage.write_snapshots((_snapshot_of(f"m{i}", log, nbytes=4096, gate=written) for i in range(3)),
+                                     tmp_path, threads=2, max_pending_bytes=1 << 20)
+    assert log == [f"take m{i}" for i in range(3)]  # nothing written yet: the writes wait on the gate
+    written.set()
+    writes.wait()
+    assert sorted(log[3:]) == [f"wrote m{i}" for i in range(3)]

@@ -39,9 +39,10 @@ class LocalPopulation:
         for slot, hyperparameters in per_slot.items():
             self.hosts[slot].set_hyperparameters(hyperparameters)
 
-    def save(self, directory: Path) -> None:
-        """Each member is copied in turn and written on its own thread."""
-        storage.write_snapshots((host.snapshot() for host in self.hosts), directory)
+    def save(self, directory: Path) -> storage.PendingWrites:
+        """Each member is copied in turn; the copies are written on threads while training goes
+        on, and `wait()` on the result returns once all are."""
+        return storage.write_snapshots((host.snapshot() for host in self.hosts), directory)
 
     def load(self, directory: Path) -> None:
         for host in self.hosts:

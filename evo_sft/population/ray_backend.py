@@ -51,6 +51,7 @@ class MemberActor:
     def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: dict[int, dict]):
         self.hosts = build_hosts(config_dict, model_path, prepared, founders)
         self.stashed = {}
+        self.writes = storage.PendingWrites([])
 
     def call(self, slot: int, method: str, *args):
         if method in ACTOR_METHODS:
@@ -60,8 +61,15 @@ class MemberActor:
         return getattr(self.hosts[slot], method)(*args)
 
     def save_members(self, directory: str) -> None:
-        """Every member of this actor, each copied in turn and written on its own thread."""
-        storage.write_snapshots((host.snapshot() for host in self.hosts.values()), directory)
+        """Copy every member of this actor in turn; the copies are written on threads while the
+        actor goes on, and `wait_saved` reports when they are."""
+        self.writes = storage.write_snapshots((host.snapshot() for host in self.hosts.values()), directory)
+
+    @ray.method(concurrency_group="writes")
+    def wait_saved(self) -> None:
+        """Runs beside training (its own concurrency group), so the driver learns when this
+        actor's part of a checkpoint is on disk without waiting for the actor's current call."""
+        self.writes.wait()
 
     def stash(self, slot: int) -> None:
         """Keep a copy of a donor on its device, for clones into members of this actor."""
@@ -85,6 +93,21 @@ class MemberActor:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
+class ActorWrites:
+    """The checkpoint writes of each actor (by its slots)."""
+
+    def __init__(self, refs: dict[tuple, ray.ObjectRef]):
+        self.refs = refs
+
+    def wait(self) -> None:
+        for slots, ref in self.refs.items():
+            try:
+                ray.get(ref)
+            except ACTOR_FAILURES as error:
+                raise storage.WriterLost(f"the actor of slots {list(slots)} died before its members were written "
+                                         f"({type(error).__name__})") from error
+
+
 class RayPopulation:
     """The population interface over Ray actors, each hosting `members_per_actor` members.
     `num_cpus`/`num_gpus` are what one actor asks for."""
@@ -94,13 +117,15 @@ class RayPopulation:
                  on_lost=None, max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
         self.config_dict, self.model_path = config_dict, model_path
         self.prepared_ref = ray.put(prepared)
-        self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(MemberActor)
+        self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                                      concurrency_groups={"writes": 1})(MemberActor)
         self.founders = list(founders)
         self.current_hyperparameters = list(founders)
         self.groups = slot_groups(len(founders), members_per_actor)
         self.group_of = {slot: g for g, group in enumerate(self.groups) for slot in group}
         self._last_checkpoint: Path | None = None
         self.since_checkpoint: list[list[tuple[int, str, tuple]]] = [[] for _ in self.groups]
+        self.saved_at: list[int] | None = None
         self.restarts = [0] * len(self.groups)
         self.max_restarts_per_generation = max_restarts_per_generation
         self.lost: set[int] = set()
@@ -117,9 +142,12 @@ class RayPopulation:
 
     @last_checkpoint.setter
     def last_checkpoint(self, path: Path | None) -> None:
-        """Set when a checkpoint of every member is complete: what came before it need not be replayed."""
+        """Set when a checkpoint of every member is complete: the calls made before its copies
+        were taken (by the last `save`, else all so far) need not be replayed."""
         self._last_checkpoint = Path(path) if path is not None else None
-        self.since_checkpoint = [[] for _ in self.groups]
+        marks = self.saved_at or [len(log) for log in self.since_checkpoint]
+        self.since_checkpoint = [log[mark:] for log, mark in zip(self.since_checkpoint, marks)]
+        self.saved_at = None
 
     def _start(self, group: int, hyperparameters: list[dict]):
         founders = {slot: hyperparameters[slot] for slot in self.groups[group]}
@@ -237,9 +265,12 @@ class RayPopulation:
     def set_hyperparameters(self, per_slot: dict[int, dict]) -> None:
         self._call(list(per_slot), "set_hyperparameters", lambda slot: (per_slot[slot],))
 
-    def save(self, directory: Path) -> None:
-        """One call per actor, which writes all of its members."""
+    def save(self, directory: Path) -> "ActorWrites":
+        """One call per actor, which copies all of its members and returns; they are written
+        while the actors go on, and `wait()` on the result returns once all are."""
         self._call([group[0] for group in self.groups], "save_members", lambda slot: (str(directory),))
+        self.saved_at = [len(log) for log in self.since_checkpoint]
+        return ActorWrites({tuple(group): actor.wait_saved.remote() for group, actor in zip(self.groups, self.actors)})
 
     def load(self, directory: Path) -> None:
         self._call(list(range(self.size)), "load", lambda slot: (str(directory),))
