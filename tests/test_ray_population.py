@@ -10,8 +10,10 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import warnings
 
+import psutil
 import pytest
 import torch
 
@@ -77,30 +79,41 @@ class KillingPopulation(RayPopulation):
     `kill_in_train[generation] = (slot, delay_s)` kills that slot's actor `delay_s` seconds
     after the generation's training was sent (from a background thread, while it trains);
     `kill_after_clone_in=generation` kills a slot that received a clone in that generation,
-    between the clone and the mutations (only a replay of the clone recovers that member).
+    between the clone and the mutations (only a replay of the clone recovers that member);
+    `kill_after_copy_in=(generation, slot)` kills that slot's actor once it has copied its
+    members for that generation's checkpoint, before it can report them written.
     It records where each death was found (`restored_in`)."""
 
-    def __init__(self, *args, kill_in_train=None, kill_after_clone_in=None, **kwargs):
+    def __init__(self, *args, kill_in_train=None, kill_after_clone_in=None, kill_after_copy_in=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kill_in_train, self.kill_after_clone_in = kill_in_train or {}, kill_after_clone_in
+        self.kill_after_copy_in = kill_after_copy_in
         self.generation, self.killed, self.receivers_of = 0, [], {}
         self.phase, self.restored_in, self.clone_pairs = None, [], []
 
     def _call(self, slots, method, args_of=lambda slot: ()):
         self.phase = method
-        return super()._call(slots, method, args_of)
+        results = super()._call(slots, method, args_of)
+        if method == "save_members" and self.kill_after_copy_in and self.kill_after_copy_in[0] == self.generation - 1:
+            self._kill(self.generation - 1, self.kill_after_copy_in[1], wait=True)
+        return results
 
     def _restore(self, slot, error):
         self.restored_in.append(self.phase)
         super()._restore(slot, error)
 
-    def _kill(self, generation: int, slot: int, delay: float = 0.0) -> None:
+    def _kill(self, generation: int, slot: int, delay: float = 0.0, wait: bool = False) -> None:
+        """SIGKILL the slot's actor now, or `delay` seconds from now; with `wait`, return once it is gone."""
         pid = self.locations()[slot]["pid"]
         self.killed.append({"generation": generation, "slot": slot, "pid": pid})
         if delay:
             threading.Timer(delay, os.kill, (pid, signal.SIGKILL)).start()
-        else:
-            os.kill(pid, signal.SIGKILL)
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while wait and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"actor process {pid} outlived SIGKILL"
+            time.sleep(0.01)
 
     def train(self, steps):
         if self.generation in self.kill_in_train:
@@ -161,6 +174,30 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
     assert all(math.isfinite(f) for m in controller.slot_ids for f in controller.fitness[m])
     # Restored from the last checkpoint with every later call replayed, the members are the ones
     # that died: the run decides exactly as the uninterrupted in-process run.
+    assert_same_run(controller.state_dict(), local_reference)
+
+
+def test_a_checkpoint_whose_actor_dies_before_writing_is_abandoned_and_the_run_decides_the_same(
+        ray_session, local_reference, tmp_path):
+    """The actor of slot 1 is SIGKILLed once it has copied its members for checkpoint 2 (taken at
+    the end of generation 1), before it reports them written. That checkpoint is abandoned with
+    a warning; generation 2 finds the death, restores the actor from checkpoint 1 and replays
+    everything since (generation 1 included), and the run decides as the uninterrupted one."""
+    population, controller = killing_run(tmp_path / "copy", kill_after_copy_in=(1, 1))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            controller.run(GENERATIONS)
+    finally:
+        population.close()
+
+    abandoned = [str(w.message) for w in caught if "abandoned" in str(w.message)]
+    assert len(abandoned) == 1 and abandoned[0].startswith("checkpoint generation_00002 is abandoned: ")
+    assert "the actor of slots [1] died before its members were written" in abandoned[0]
+    assert sorted(p.name for p in (tmp_path / "copy" / "checkpoints").iterdir()) == ["generation_00001",
+                                                                                    "generation_00003"]
+    restarts = [(e["generation"], e["slot"]) for e in controller.lineage.events if e["kind"] == "restart"]
+    assert restarts == [(2, 1)] and population.restored_in == ["train_group"]
     assert_same_run(controller.state_dict(), local_reference)
 
 
