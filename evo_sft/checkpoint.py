@@ -66,22 +66,21 @@ class EvolutionCheckpointer:
         thread.start()
         self.pending = (thread, errors, directory)
 
-    def settle(self, controller) -> Path | None:
-        """Wait for the checkpoint being written, if any; returns its path once committed."""
+    def settle(self, controller) -> None:
+        """Wait for the checkpoint being written, if any, and make it the one a restarted actor restores."""
         if self.pending is None:
-            return None
+            return
         thread, errors, directory = self.pending
         self.pending = None
         thread.join()
         if errors:
             if isinstance(errors[0], storage.WriterLost):
                 warnings.warn(f"checkpoint {directory.final.name} is abandoned: {errors[0]}")
-                return None
+                return
             raise errors[0]
         controller.population.last_checkpoint = directory.final
         for old in checkpoint_dirs(self.run_dir)[self.keep:]:
             shutil.rmtree(old)
-        return directory.final
 
 
 def latest_intact(run_dir: Path) -> tuple[Path, dict]:
