@@ -130,6 +130,12 @@ def _flash_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
+def _flash_forward(q, k, v, cu_seqlens, max_seqlen, scale):
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+    return out, lse, rng_state, unused
+
+
 # Varlen attention as custom operators: torch.compile sees one opaque node (no graph break inside
 # a compiled, checkpointed decoder layer). On CUDA in half precision they run PyTorch's built-in
 # FlashAttention-2 varlen kernel (causal, no dropout); elsewhere `_varlen_reference`, whose
@@ -140,9 +146,7 @@ def _flash_usable(q: torch.Tensor) -> bool:
 def _varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale):
     """(out, logsumexp, rng_state, unused): what the backward needs. q: [T, Hq, D], k/v: [T, Hkv, D]."""
     if _flash_usable(q):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
-        return out, lse, rng_state, unused
+        return _flash_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     empty = q.new_empty(0)
     return _varlen_reference(q, k, v, cu_seqlens, scale), empty, empty.clone(), empty.clone()
 
@@ -150,9 +154,7 @@ def _varlen_forward(q, k, v, cu_seqlens, max_seqlen, scale):
 @_varlen_forward.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
     if _flash_usable(q):  # the aten kernel's own shape rules
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
-        return out, lse, rng_state, unused
+        return _flash_forward(q, k, v, cu_seqlens, max_seqlen, scale)
     return torch.empty_like(q), q.new_empty(0), q.new_empty(0), q.new_empty(0)
 
 
