@@ -177,6 +177,17 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
     assert_same_run(controller.state_dict(), local_reference)
 
 
+def run_to_the_end(population, controller) -> list[str]:
+    """Run the experiment's generations, then stop the actors; the warnings it gave."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            controller.run(GENERATIONS)
+    finally:
+        population.close()
+    return [str(w.message) for w in caught]
+
+
 def test_a_checkpoint_whose_actor_dies_before_writing_is_abandoned_and_the_run_decides_the_same(
         ray_session, local_reference, tmp_path):
     """The actor of slot 1 is SIGKILLed once it has copied its members for checkpoint 2 (taken at
@@ -184,14 +195,9 @@ def test_a_checkpoint_whose_actor_dies_before_writing_is_abandoned_and_the_run_d
     a warning; generation 2 finds the death, restores the actor from checkpoint 1 and replays
     everything since (generation 1 included), and the run decides as the uninterrupted one."""
     population, controller = killing_run(tmp_path / "copy", kill_after_copy_in=(1, 1))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            controller.run(GENERATIONS)
-    finally:
-        population.close()
+    caught = run_to_the_end(population, controller)
 
-    abandoned = [str(w.message) for w in caught if "abandoned" in str(w.message)]
+    abandoned = [message for message in caught if "abandoned" in message]
     assert len(abandoned) == 1 and abandoned[0].startswith("checkpoint generation_00002 is abandoned: ")
     assert "the actor of slots [1] died before its members were written" in abandoned[0]
     assert sorted(p.name for p in (tmp_path / "copy" / "checkpoints").iterdir()) == ["generation_00001",
@@ -208,18 +214,13 @@ def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_sessi
                                          max_restarts_per_generation=0)
     records = []
     controller.observers.append(lambda _, record: records.append(record))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            controller.run(GENERATIONS)
-    finally:
-        population.close()
+    caught = run_to_the_end(population, controller)
 
     lost_id = records[1].member_ids[2]
     lost = [e for e in controller.lineage.events if e["kind"] == "lost"]
     assert [(e["generation"], e["slot"], e["member_id"]) for e in lost] == [(1, 2, lost_id)]
     assert not any(e["kind"] == "restart" for e in controller.lineage.events)
-    assert any("replaced by clones of the elite" in str(w.message) for w in caught)
+    assert any("replaced by clones of the elite" in message for message in caught)
     assert records[1].fitness[2] == -math.inf and not records[1].train[2]["finite"]
     assert controller.fitness[lost_id][-1] == -math.inf
     replacement = records[1].decisions[2]
