@@ -25,6 +25,14 @@ start of the next generation and in `close()`: an outage costs one failed reques
 generation. Runs are referred to by local keys ("parent", "member:7") and created when their
 record is sent. The only records dropped are those the store refuses as invalid (HTTP 400, or
 404 for a run that does not exist), which no retry could fix; each costs a warning.
+
+Resume
+A tracker made from a checkpoint's `state` reopens the parent and member runs it names. Member
+runs of the parent that the state does not name were made after that checkpoint by a run that
+died; the resumed run makes them again, so they are deleted (MLflow's soft delete: `mlflow gc`
+purges them, `MlflowClient.restore_run` brings one back), with a warning that names them. Points
+that the dead run logged to the runs the state names, after the checkpoint, stay: MLflow cannot
+delete a metric point, so those steps hold the dead run's value beside the resumed run's.
 """
 import json
 import math
@@ -108,6 +116,7 @@ class MLflowTracker:
         self._known_runs = set(self.run_ids) | {r["key"] for r in self._pending if r["kind"] == "create_run"}
         if "parent" in self._known_runs:
             self._submit({"kind": "update_run", "key": "parent", "status": "RUNNING"})
+            self._submit({"kind": "delete_lost_member_runs", "key": "parent"})
         else:
             self._start_parent(flatten_config(config), run_name)
 
@@ -361,8 +370,21 @@ class MLflowTracker:
             client.update_run(self._run_id(record["key"]), status=record["status"])
         elif kind == "terminate":
             client.set_terminated(self._run_id(record["key"]), status=record["status"], end_time=record["timestamp"])
+        elif kind == "delete_lost_member_runs":
+            self._delete_lost_member_runs(client)
         else:
             raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    def _delete_lost_member_runs(self, client: MlflowClient) -> None:
+        known = set(self.run_ids.values())
+        lost = [run for run in _child_runs(client, self.experiment_id, self._run_id("parent"))
+                if run.info.run_id not in known]
+        for run in lost:
+            client.delete_run(run.info.run_id)
+        if lost:
+            names = ", ".join(sorted(run.info.run_name for run in lost))
+            warnings.warn(f"deleted {len(lost)} MLflow member runs made after the checkpoint this run resumes from "
+                          f"({names}); the resumed run makes them again", TrackingWarning, stacklevel=2)
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -370,6 +392,16 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     if experiment is not None:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    page = client.search_runs([experiment_id], query, max_results=1000)
+    runs = list(page)
+    while page.token:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=page.token)
+        runs += page
+    return runs
 
 
 def _numbers(hyperparameters: dict) -> dict:

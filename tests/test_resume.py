@@ -300,6 +300,8 @@ def test_controller_killed_mid_generation_resumes_to_the_end(runs, full_run):
     runs_ = _mlflow_runs(run_dir)
     assert len([r for r in runs_ if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
     assert {r.info.status for r in runs_} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs_]
+    members = [r.data.tags["evo_sft.member_id"] for r in runs_ if r.data.tags.get("evo_sft.role") == "member"]
+    assert len(members) == len(set(members)), f"a member has two MLflow runs: {sorted(members)}"
 
 
 # ----------------------------------------------------------------------- damaged checkpoint

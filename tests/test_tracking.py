@@ -114,7 +114,9 @@ def parent_and_members(client, experiment_name):
     experiment = client.get_experiment_by_name(experiment_name)
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`evo_sft.role` = 'evolution'")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return parent, {int(run.data.tags["evo_sft.member_id"]): run for run in children}
+    members = {int(run.data.tags["evo_sft.member_id"]): run for run in children}
+    assert len(members) == len(children), "a member has two MLflow runs"
+    return parent, members
 
 
 def assert_everything_logged(client, controller, records) -> None:
@@ -198,6 +200,30 @@ def test_resumed_tracker_continues_the_same_runs(tmp_path):
     assert second.state_dict()["parent_run_id"] == state["parent_run_id"]
     assert all(second.state_dict()["member_runs"][m] == run_id for m, run_id in state["member_runs"].items())
     assert_everything_logged(MlflowClient(uri), controller, recorder.records)
+
+
+def test_member_runs_made_after_the_checkpoint_are_deleted_on_resume(tmp_path):
+    """The run dies one generation after its checkpoint, without close(): the clones it made
+    in that generation have RUNNING runs the checkpoint's state does not name. The resumed
+    tracker deletes them and makes one run per member again; every run ends FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, recorder, states = make_tracker(uri, tmp_path), Recorder(), []
+    controller = make_controller(tmp_path, [first, recorder, lambda c, r: states.append(json.loads(json.dumps(first.state_dict())))])
+    controller.run(3)
+    checkpoint_state = states[1]
+    client = MlflowClient(uri)
+    parent = client.get_run(checkpoint_state["parent_run_id"])
+    made_later = [r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                  if r.info.run_id not in checkpoint_state["member_runs"].values()]
+    assert made_later and {r.info.status for r in made_later} == {"RUNNING"}
+
+    with pytest.warns(TrackingWarning, match=f"deleted {len(made_later)} MLflow member runs"):
+        second = make_tracker(uri, tmp_path, state=checkpoint_state)
+    controller.observers = [second, recorder]
+    controller.run(4)
+    second.close()
+    assert {client.get_run(r.info.run_id).info.lifecycle_stage for r in made_later} == {"deleted"}
+    assert_everything_logged(client, controller, recorder.records)
 
 
 def test_records_queued_before_a_crash_are_sent_by_the_resumed_tracker(tmp_path, monkeypatch):
