@@ -166,7 +166,8 @@ def runs(tmp_path_factory) -> Runs:
             assert killed_job.process.poll() is None, killed_job.wait(check=False)
             assert time.monotonic() < deadline, "the killed run wrote no first checkpoint"
             time.sleep(0.05)
-        time.sleep(0.3)  # generation 2 is training now (a generation takes seconds)
+        # Checkpoints are committed while the next generation trains: generation 2 is under way,
+        # and its checkpoint is a generation's training away.
         killed_midway = killed_job.process.poll() is None and not checkpoint(killed, 2).exists()
         killed_job.kill()
         killed_run = killed_job.wait(check=False)
