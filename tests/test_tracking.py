@@ -212,9 +212,9 @@ def test_member_runs_made_after_the_checkpoint_are_deleted_on_resume(tmp_path):
     controller.run(3)
     checkpoint_state = states[1]
     client = MlflowClient(uri)
-    parent = client.get_run(checkpoint_state["parent_run_id"])
-    made_later = [r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-                  if r.info.run_id not in checkpoint_state["member_runs"].values()]
+    parent, members = parent_and_members(client, "evolution")
+    assert parent.info.run_id == checkpoint_state["parent_run_id"]
+    made_later = [r for r in members.values() if r.info.run_id not in checkpoint_state["member_runs"].values()]
     assert made_later and {r.info.status for r in made_later} == {"RUNNING"}
 
     with pytest.warns(TrackingWarning, match=f"deleted {len(made_later)} MLflow member runs"):
