@@ -8,11 +8,9 @@ AdamW moments (88 MB). Revisions before `write_snapshots` write the members one 
     python experiments/bench_checkpoint_save.py --baseline-rev 11d299e
 """
 import argparse
-import importlib.util
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,16 +20,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def storage_module(source: str, name: str):
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from baseline_module import ROOT, module_at, module_from_source
 
 
 def write_members(storage, state: dict, members: int, directory: Path) -> None:
@@ -49,7 +38,9 @@ def write_members(storage, state: dict, members: int, directory: Path) -> None:
         member.directory(f"slot_{slot}", files)
         return member
 
-    storage.write_snapshots((snapshot(slot) for slot in range(members)), directory)
+    pending = storage.write_snapshots((snapshot(slot) for slot in range(members)), directory)
+    if pending is not None:  # since 0cecc5b the writes go on after write_snapshots returns
+        pending.wait()
 
 
 def main():
@@ -62,11 +53,8 @@ def main():
     parser.add_argument("--dir", default=str(ROOT), help="where to write (the disk being measured)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    baseline = Path(args.baseline_file).read_text() if args.baseline_file else subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{args.baseline_rev}:evo_sft/storage.py"],
-        check=True, capture_output=True, text=True).stdout
-    impls = {f"baseline {args.baseline_rev}": storage_module(baseline, "storage_baseline"),
-             "this tree": storage_module((ROOT / "evo_sft" / "storage.py").read_text(), "storage_tree")}
+    impls = {f"baseline {args.baseline_rev}": module_at("evo_sft/storage.py", args.baseline_rev, args.baseline_file),
+             "this tree": module_from_source((ROOT / "evo_sft" / "storage.py").read_text(), "storage_tree")}
     state = {f"t{i}": torch.randn(1_000_000) for i in range(22)}
     results = {name: {"save": [], "verify": []} for name in impls}
     for _ in range(args.repeats):
