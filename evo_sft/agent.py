@@ -104,7 +104,8 @@ class SFT:
         self.actor = self._prepare_model(actor_network, clone)
         # Padding-free packed micro-batches with varlen attention (evo_sft.packing); on by default on CUDA.
         self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
-        # torch.compile of each decoder layer; on by default where packing runs on CUDA.
+        # torch.compile of each decoder layer and of the frozen head's loss chunk; on by default
+        # where packing runs on CUDA.
         self.compile_layers = self.packing and self.device.type == "cuda" if compile_layers is None else compile_layers
         self._compile_layers()
         self.reinit_optimizers()
@@ -241,7 +242,7 @@ class SFT:
         if self._liger_loss is not None and isinstance(head, torch.nn.Linear):
             return self._liger_loss(head.weight, hidden, packed["targets"], head.bias)
         if packing.is_frozen_linear(head):
-            return packing.frozen_head_losses(hidden, head, packed["targets"]).sum()
+            return packing.frozen_head_losses(hidden, head, packed["targets"], self.compile_layers).sum()
         chunk = max(1, LOGIT_CHUNK_ELEMENTS // head.out_features)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):

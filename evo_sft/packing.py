@@ -17,6 +17,7 @@ float32 masters, and folds the scaling and the residual add into one `addmm`.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -355,6 +356,26 @@ def fast_lora(model) -> int:
 
 
 # ----------------------------------------------------------------------------- loss
+def _chunk_cross_entropy(logits, targets, with_grad: bool):
+    """One chunk's per-row loss (float32) and, with `with_grad`, its gradient with respect to the
+    logits (softmax minus one-hot, in the logits' dtype; may overwrite `logits`). Compiled, the
+    reductions and the softmax each take one fused pass over the chunk's logits."""
+    dtype = logits.dtype
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    losses = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    if not with_grad:
+        return losses, None
+    grad = logits.sub_(lse[:, None]).exp_().to(dtype)
+    grad[torch.arange(len(targets), device=grad.device), targets] = torch.expm1(-losses).to(dtype)
+    return losses, grad
+
+
+@functools.cache
+def _compiled_chunk_cross_entropy():
+    return torch.compile(_chunk_cross_entropy, dynamic=True)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Per-row CE(hidden_i @ W^T + b, target_i) for a frozen head, in row chunks.
 
@@ -364,19 +385,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compiled):
+        chunk_cross_entropy = _compiled_chunk_cross_entropy() if compiled else _chunk_cross_entropy
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_rows):
-            rows = hidden[start:start + chunk_rows]
-            logits = F.linear(rows, weight, bias).float()
-            target = targets[start:start + chunk_rows]
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[start:start + chunk_rows] = lse - logits.gather(1, target[:, None]).squeeze(1)
+            logits = F.linear(hidden[start:start + chunk_rows], weight, bias)
+            losses[start:start + chunk_rows], grad_logits = chunk_cross_entropy(
+                logits, targets[start:start + chunk_rows], grad_hidden is not None)
             if grad_hidden is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-                grad_hidden[start:start + chunk_rows] = probs.to(weight.dtype) @ weight
+                grad_hidden[start:start + chunk_rows] = grad_logits @ weight
         ctx.save_for_backward(grad_hidden)
         return losses
 
@@ -384,26 +402,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         (grad_hidden,) = ctx.saved_tensors
         grad = None if grad_hidden is None else grad_hidden * grad_losses[:, None].to(grad_hidden.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, bias, targets, chunk_rows: int) -> torch.Tensor:
-    """Per-row cross-entropy (float32, [rows]) of a frozen linear head over `hidden` rows."""
+def linear_cross_entropy(hidden, weight, bias, targets, chunk_rows: int, compiled: bool = False) -> torch.Tensor:
+    """Per-row cross-entropy (float32, [rows]) of a frozen linear head over `hidden` rows;
+    `compiled` runs each chunk's softmax and gradient through torch.compile."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_cross_entropy is for a frozen head; use the checkpointed chunks otherwise")
     if hidden.shape[0] == 0:
         return hidden.sum(-1, dtype=torch.float32) * 0.0
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, chunk_rows), compiled)
 
 
 def is_frozen_linear(head) -> bool:
     return isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters())
 
 
-def frozen_head_losses(hidden, head: torch.nn.Linear, targets) -> torch.Tensor:
+def frozen_head_losses(hidden, head: torch.nn.Linear, targets, compiled: bool) -> torch.Tensor:
     """`linear_cross_entropy` through `head`, in chunks of about LOSS_CHUNK_ELEMENTS logits."""
     return linear_cross_entropy(hidden, head.weight, head.bias, targets,
-                                max(1, LOSS_CHUNK_ELEMENTS // head.out_features))
+                                max(1, LOSS_CHUNK_ELEMENTS // head.out_features), compiled)
 
 
 # ----------------------------------------------------------------------------- compile

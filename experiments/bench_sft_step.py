@@ -289,8 +289,8 @@ def profile(step_fn, batches, device, path):
     attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
     self_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     kernel_us = sum(getattr(e, self_attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    table = events.table(sort_by=self_attr, row_limit=25)
-    Path(path).write_text(table)
+    tables = [events.table(sort_by=key, row_limit=25) for key in (self_attr, "self_cpu_time_total")]
+    Path(path).write_text("By GPU time:\n" + tables[0] + "\nBy host time:\n" + tables[1])
     top = sorted(((getattr(e, self_attr), e.key) for e in events), reverse=True)[:8]
     return {"wall_ms": wall * 1e3, "gpu_kernel_ms": kernel_us / 1e3, "gpu_busy": kernel_us / 1e6 / wall,
             "top_kernels_ms": [(k[:70], round(v / 1e3, 2)) for v, k in top], "_attr": attr}

@@ -100,17 +100,22 @@ def test_varlen_reference_matches_per_document_attention_with_gqa():
         start += n
 
 
-def test_linear_cross_entropy_matches_autograd_row_by_row():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_cross_entropy_matches_autograd_row_by_row(compiled):
+    import torch._dynamo
+
+    torch._dynamo.reset()
     torch.manual_seed(0)
     hidden = torch.randn(13, 16, requires_grad=True)
     weight, bias = torch.randn(VOCAB, 16), torch.randn(VOCAB)
     targets = torch.randint(0, VOCAB, (13,))
     row_weights = torch.rand(13)  # each row's own factor reaches its own hidden row
-    losses = packing.linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=4)
+    losses = packing.linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=4, compiled=compiled)
     (losses * row_weights).sum().backward()
     ref_hidden = hidden.detach().clone().requires_grad_(True)
     ref = F.cross_entropy(F.linear(ref_hidden, weight, bias), targets, reduction="none")
     (ref * row_weights).sum().backward()
+    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled
     assert losses.shape == (13,)
     assert torch.allclose(losses, ref, rtol=1e-5)
     assert torch.allclose(hidden.grad, ref_hidden.grad, atol=1e-5)

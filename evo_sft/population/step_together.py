@@ -99,7 +99,8 @@ def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]],
         packed["row_weight"] = torch.tensor([1.0 / step_tokens[i] for i in present])[packed["row_part"]]
         packed = packing.packed_to_device(packed, agent.device)
         with members_in_layers(layers, head.weight.dtype, [leaves[i] for i in present], packed["token_part"]):
-            losses = packing.frozen_head_losses(agent.packed_loss_hidden(packed), head, packed["targets"])
+            losses = packing.frozen_head_losses(agent.packed_loss_hidden(packed), head, packed["targets"],
+                                                 agent.compile_layers)
             (losses * packed["row_weight"]).sum().backward()
         loss_sums.index_add_(0, packed["row_member"], losses.detach())
     grads = [{name: leaf.grad for name, leaf in member.items()} if member is not None else None for member in leaves]
