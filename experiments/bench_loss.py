@@ -68,7 +68,7 @@ def main():
     }
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{stamp}; {card(device)}; {json.dumps(versions())}")
-    print(f"| model | rows | implementation | ms | x baseline | peak MiB | loss rel diff | grad rel diff |")
+    print("| model | rows | implementation | ms | x baseline | peak MiB | loss rel diff | grad rel diff |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     results = []
     for model in models:
