@@ -69,7 +69,7 @@ class AgentConfig:
     gradient_checkpointing: bool = False
     use_liger_loss: bool = False
     packing: bool | None = None  # padding-free packed micro-batches; None: on with a GPU
-    compile_layers: bool | None = None  # torch.compile each decoder layer and the loss chunk; None: on with packing on a GPU
+    compile_layers: bool | None = None  # torch.compile decoder layers and loss chunks; None: on with packing on a GPU
     lr_schedule: LRScheduleConfig | None = None
 
 
