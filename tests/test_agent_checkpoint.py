@@ -137,6 +137,38 @@ def test_a_snapshot_holds_the_state_of_when_it_was_taken(make_agent, train, tmp_
     assert loaded.optimizer_steps == agent.optimizer_steps - 2
 
 
+def saved_adapter_is_pefts(agent: SFT, path) -> dict:
+    """Save `agent` to `path`, check that its adapter file equals PEFT's own
+    `get_peft_model_state_dict` of the agent's model now, and return the file's tensors."""
+    from peft import get_peft_model_state_dict
+
+    agent.save_checkpoint(path)
+    saved = load_file(path / "actor" / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(agent.actor, adapter_name="actor")
+    assert saved.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(saved[key], tensor), key
+    return saved
+
+
+def test_each_checkpoint_saves_the_adapter_peft_names_at_that_time(make_agent, train, tmp_path):
+    """The adapter of every checkpoint is PEFT's state dict of the model when it is saved: the
+    first time, after more steps (the agent reads the parameters it bound on the first save), and
+    for a clone that trains on while its original does not (each saves its own weights)."""
+    agent = train(make_agent(lr=2e-3))
+    first = saved_adapter_is_pefts(agent, tmp_path / "first")
+    train(agent, steps=2)
+    later = saved_adapter_is_pefts(agent, tmp_path / "later")
+    assert any(not torch.equal(first[key], later[key]) for key in first)
+
+    clone = agent.clone()
+    train(clone, steps=2)
+    cloned = saved_adapter_is_pefts(clone, tmp_path / "clone")
+    original = saved_adapter_is_pefts(agent, tmp_path / "original")
+    assert all(torch.equal(original[key], t) for key, t in later.items())
+    assert any(not torch.equal(cloned[key], t) for key, t in later.items())
+
+
 def test_full_weights_round_trip(make_agent, train, tmp_path, demo_gym, logits_of, probe_ids, snapshot, assert_same):
     agent = train(make_agent())
     path = tmp_path / "full"
@@ -232,6 +264,7 @@ def test_merge_lora_configs(saved_config, loader_config, make_agent, train, tmp_
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in saved_weights.items())
 
     agent = train(make_agent(lora_config=loader_config), steps=1)
+    saved_adapter_is_pefts(agent, tmp_path / "before-merge")
     agent.load_checkpoint(path, merge_lora_configs=True)
     config = agent.actor.peft_config["actor"]
     rank = max(saved_config.r, loader_config.r)
@@ -255,10 +288,11 @@ def test_merge_lora_configs(saved_config, loader_config, make_agent, train, tmp_
             assert (p == 0).all()
     assert_close(logits_of(agent, probe_ids), logits_of(saved_agent, probe_ids), atol=1e-6, rtol=0)
 
-    # the merged adapter trains
+    # the merged adapter trains, and a checkpoint saves it (not the adapter it replaced)
     before = logits_of(agent, probe_ids)
     train(agent, steps=1)
     assert not torch.equal(logits_of(agent, probe_ids), before)
+    saved_adapter_is_pefts(agent, tmp_path / "after-merge")
 
 
 def test_full_weights_that_do_not_fit_the_model_are_an_error_naming_the_file(make_agent, tmp_path):
