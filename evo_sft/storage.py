@@ -216,12 +216,14 @@ class Snapshot:
 
 class PendingWrites:
     """Writes that `write_snapshots` started; `wait()` returns once all have ended and raises
-    the first error."""
+    the first error, so that a failed checkpoint's folder can be deleted with nothing still
+    writing into it."""
 
     def __init__(self, futures: list[Future]):
         self.futures = futures
 
     def wait(self) -> None:
+        wait(self.futures)
         for future in self.futures:
             future.result()
 

@@ -407,6 +407,19 @@ def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_pa
     assert log == ["take m0", "wrote m0", "take m1"]
 
 
+def test_a_failed_write_is_raised_once_the_other_writes_have_ended(tmp_path):
+    """So that the failed checkpoint's folder can be deleted whole: nothing writes into it after."""
+    log, fail_now, write_later = [], threading.Event(), threading.Event()
+    writes = storage.write_snapshots([_snapshot_of("m0", log, nbytes=4096, fail=True, gate=fail_now),
+                                      _snapshot_of("m1", log, nbytes=4096, gate=write_later)],
+                                     tmp_path, threads=2, max_pending_bytes=1 << 20)
+    fail_now.set()
+    threading.Timer(0.3, write_later.set).start()
+    with pytest.raises(OSError, match="disk full writing m0"):
+        writes.wait()
+    assert log == ["take m0", "take m1", "wrote m1"]
+
+
 def test_write_snapshots_returns_once_every_snapshot_is_taken_and_writes_on(tmp_path):
     log, written = [], threading.Event()
     writes = storage.write_snapshots((_snapshot_of(f"m{i}", log, nbytes=4096, gate=written) for i in range(3)),

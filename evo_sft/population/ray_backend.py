@@ -100,6 +100,9 @@ class ActorWrites:
         self.refs = refs
 
     def wait(self) -> None:
+        """Returns once every actor's writes have ended and raises the first failure, so that a failed
+        checkpoint's folder can be deleted with no other actor still writing into it."""
+        ray.wait(list(self.refs.values()), num_returns=len(self.refs))
         for slots, ref in self.refs.items():
             try:
                 ray.get(ref)
