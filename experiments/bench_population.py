@@ -258,15 +258,17 @@ def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8)
 def print_table(rows):
     """Ratios against one member alone on one GPU and, for Ray rows, against the Ray row on 1 GPU,
     each with the same compile setting."""
-    alone = {(r["model"], r["layout"].endswith("+compile")): r for r in rows if r["layout"].startswith("alone")}
-    one_gpu = {(r["model"], r["layout"].endswith("+compile")): r for r in rows if r["layout"].startswith("ray x1 GPU")}
+    def setting(r):
+        return r["model"], r["layout"].endswith("+compile")
+
+    alone = {setting(r): r for r in rows if r["layout"].startswith("alone")}
+    one_gpu = {setting(r): r for r in rows if r["layout"].startswith("ray x1 GPU")}
     print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
           "| next generation tok/s | its x ray 1 GPU | MFU | clones | evolution s | evolution share (100 steps) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     nan = {"peak_gib": float("nan"), "tok_s": float("nan"), "tok_s_next": float("nan")}
     for r in rows:
-        setting = (r["model"], r["layout"].endswith("+compile"))
-        one, gpu = alone.get(setting, nan), one_gpu.get(setting, nan)
+        one, gpu = alone.get(setting(r), nan), one_gpu.get(setting(r), nan)
         ray_row = r["layout"].startswith("ray")
         scaling = f"{r['tok_s'] / gpu['tok_s']:.2f}" if ray_row else ""
         next_scaling = f"{r['tok_s_next'] / gpu['tok_s_next']:.2f}" if ray_row else ""
