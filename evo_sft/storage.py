@@ -69,9 +69,9 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
     key path. Non-finite floats are written as NaN/Infinity, which Python reads back.
     """
     _check_json(obj, "")
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"  # json.dump encodes in small pieces, slower
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
 
 
 def load_json(path: str | os.PathLike) -> Any:
@@ -193,7 +193,7 @@ class Snapshot:
         `<name>.json` (structure), which `load_state` reads back."""
         tensors, structure = flatten_state(obj)
         self.tensors(f"{name}.safetensors", tensors)
-        self.json(f"{name}.json", structure)
+        self.files.append((f"{name}.json", lambda path: save_json(path, structure)))  # new objects: no copy
 
     def writer(self, relative: str, write: Callable[[Path], None]) -> None:
         """A file (or folder) that `write(path)` makes from data it already owns."""
@@ -230,20 +230,35 @@ class PendingWrites:
 
 def write_snapshots(snapshots: Iterable[Snapshot], directory: str | os.PathLike,
                     threads: int = WRITE_THREADS, max_pending_bytes: int = MAX_PENDING_BYTES) -> PendingWrites:
-    """Write each snapshot into `directory` on a pool of threads (serialising, hashing and fsync
-    release the GIL). Returns once every snapshot is taken, so the state may change while the
-    writes go on. The next snapshot is taken only while the unwritten ones hold less than
-    `max_pending_bytes`, so large members never pile up in memory; after a failed write no more
-    are taken. A snapshot that cannot be taken is raised once the started writes have ended."""
+    """Write each snapshot into `directory` on a pool of threads. Returns once every snapshot is
+    taken, so the state may change while the writes go on. The writes start once the snapshots
+    are all taken, or once the unwritten ones hold `max_pending_bytes`: then the next is taken
+    only when they hold less, so large members never pile up in memory, and after a failed write
+    no more are taken. Writing holds the GIL in part (JSON, safetensors' serialisation), so
+    snapshots taken while others are written would wait for it. A snapshot that cannot be taken
+    is raised once the started writes have ended."""
     sizes: dict[Future, int] = {}
+    taken: list[Snapshot] = []
     pool = ThreadPoolExecutor(threads)
+
+    def start_taken() -> None:
+        for snapshot in taken:
+            sizes[pool.submit(snapshot.write, directory)] = snapshot.nbytes
+        taken.clear()
+
+    def unwritten_bytes() -> int:
+        return sum(s.nbytes for s in taken) + sum(n for f, n in sizes.items() if not f.done())
+
     try:
         for snapshot in snapshots:
-            sizes[pool.submit(snapshot.write, directory)] = snapshot.nbytes
-            while sum(n for f, n in sizes.items() if not f.done()) >= max_pending_bytes:
-                wait([f for f in sizes if not f.done()], return_when=FIRST_COMPLETED)
-            if any(f.done() and f.exception() is not None for f in sizes):
-                break
+            taken.append(snapshot)
+            if unwritten_bytes() >= max_pending_bytes:
+                start_taken()
+                while unwritten_bytes() >= max_pending_bytes:
+                    wait([f for f in sizes if not f.done()], return_when=FIRST_COMPLETED)
+                if any(f.done() and f.exception() is not None for f in sizes):
+                    break
+        start_taken()
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise

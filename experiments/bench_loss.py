@@ -11,6 +11,7 @@ the hidden-state gradient (relative L2) from the baseline.
 """
 import argparse
 import datetime
+import inspect
 import json
 import sys
 import time
@@ -53,6 +54,8 @@ def main():
     parser.add_argument("--models", default="0.5b,3b")
     parser.add_argument("--rows", type=int, default=28_000, help="loss rows: ~8 members x 3,500 supervised tokens")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compiled-chunks", default="",
+                        help="powers of two: also the compiled loss with chunks of 2^N logits, e.g. 25,26,27")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape and 500 rows, on the CPU")
     parser.add_argument("--out", help="folder for bench_loss_results.jsonl")
     args = parser.parse_args()
@@ -66,6 +69,13 @@ def main():
         "this tree, eager": lambda h, head, t: packing.frozen_head_losses(h, head, t, compiled=False),
         "this tree, compiled": lambda h, head, t: packing.frozen_head_losses(h, head, t, compiled=True),
     }
+    if "compiled" in inspect.signature(baseline.frozen_head_losses).parameters:
+        impls[f"baseline {args.baseline_rev}, compiled"] = lambda h, head, t: baseline.frozen_head_losses(
+            h, head, t, compiled=True)
+    for power in filter(None, args.compiled_chunks.split(",")):
+        impls[f"this tree, compiled, 2^{power} logits a chunk"] = (
+            lambda h, head, t, elements=2 ** int(power): packing.linear_cross_entropy(
+                h, head.weight, head.bias, t, max(1, elements // head.out_features), compiled=True))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{stamp}; {card(device)}; {json.dumps(versions())}")
     print("| model | rows | implementation | ms | x baseline | peak MiB | loss rel diff | grad rel diff |")

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -397,6 +398,20 @@ def test_write_snapshots_writes_every_member_and_bounds_the_memory_held(tmp_path
     storage.write_snapshots(snapshots(), tmp_path, threads=4, max_pending_bytes=1 << 20).wait()
     assert log[:4] == [f"take n{i}" for i in range(4)]
     assert sorted(log[4:]) == [f"wrote n{i}" for i in range(4)]
+
+
+def test_writes_start_once_every_snapshot_is_taken(tmp_path):
+    """Writing holds the GIL in part, so a snapshot taken while others are written would wait."""
+    log = []
+
+    def slowly_taken():
+        for i in range(3):
+            yield _snapshot_of(f"m{i}", log, nbytes=4096)
+            time.sleep(0.05)
+
+    storage.write_snapshots(slowly_taken(), tmp_path, threads=2, max_pending_bytes=1 << 20).wait()
+    assert log[:3] == [f"take m{i}" for i in range(3)]
+    assert sorted(log[3:]) == [f"wrote m{i}" for i in range(3)]
 
 
 def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_path):

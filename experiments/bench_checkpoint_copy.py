@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""The checkpoint's copy of a population's members, on the real path: k members on one base model
+(`build.local_hosts`, as one Ray actor hosts them), after a few joint steps so that the AdamW
+moments exist, saved with `LocalPopulation.save` (each member's `snapshot()`, written on threads).
+"copy s" is the time until `save` returns, which the evolution step waits for; "written s" the
+time until every file is written. Each row is the median of `--repeats` saves; this tree's
+`evo_sft.storage` against the one at a named git revision, in the same run and on the same
+members. Every saved file of both is compared byte for byte. `--profile` prints where one save's
+copy time goes (cProfile, this tree).
+
+    python experiments/bench_checkpoint_copy.py --baseline-rev 733250f --models 0.5b,3b
+    python experiments/bench_checkpoint_copy.py --baseline-rev 733250f --tiny      # CPU smoke run
+"""
+import argparse
+import contextlib
+import cProfile
+import datetime
+import filecmp
+import io
+import json
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from baseline_module import module_at  # noqa: E402
+from bench_population import experiment, save_base  # noqa: E402
+from bench_sft_step import SHAPES, card, make_rows, sync, versions  # noqa: E402
+
+import evo_sft.agent  # noqa: E402
+import evo_sft.population.local  # noqa: E402
+import evo_sft.population.member  # noqa: E402
+from evo_sft import build  # noqa: E402
+from evo_sft.config import config_from_dict  # noqa: E402
+from evo_sft.demo import build_tokenizer  # noqa: E402
+from evo_sft.population.local import LocalPopulation  # noqa: E402
+
+USERS_OF_STORAGE = (evo_sft.agent, evo_sft.population.member, evo_sft.population.local)
+
+
+@contextlib.contextmanager
+def storage_module(storage):
+    """The population's snapshots and writes through `storage` instead of this tree's module."""
+    saved = [user.storage for user in USERS_OF_STORAGE]
+    for user in USERS_OF_STORAGE:
+        user.storage = storage
+    try:
+        yield
+    finally:
+        for user, module in zip(USERS_OF_STORAGE, saved):
+            user.storage = module
+
+
+def timed_save(population, directory: Path, device) -> tuple[float, float]:
+    sync(device)
+    start = time.perf_counter()
+    writes = population.save(directory)
+    copied = time.perf_counter() - start
+    writes.wait()
+    return copied, time.perf_counter() - start
+
+
+def same_files(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
+        filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline-rev", required=True)
+    parser.add_argument("--baseline-file", help="that revision's evo_sft/storage.py, where there is no git")
+    parser.add_argument("--models", default="0.5b,3b")
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU")
+    parser.add_argument("--out", help="folder for bench_checkpoint_copy_results.jsonl")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    impls = {f"baseline {args.baseline_rev}": module_at("evo_sft/storage.py", args.baseline_rev, args.baseline_file),
+             "this tree": evo_sft.agent.storage}
+    work = Path(tempfile.mkdtemp(prefix="bench-checkpoint-copy-"))
+    tokenizer = work / "tokenizer"
+    build_tokenizer().save_pretrained(tokenizer)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"{stamp}; {card(device)}; {json.dumps(versions())}")
+    rows, profiles = [], []
+    for model in ["tiny"] if args.tiny else args.models.split(","):
+        vocab = SHAPES[model]["vocab_size"]
+        prepared = {"train": make_rows(256, vocab, args.tiny).to_dict(),
+                    "test": make_rows(16, vocab, args.tiny, seed=1).to_dict()}
+        config = config_from_dict(experiment(
+            args.members, args.members, True, "local",
+            save_base(model, work, torch.bfloat16 if device.type == "cuda" else torch.float32), tokenizer,
+            work / f"run-{model}", device, 1))
+        population = LocalPopulation(build.local_hosts(config, config.model.name, prepared,
+                                                       build.founder_hyperparameters(config)))
+        population.train(2)
+        times = {name: [] for name in impls}
+        for repeat in range(args.repeats + 1):  # the first of each is a warm-up
+            for name, storage in impls.items():
+                with storage_module(storage):
+                    copied, written = timed_save(population, work / f"{model}-{repeat}-{name}", device)
+                if repeat:
+                    times[name].append((copied, written))
+        identical = same_files(work / f"{model}-0-{list(impls)[0]}", work / f"{model}-0-this tree")
+        baseline = None
+        for name, pairs in times.items():
+            copied, written = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+            baseline = baseline or copied
+            rows.append(dict(model=model, members=args.members, storage=name, copy_s=copied, written_s=written,
+                             x_baseline=baseline / copied, files_identical=identical))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            timed_save(population, work / f"{model}-profile", device)
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+            profiles.append(f"## {model}, {args.members} members, this tree\n{text.getvalue()}")
+        del population
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\n| model | members | storage | copy s | written s | x baseline (copy) | files identical |")
+    print("|---|---:|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['members']} | {r['storage']} | {r['copy_s']:.3f} | {r['written_s']:.3f} | "
+              f"{r['x_baseline']:.2f} | {r['files_identical']} |")
+    for text in profiles:
+        print(text)
+    if args.out:
+        with open(Path(args.out) / "bench_checkpoint_copy_results.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps(dict(row, date=stamp, card=card(device), versions=versions())) + "\n")
+
+
+if __name__ == "__main__":
+    main()
