@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baseline_module import module_at  # noqa: E402
 from bench_population import experiment, save_base  # noqa: E402
-from bench_sft_step import SHAPES, card, make_rows, sync, versions  # noqa: E402
+from bench_sft_step import SHAPES, append_results, card, make_rows, sync, versions  # noqa: E402
 
 import evo_sft.agent  # noqa: E402
 import evo_sft.population.local  # noqa: E402
@@ -138,9 +138,7 @@ def main():
     for text in profiles:
         print(text)
     if args.out:
-        with open(Path(args.out) / "bench_checkpoint_copy_results.jsonl", "a") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row, date=stamp, card=card(device), versions=versions())) + "\n")
+        append_results(args.out, "bench_checkpoint_copy_results.jsonl", rows, stamp, device)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baseline_module import module_at  # noqa: E402
-from bench_sft_step import SHAPES, card, sync, versions  # noqa: E402
+from bench_sft_step import SHAPES, append_results, card, sync, versions  # noqa: E402
 
 from evo_sft import packing  # noqa: E402
 
@@ -101,9 +101,7 @@ def main():
             print(f"| {model} | {rows} | {name} | {row['ms']:.1f} | {row['x_baseline']:.2f} | {row['peak_mib']:.0f} | "
                   f"{loss_diff:.1e} | {grad_diff:.1e} |", flush=True)
     if args.out:
-        with open(Path(args.out) / "bench_loss_results.jsonl", "a") as f:
-            for row in results:
-                f.write(json.dumps(dict(row, date=stamp, card=card(device), versions=versions())) + "\n")
+        append_results(args.out, "bench_loss_results.jsonl", results, stamp, device)
 
 
 if __name__ == "__main__":

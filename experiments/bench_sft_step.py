@@ -86,6 +86,13 @@ def card(device) -> str:
     return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
 
 
+def append_results(folder: str, name: str, rows: list[dict], date: str, device) -> None:
+    """Append `rows` to `folder/name` (JSON lines), each stamped with date, card and versions."""
+    with open(Path(folder) / name, "a") as f:
+        for row in rows:
+            f.write(json.dumps(dict(row, date=date, card=card(device), versions=versions())) + "\n")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
