@@ -414,6 +414,35 @@ def test_writes_start_once_every_snapshot_is_taken(tmp_path):
     assert sorted(log[3:]) == [f"wrote m{i}" for i in range(3)]
 
 
+def test_a_snapshot_that_cannot_be_taken_is_raised_once_the_started_writes_have_ended(tmp_path):
+    log, m1_running, release_m1 = [], threading.Event(), threading.Event()
+
+    def snapshot(name: str, write) -> storage.Snapshot:
+        taken = storage.Snapshot()
+        taken.tensors(f"{name}.safetensors", {"w": torch.zeros(1024)})  # 4 KiB
+        taken.writer(f"{name}.json", write)
+        return taken
+
+    def write_m0(path):
+        m1_running.wait(timeout=5)
+        log.append("wrote m0")
+
+    def write_m1(path):
+        m1_running.set()
+        release_m1.wait(timeout=5)
+        log.append("wrote m1")
+
+    def failing_at_the_third():
+        yield snapshot("m0", write_m0)
+        yield snapshot("m1", write_m1)  # 8 KiB unwritten: both writes start
+        raise RuntimeError("member 2 cannot be copied")
+
+    threading.Timer(0.2, release_m1.set).start()
+    with pytest.raises(RuntimeError, match="member 2 cannot be copied"):
+        storage.write_snapshots(failing_at_the_third(), tmp_path, threads=2, max_pending_bytes=8192)
+    assert log == ["wrote m0", "wrote m1"]
+
+
 def test_write_snapshots_raises_the_first_error_and_takes_no_more_members(tmp_path):
     log = []
     snapshots = (_snapshot_of(f"m{i}", log, nbytes=4096, fail=i == 1) for i in range(4))
