@@ -638,7 +638,7 @@ def _scheduler_state(scheduler) -> dict:
 
 
 def _unflatten(tensors: dict[str, torch.Tensor], prefix: str, structure, device) -> dict:
-    own = {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+    own = {k[len(prefix):]: v.to(device, copy=True) for k, v in tensors.items() if k.startswith(prefix)}
     return storage.unflatten_state(own, structure, device=device)
 
 

@@ -4,8 +4,8 @@
 
 For each model shape (Qwen2.5-0.5B / -3B, random bf16 weights saved with `save_pretrained`) and
 each population size k, it builds the population, trains every member `--steps` optimizer steps
-after `--warmup` steps, and runs one full generation (train, evaluate, select, clone, mutate,
-record, checkpoint). It prints, per row: peak GPU memory (and its ratio to one member alone),
+after `--warmup` steps, and times `--generations` full generations (train, evaluate, select,
+clone, mutate, record, checkpoint; medians reported). It prints, per row: peak GPU memory (and its ratio to one member alone),
 aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf16 matmul
 measured in the same run, and the evolution step (select + clone + mutate + record +
 checkpoint) as a share of a generation of 100 optimizer steps per member. The checkpoint is
@@ -36,6 +36,7 @@ import datetime
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -119,6 +120,30 @@ def experiment(k: int, members_per_actor: int, together: bool, backend: str, mod
     }
 
 
+def timed_generation(population, controller, steps: int, device) -> dict:
+    """One generation (train, evaluate, select, clone, mutate, record, checkpoint), then the next
+    generation's training, as in a run, while the checkpoint is written; what is left of the
+    writes after that training is waited for, as before scoring."""
+    population.seconds.clear()
+    sync(device)
+    start = time.perf_counter()
+    record = controller.run_generation()
+    generation_s = time.perf_counter() - start
+    train_s, evaluate_s = population.seconds["train"], population.seconds["evaluate"]
+    next_train = population.train(steps)
+    train_with_writes_s = population.seconds["train"] - train_s
+    start = time.perf_counter()
+    controller.checkpointer.settle(controller)
+    commit_wait_s = time.perf_counter() - start
+    parts = {f"{name}_part_s": s for name, s in population.seconds.items() if name not in ("train", "evaluate")}
+    return {"record": record, "train_s": train_s, "evaluate_s": evaluate_s,
+            "evolution_s": generation_s - train_s - evaluate_s + commit_wait_s,
+            "tok_s": sum(t["tokens"] for t in record.train) / train_s,
+            "train_with_writes_x": train_with_writes_s / train_s,
+            "tok_s_next": sum(t["tokens"] for t in next_train) / train_with_writes_s,
+            **parts, "commit_wait_part_s": commit_wait_s}
+
+
 def measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak_tflops, gpus: int = 0,
             compile_layers: bool = False) -> dict:
     """One GPU in this process (`gpus` 0), or `gpus` Ray actors of one GPU each, `k // gpus`
@@ -154,37 +179,28 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
                             checkpointer=EvolutionCheckpointer(Path(config.run_dir), 1, 1))
     population.train(args.warmup)
     population.evaluate()  # compiled layers compile their no-grad graph here, not in the timed generation
-    population.seconds.clear()
-    sync(device)
-    start = time.perf_counter()
-    record = controller.run_generation()
-    generation_s = time.perf_counter() - start
-    train_s, evaluate_s = population.seconds["train"], population.seconds["evaluate"]
-    # as in a run, the next generation trains while this generation's checkpoint is written;
-    # what is left of the writes after that training is waited for before scoring
-    next_train = population.train(args.steps)
-    train_with_writes_s = population.seconds["train"] - train_s
-    start = time.perf_counter()
-    controller.checkpointer.settle(controller)
-    commit_wait_s = time.perf_counter() - start
-    evolution_s = generation_s - train_s - evaluate_s + commit_wait_s
-    tokens = sum(t["tokens"] for t in record.train)
-    tokens_per_s = tokens / train_s
-    generation_100 = train_s * STEPS_PER_GENERATION / args.steps + evaluate_s + evolution_s
+    generations = [timed_generation(population, controller, args.steps, device) for _ in range(args.generations)]
+    timed = {key: statistics.median(g[key] for g in generations) for key in generations[0] if key != "record"}
+    record = generations[-1]["record"]
+    generation_100 = timed["train_s"] * STEPS_PER_GENERATION / args.steps + timed["evaluate_s"] + timed["evolution_s"]
     row = {
         "model": size, "members": k, "layout": layout,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" and not gpus
         else float("nan"),
-        "build_s": build_s, "step_ms": 1000 * train_s / (k * args.steps), "tok_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12 * max(1, gpus)),  # per GPU
-        "evaluate_s": evaluate_s, "evolution_s": evolution_s,
-        "evolution_parts_s": {**{name: s for name, s in population.seconds.items() if name not in ("train", "evaluate")},
-                              "commit_wait": commit_wait_s},
-        "train_with_writes_x": train_with_writes_s / train_s,  # the next generation's training, writes in flight
-        "tok_s_next": sum(t["tokens"] for t in next_train) / train_with_writes_s,
-        "evolution_share_100": evolution_s / generation_100,
+        "build_s": build_s, "step_ms": 1000 * timed["train_s"] / (k * args.steps), "tok_s": timed["tok_s"],
+        "mfu": timed["tok_s"] * flops_per_token / (peak_tflops * 1e12 * max(1, gpus)),  # per GPU
+        "evaluate_s": timed["evaluate_s"], "evolution_s": timed["evolution_s"],
+        "evolution_parts_s": {name.removesuffix("_part_s"): s for name, s in timed.items() if name.endswith("_part_s")},
+        "train_with_writes_x": timed["train_with_writes_x"],  # the next generation's training, writes in flight
+        "tok_s_next": timed["tok_s_next"],
+        "evolution_share_100": timed["evolution_s"] / generation_100,
         "clones": sum(d.clone for d in record.decisions),
         "train_s_per_slot": [t["seconds"] for t in record.train],  # one actor's call: a straggler shows here
+        "generations": len(generations),  # the figures above are medians over these timed generations
+        "evolution_s_each": [g["evolution_s"] for g in generations],
+        "clone_s_each": [g["clone_part_s"] for g in generations],
+        "clones_each": [sum(d.clone for d in g["record"].decisions) for g in generations],
+        "save_s_each": [g["save_part_s"] for g in generations],
     }
     population.close()
     del controller, population, record
@@ -294,6 +310,8 @@ def main():
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
     parser.add_argument("--compile", default="on", help="agent.compile_layers for every row: on (the default on a "
                                                         "GPU), off, or off,on")
+    parser.add_argument("--generations", type=int, default=1, help="timed generations per row (medians reported)")
+    parser.add_argument("--work", help="folder for the saved models, kept between runs (default: a new temp folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = parser.parse_args()
 
@@ -302,7 +320,8 @@ def main():
     models = ["tiny"] if args.tiny else args.models.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-population-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-population-"))
+    work.mkdir(parents=True, exist_ok=True)
     tokenizer_path = work / "tokenizer"
     build_tokenizer().save_pretrained(tokenizer_path)
     peak = matmul_tflops(device, args.tiny)

@@ -25,7 +25,7 @@ from evolution_run import (  # noqa: E402
 
 from evo_sft import run  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
+from evo_sft.population.ray_backend import RayPopulation, from_portable  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,10 @@ class KillingPopulation(RayPopulation):
         self.generation, self.killed, self.receivers_of = 0, [], {}
         self.phase, self.restored_in, self.clone_pairs = None, [], []
 
-    def _call(self, slots, method, args_of=lambda slot: ()):
-        self.phase = method
-        results = super()._call(slots, method, args_of)
-        if method == "save_members" and self.kill_after_copy_in and self.kill_after_copy_in[0] == self.generation - 1:
+    def _calls(self, calls):
+        self.phase = ",".join(dict.fromkeys(method for _, method, _ in calls))
+        results = super()._calls(calls)
+        if self.phase == "save_members" and self.kill_after_copy_in and self.kill_after_copy_in[0] == self.generation - 1:
             self._kill(self.generation - 1, self.kill_after_copy_in[1], wait=True)
         return results
 
@@ -275,3 +275,65 @@ def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_surviv
     assert [k["generation"] for k in population.killed] == [2]
     assert population.restored_in == ["train_group"]
     assert_same_run(together.state_dict(), json.loads(json.dumps(alone)), rel=1e-5)
+
+
+def member_states(population) -> list[tuple[dict, dict]]:
+    return [from_portable(payload) for payload in population._call(list(range(population.size)), "export_portable")]
+
+
+def assert_same_state(state, expected) -> None:
+    (tensors, meta), (expected_tensors, expected_meta) = state, expected
+    assert tensors.keys() == expected_tensors.keys()
+    for name, tensor in expected_tensors.items():
+        torch.testing.assert_close(tensors[name], tensor, rtol=0, atol=0, msg=name)
+    assert meta == expected_meta
+
+
+def stash_sizes(population) -> list[int]:
+    return ray.get([actor.__ray_call__.remote(lambda actor: len(actor.stashed)) for actor in population.actors])
+
+
+def adapter(state) -> torch.Tensor:
+    tensors, _ = state
+    return torch.cat([t.flatten() for name, t in sorted(tensors.items()) if name.startswith("param/")])
+
+
+def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session, tmp_path):
+    """Four members on two actors, slots {0, 1} and {2, 3}, clone in a ring where every donor is
+    also a receiver: 0 <- 1 on one actor; 1 <- 2 and 2, 3 <- 0 between actors, where 3 copies on
+    its actor what 2 imported. Each receiver becomes its donor as it was before the clone and
+    stays a member of its own; the actor of 2 and 3, killed after the clone, is rebuilt by
+    replaying it."""
+    config_dict = experiment("ray", tmp_path, members_per_actor=2)
+    config_dict["population"]["size"] = 4
+    config = config_from_dict(config_dict)
+    model_path, prepared, founders = pieces(config, tmp_path)
+    population = RayPopulation(config.to_dict(), model_path, prepared, founders, num_cpus=0.5, members_per_actor=2)
+    pairs = [(0, 1), (1, 2), (2, 0), (3, 0)]
+    try:
+        population.train(1)
+        before = member_states(population)
+        population.clone(pairs)
+        after = member_states(population)
+        stashed = stash_sizes(population)
+        population.set_hyperparameters({2: {**population.hyperparameters()[2], "lr": 3e-2}})
+        population.train(1)
+        trained = member_states(population)
+        pid = population.locations()[2]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            replayed = member_states(population)
+        locations, stashed_after_replay = population.locations(), stash_sizes(population)
+    finally:
+        population.close()
+
+    assert all(not torch.equal(adapter(before[a]), adapter(before[b])) for a, b in [(0, 1), (1, 2), (0, 2)])
+    for receiver, donor in pairs:
+        assert_same_state(after[receiver], before[donor])
+    assert stashed == stashed_after_replay == [0, 0]  # donors stashed for the clone are freed
+    # 2 and 3 trained from the same state with their own learning rates: no tensor is shared
+    assert not torch.equal(adapter(trained[2]), adapter(trained[3]))
+    assert locations[2]["pid"] == locations[3]["pid"] != pid
+    for slot in range(4):
+        assert_same_state(replayed[slot], trained[slot])

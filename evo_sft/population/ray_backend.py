@@ -14,10 +14,11 @@ from evo_sft.build import build_hosts, slot_groups
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
-# Calls that change a member (or stash a donor for a clone on the same actor); each is logged
+# Calls that change a member (or an actor's stash of donors for clones on it); each is logged
 # per actor until the next checkpoint and replayed, in order, on an actor rebuilt after a death.
 # "train_group" trains every member of the actor (together where they can).
-STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed")
+STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed",
+                  "drop_stash")
 ACTOR_METHODS = ("stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
 
 
@@ -31,10 +32,13 @@ def portable(state) -> tuple[dict, dict, dict]:
 
 
 def from_portable(payload) -> tuple[dict, dict]:
-    """The state `portable` made, as tensors of their own (Ray's arrays are read-only views)."""
+    """The state `portable` made, as read-only tensors over Ray's arrays (no copy): they are only
+    read, by `import_state`, which copies every tensor onto the member's device."""
     arrays, layout, meta = payload
-    return {name: torch.from_numpy(arrays[name].copy()).view(getattr(torch, dtype)).reshape(shape)
-            for name, (dtype, shape) in layout.items()}, meta
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(arrays[name]).view(getattr(torch, dtype)).reshape(shape)
+                for name, (dtype, shape) in layout.items()}, meta
 
 
 def lost_train_result(slot: int) -> dict:
@@ -79,13 +83,18 @@ class MemberActor:
         self.hosts[slot].import_state(self.stashed[donor])
 
     def drop_stash(self, slot: int) -> None:
-        self.stashed.pop(slot, None)
+        """Free every state this actor stashed (`slot` is any of its members)."""
+        self.stashed.clear()
 
     def export_portable(self, slot: int):
         return portable(self.hosts[slot].export_state())
 
-    def import_portable(self, slot: int, payload) -> None:
+    def import_portable(self, slot: int, payload, stash_as: int | None = None) -> None:
+        """Become the exported member; with `stash_as` (the donor's slot), also keep the state on
+        the device for this actor's other receivers of the same donor."""
         self.hosts[slot].import_state(from_portable(payload))
+        if stash_as is not None:
+            self.stashed[stash_as] = self.hosts[slot].export_state(on_device=True)
 
     def location(self) -> dict:
         import os
@@ -121,7 +130,8 @@ class RayPopulation:
         self.config_dict, self.model_path = config_dict, model_path
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                      concurrency_groups={"writes": 1})(MemberActor)
+                                      concurrency_groups={"writes": 1},
+                                      allow_out_of_order_execution=False)(MemberActor)  # `_calls` relies on it
         self.founders = list(founders)
         self.current_hyperparameters = list(founders)
         self.groups = slot_groups(len(founders), members_per_actor)
@@ -208,32 +218,40 @@ class RayPopulation:
             pass
 
     def _call(self, slots: list[int], method: str, args_of=lambda slot: ()) -> list:
-        """Call `method` on the given slots' members in parallel (calls to one actor run one
-        after another), restarting dead actors."""
+        """Call `method` on the given slots' members in parallel, restarting dead actors."""
+        return self._calls([(slot, method, tuple(args_of(slot))) for slot in slots])
+
+    def _calls(self, calls: list[tuple[int, str, tuple]]) -> list:
+        """Send every (slot, method, args) call at once and return their results. One actor runs
+        its calls in the order given (its tasks run in order), different actors in parallel. The
+        results are taken in that order, so a dead actor is rebuilt by replaying the calls it
+        finished, and its later calls are sent again, in order, to its replacement."""
         results, sent_to = {}, {}
 
-        def send(slot: int):
+        def send(index: int):
+            slot, method, args = calls[index]
             if slot in self.lost and method in ("train_group", "evaluate"):
-                results[slot] = -math.inf if method == "evaluate" else {
+                results[index] = -math.inf if method == "evaluate" else {
                     s: lost_train_result(s) for s in self.groups[self.group_of[slot]]}
                 return None
-            sent_to[slot] = self.actors[self.group_of[slot]]
-            return sent_to[slot].call.remote(slot, method, *args_of(slot))
+            sent_to[index] = self.actors[self.group_of[slot]]
+            return sent_to[index].call.remote(slot, method, *args)
 
-        refs = {slot: send(slot) for slot in slots}
-        for slot, ref in refs.items():
-            while slot not in results:
+        refs = [send(index) for index in range(len(calls))]
+        for index, ref in enumerate(refs):
+            slot, method, args = calls[index]
+            while index not in results:
                 try:
-                    results[slot] = ray.get(ref)
+                    results[index] = ray.get(ref)
                 except ACTOR_FAILURES as error:
                     group = self.group_of[slot]
-                    if self.actors[group] is sent_to[slot]:  # not yet replaced for another of its slots
+                    if self.actors[group] is sent_to[index]:  # not yet replaced for an earlier call
                         self._restore(group, error)
-                    ref = send(slot)
+                    ref = send(index)
                     continue
                 if method in STATE_CHANGING:
-                    self.since_checkpoint[self.group_of[slot]].append((slot, method, tuple(args_of(slot))))
-        return [results[slot] for slot in slots]
+                    self.since_checkpoint[self.group_of[slot]].append((slot, method, args))
+        return [results[index] for index in range(len(calls))]
 
     def train(self, steps: int) -> list[dict]:
         """One call per actor, which trains all of its members."""
@@ -251,19 +269,27 @@ class RayPopulation:
         return self.current_hyperparameters
 
     def clone(self, pairs: list[tuple[int, int]]) -> None:
-        """(receiver, donor) pairs. Between members of one actor a clone is a copy on its device;
-        otherwise the donor exports once, into the object store, and receivers take the reference,
-        so the driver never holds the tensors. Every donor is captured before any receiver changes."""
+        """(receiver, donor) pairs. Between members of one actor a clone is a copy on its device.
+        Otherwise the donor exports once, into the object store, and on each receiving actor one
+        receiver takes the reference (the driver never holds the tensors) and keeps the state on
+        the device for that actor's other receivers of the donor. Every call is sent at once: each
+        actor runs its own in order, donors export before any receiver changes, and the copies
+        within an actor run while the other actors export."""
         donor_of = dict(pairs)
-        local = [r for r, d in pairs if self.group_of[r] == self.group_of[d]]
-        remote = [r for r, d in pairs if self.group_of[r] != self.group_of[d]]
+        local = sorted(r for r, d in pairs if self.group_of[r] == self.group_of[d])
+        remote = {}  # (receiving actor, donor) -> its receivers
+        for receiver in sorted(set(donor_of) - set(local)):
+            remote.setdefault((self.group_of[receiver], donor_of[receiver]), []).append(receiver)
         states = {donor: self.actors[self.group_of[donor]].call.remote(donor, "export_portable")
-                  for donor in {donor_of[r] for r in remote}}
-        stashed = sorted({donor_of[r] for r in local})
-        self._call(stashed, "stash")
-        self._call(remote, "import_portable", lambda slot: (states[donor_of[slot]],))
-        self._call(local, "import_stashed", lambda slot: (donor_of[slot],))
-        self._call(stashed, "drop_stash")
+                  for donor in {donor for _, donor in remote}}
+        local_donors = sorted({donor_of[r] for r in local})
+        calls = [(d, "stash", ()) for d in local_donors] + [(r, "import_stashed", (donor_of[r],)) for r in local]
+        for (_, donor), (first, *others) in remote.items():
+            calls.append((first, "import_portable", (states[donor], donor if others else None)))
+            calls.extend((r, "import_stashed", (donor,)) for r in others)
+        stashing = {self.group_of[d]: d for d in local_donors}
+        stashing.update({group: receivers[0] for (group, _), receivers in remote.items() if len(receivers) > 1})
+        self._calls(calls + [(slot, "drop_stash", ()) for slot in stashing.values()])
 
     def set_hyperparameters(self, per_slot: dict[int, dict]) -> None:
         self._call(list(per_slot), "set_hyperparameters", lambda slot: (per_slot[slot],))
