@@ -3,15 +3,15 @@
 (issue 9), through the product's own path (`build.local_hosts`, `Controller`, checkpoints).
 
 For each model shape (Qwen2.5-0.5B / -3B, random bf16 weights saved with `save_pretrained`) and
-each population size k, it builds the population, trains every member `--steps` optimizer steps
-after `--warmup` steps, and times `--generations` full generations (train, evaluate, select,
-clone, mutate, record, checkpoint; medians reported). It prints, per row: peak GPU memory (and its ratio to one member alone),
-aggregate supervised tokens/s (and its ratio to one member alone), MFU over a bf16 matmul
-measured in the same run, and the evolution step (select + clone + mutate + record +
-checkpoint) as a share of a generation of 100 optimizer steps per member. The checkpoint is
-written while the next generation trains, as in a run: its share is the time the generation
-spends copying the members plus any wait for the commit after that training, and each row
-records how much slower that training ran (`train_with_writes_x`).
+each population size k, it builds the population, trains every member `--warmup` steps, then
+times `--generations` full generations of `--steps` optimizer steps (train, evaluate, select,
+clone, mutate, record, checkpoint; medians reported). It prints, per row: peak GPU memory (and
+its ratio to one member alone), aggregate supervised tokens/s (and its ratio to one member
+alone), MFU over a bf16 matmul measured in the same run, and the evolution step (select + clone
++ mutate + record + checkpoint) as a share of a generation of 100 optimizer steps per member.
+The checkpoint is written while the next generation trains, as in a run: its share is the time
+the generation spends copying the members plus any wait for the commit after that training, and
+each row records how much slower that training ran (`train_with_writes_x`).
 
   together    k members on one base model (population.members_per_actor = k), stepped together:
               each optimizer step sends all k members' micro-batches through one forward and

@@ -287,7 +287,7 @@ class RayPopulation:
         for (_, donor), (first, *others) in remote.items():
             calls.append((first, "import_portable", (states[donor], donor if others else None)))
             calls.extend((r, "import_stashed", (donor,)) for r in others)
-        stashing = {self.group_of[d]: d for d in local_donors}
+        stashing = {self.group_of[d]: d for d in local_donors}  # a member of each actor that stashed
         stashing.update({group: receivers[0] for (group, _), receivers in remote.items() if len(receivers) > 1})
         self._calls(calls + [(slot, "drop_stash", ()) for slot in stashing.values()])
 
