@@ -94,8 +94,9 @@ class KillingPopulation(RayPopulation):
     def _calls(self, calls):
         self.phase = ",".join(dict.fromkeys(method for _, method, _ in calls))
         results = super()._calls(calls)
-        if self.phase == "save_members" and self.kill_after_copy_in and self.kill_after_copy_in[0] == self.generation - 1:
-            self._kill(self.generation - 1, self.kill_after_copy_in[1], wait=True)
+        copy_kill = self.kill_after_copy_in
+        if self.phase == "save_members" and copy_kill and copy_kill[0] == self.generation - 1:
+            self._kill(self.generation - 1, copy_kill[1], wait=True)
         return results
 
     def _restore(self, slot, error):

@@ -19,7 +19,7 @@ ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 # "train_group" trains every member of the actor (together where they can).
 STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed",
                   "drop_stash")
-ACTOR_METHODS = ("stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
+ACTOR_METHODS = ("save_members", "stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
 
 
 def portable(state) -> tuple[dict, dict, dict]:
@@ -60,13 +60,11 @@ class MemberActor:
     def call(self, slot: int, method: str, *args):
         if method in ACTOR_METHODS:
             return getattr(self, method)(slot, *args)
-        if method == "save_members":
-            return self.save_members(*args)
         return getattr(self.hosts[slot], method)(*args)
 
-    def save_members(self, directory: str) -> None:
-        """Copy every member of this actor in turn; the copies are written on threads while the
-        actor goes on, and `wait_saved` reports when they are."""
+    def save_members(self, slot: int, directory: str) -> None:
+        """Copy every member of this actor in turn (`slot` is any of them); the copies are written
+        on threads while the actor goes on, and `wait_saved` reports when they are."""
         self.writes = storage.write_snapshots((host.snapshot() for host in self.hosts.values()), directory)
 
     @ray.method(concurrency_group="writes")
