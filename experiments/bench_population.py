@@ -182,6 +182,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     generations = [timed_generation(population, controller, args.steps, device) for _ in range(args.generations)]
     timed = {key: statistics.median(g[key] for g in generations) for key in generations[0] if key != "record"}
     record = generations[-1]["record"]
+    clones_each = [sum(d.clone for d in g["record"].decisions) for g in generations]
     generation_100 = timed["train_s"] * STEPS_PER_GENERATION / args.steps + timed["evaluate_s"] + timed["evolution_s"]
     row = {
         "model": size, "members": k, "layout": layout,
@@ -194,12 +195,12 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
         "train_with_writes_x": timed["train_with_writes_x"],  # the next generation's training, writes in flight
         "tok_s_next": timed["tok_s_next"],
         "evolution_share_100": timed["evolution_s"] / generation_100,
-        "clones": sum(d.clone for d in record.decisions),
+        "clones": clones_each[-1],
         "train_s_per_slot": [t["seconds"] for t in record.train],  # one actor's call: a straggler shows here
         "generations": len(generations),  # the figures above are medians over these timed generations
         "evolution_s_each": [g["evolution_s"] for g in generations],
         "clone_s_each": [g["clone_part_s"] for g in generations],
-        "clones_each": [sum(d.clone for d in g["record"].decisions) for g in generations],
+        "clones_each": clones_each,
         "save_s_each": [g["save_part_s"] for g in generations],
     }
     population.close()
