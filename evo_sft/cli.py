@@ -42,7 +42,7 @@ def cmd_resume(args) -> int:
 
 
 def _latest(run_dir: Path):
-    from evo_sft.checkpoint import latest_intact
+    from evo_sft.io.checkpoint import latest_intact
 
     return latest_intact(run_dir)
 
@@ -90,7 +90,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from evo_sft.build import load_tokenizer
+    from evo_sft.data.sources import load_tokenizer
     from evo_sft.run import config_of
 
     run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
@@ -189,8 +189,8 @@ def main(argv=None) -> int:
 
 def _user_error(error: Exception) -> bool:
     """No run to resume or inspect (no config, no intact checkpoint), or a run already in the folder.
-    Checked without importing evo_sft.storage (torch), so validation alone stays quick."""
-    storage = sys.modules.get("evo_sft.storage")
+    Checked without importing evo_sft.io.storage (torch), so validation alone stays quick."""
+    storage = sys.modules.get("evo_sft.io.storage")
     return isinstance(error, FileExistsError) or (storage is not None and isinstance(error, storage.CheckpointError))
 
 

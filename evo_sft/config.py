@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
+
 
 class ConfigError(ValueError):
     """An invalid experiment config; the one-line message names the dotted key."""
@@ -60,17 +62,20 @@ class LRScheduleConfig:
 
 
 @dataclass
-class AgentConfig:
-    lr: float = 1.0e-4
-    batch_size: int = 16
+class AgentSettings:
     micro_batch_size_per_gpu: int | None = None
-    max_grad_norm: float = 1.0
     update_epochs: int = 1
     gradient_checkpointing: bool = False
     use_liger_loss: bool = False
     packing: bool | None = None  # padding-free packed micro-batches; None: on with a GPU
     compile_layers: bool | None = None  # torch.compile decoder layers and loss chunks; None: on with packing on a GPU
     lr_schedule: LRScheduleConfig | None = None
+
+
+# `agent.<name>` for every hyperparameter of evo_sft.hyperparameters: the founders' values.
+AgentConfig = dataclasses.make_dataclass(
+    "AgentConfig", [(h.name, h.type, field(default=h.default)) for h in HYPERPARAMETERS.values()],
+    bases=(AgentSettings,))
 
 
 @dataclass
@@ -87,26 +92,21 @@ class PopulationConfig:
 class MutationConfig:
     no_mutation: float = 0.4
     rl_hp: float = 0.6
-    mutation_sd: float = 0.1
     mutate_elite: bool = True
 
 
 @dataclass
-class LrBounds:
-    min: float = 1.0e-6
-    max: float = 1.0e-2
+class SearchRange:
+    """Where a mutable hyperparameter may move; `scale` (default: the hyperparameter's own) is
+    how founders are spread over the range."""
+
+    min: int | float
+    max: int | float
+    scale: Literal["linear", "log"] | None = None
 
 
-@dataclass
-class BatchSizeBounds:
-    min: int = 4
-    max: int = 64
-
-
-@dataclass
-class BoundsConfig:
-    lr: LrBounds = field(default_factory=LrBounds)
-    batch_size: BatchSizeBounds = field(default_factory=BatchSizeBounds)
+def default_search_space() -> dict[str, SearchRange]:
+    return {"lr": SearchRange(1.0e-6, 1.0e-2), "batch_size": SearchRange(4, 64)}
 
 
 @dataclass
@@ -117,7 +117,8 @@ class EvolutionConfig:
     elitism: bool = True
     eval_loop: int = 1
     mutation: MutationConfig = field(default_factory=MutationConfig)
-    bounds: BoundsConfig = field(default_factory=BoundsConfig)
+    # The hyperparameters that mutate, each within its range; the others stay at agent.<name>.
+    hyperparameters: dict[str, SearchRange] = field(default_factory=default_search_space)
 
 
 @dataclass
@@ -160,17 +161,6 @@ class ExperimentConfig:
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir if self.run_dir is not None else Path("runs") / self.name)
 
-    def tracking_uri(self) -> str:
-        if self.tracking.uri is not None:
-            return self.tracking.uri
-        return f"sqlite:///{(self.resolved_run_dir() / 'mlflow.db').absolute()}"
-
-    def experiment_name(self) -> str:
-        return self.tracking.experiment if self.tracking.experiment is not None else self.name
-
-    def tokenizer_name(self) -> str:
-        return self.tokenizer if self.tokenizer is not None else self.model.name
-
 
 # ---------------------------------------------------------------------------
 # Type walker
@@ -192,6 +182,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -224,7 +216,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"{key}: expected mapping with str keys, got {_show(value)}")
-        return dict(value)
+        _, value_type = typing.get_args(tp)
+        return {k: _convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -296,9 +289,9 @@ def _validate(cfg: ExperimentConfig) -> None:
         _require(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
 
     agent = cfg.agent
-    _require(agent.lr > 0, "agent.lr", f"must be > 0, got {agent.lr}")
-    _require(agent.batch_size >= 1, "agent.batch_size", f"must be >= 1, got {agent.batch_size}")
-    _require(agent.max_grad_norm > 0, "agent.max_grad_norm", f"must be > 0, got {agent.max_grad_norm}")
+    for name, hyperparameter in HYPERPARAMETERS.items():
+        problem = hyperparameter.problem(getattr(agent, name))
+        _require(problem is None, f"agent.{name}", problem)
     _require(agent.update_epochs >= 1, "agent.update_epochs", f"must be >= 1, got {agent.update_epochs}")
     schedule = agent.lr_schedule
     if schedule is not None:
@@ -327,34 +320,16 @@ def _validate(cfg: ExperimentConfig) -> None:
     )
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation
-    for name in ("no_mutation", "rl_hp", "mutation_sd"):
+    for name in ("no_mutation", "rl_hp"):
         value = getattr(mutation, name)
         _require(value >= 0, f"evolution.mutation.{name}", f"must be >= 0, got {value}")
     _require(mutation.no_mutation + mutation.rl_hp > 0, "evolution.mutation", "no_mutation + rl_hp must be > 0")
 
-    lr_bounds, bs_bounds = evolution.bounds.lr, evolution.bounds.batch_size
-    _require(lr_bounds.min > 0, "evolution.bounds.lr.min", f"must be > 0, got {lr_bounds.min}")
-    _require(lr_bounds.min <= lr_bounds.max, "evolution.bounds.lr", f"min {lr_bounds.min} > max {lr_bounds.max}")
-    _require(bs_bounds.min >= 1, "evolution.bounds.batch_size.min", f"must be >= 1, got {bs_bounds.min}")
-    _require(bs_bounds.min <= bs_bounds.max, "evolution.bounds.batch_size", f"min {bs_bounds.min} > max {bs_bounds.max}")
     micro = agent.micro_batch_size_per_gpu
     if micro is not None:
         _require(micro >= 1, "agent.micro_batch_size_per_gpu", f"must be >= 1, got {micro}")
-        _require(
-            -(-bs_bounds.min // micro) * micro <= bs_bounds.max,
-            "evolution.bounds.batch_size",
-            f"[{bs_bounds.min}, {bs_bounds.max}] contains no multiple of agent.micro_batch_size_per_gpu {micro}",
-        )
-    _require(
-        lr_bounds.min <= agent.lr <= lr_bounds.max,
-        "agent.lr",
-        f"{agent.lr} outside evolution.bounds.lr [{lr_bounds.min}, {lr_bounds.max}]",
-    )
-    _require(
-        bs_bounds.min <= agent.batch_size <= bs_bounds.max,
-        "agent.batch_size",
-        f"{agent.batch_size} outside evolution.bounds.batch_size [{bs_bounds.min}, {bs_bounds.max}]",
-    )
+    for name, bounds in evolution.hyperparameters.items():
+        _validate_search_range(name, bounds, getattr(agent, name, None), micro)
     _require(
         micro is None or agent.batch_size % micro == 0,
         "agent.batch_size",
@@ -365,11 +340,53 @@ def _validate(cfg: ExperimentConfig) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
 
 
+def _validate_search_range(name: str, bounds: SearchRange, start, micro: int | None) -> None:
+    key = f"evolution.hyperparameters.{name}"
+    if name not in HYPERPARAMETERS:
+        close = difflib.get_close_matches(name, list(HYPERPARAMETERS), n=1)
+        raise ConfigError(f"{key}: {unknown(name)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    hyperparameter = HYPERPARAMETERS[name]
+    for side in ("min", "max"):
+        value = getattr(bounds, side)
+        _require(hyperparameter.type is float or float(value).is_integer(), f"{key}.{side}",
+                 f"{name} is an integer, got {value}")
+        problem = hyperparameter.problem(value)
+        _require(problem is None, f"{key}.{side}", problem)
+    _require(bounds.min <= bounds.max, key, f"min {bounds.min} > max {bounds.max}")
+    _require((bounds.scale or hyperparameter.scale) != "log" or bounds.min > 0, f"{key}.min",
+             f"a log scale needs min > 0, got {bounds.min}")
+    if name == "batch_size" and micro is not None:
+        _require(-(-bounds.min // micro) * micro <= bounds.max, key,
+                 f"[{bounds.min}, {bounds.max}] contains no multiple of agent.micro_batch_size_per_gpu {micro}")
+    _require(bounds.min <= start <= bounds.max, f"agent.{name}",
+             f"{start} outside {key} [{bounds.min}, {bounds.max}]")
+
+
+def _renamed_bounds(d: dict[str, Any]) -> None:
+    """`evolution.bounds` (before 0.2: lr and batch_size, each with defaults) is
+    `evolution.hyperparameters` now; configs saved in older run folders still load."""
+    evolution = d.get("evolution")
+    if not isinstance(evolution, dict) or "bounds" not in evolution:
+        return
+    if "hyperparameters" in evolution:
+        raise ConfigError("evolution.bounds: renamed to evolution.hyperparameters; give only the latter")
+    bounds = evolution.pop("bounds") or {}
+    if not isinstance(bounds, dict):
+        raise ConfigError(f"evolution.bounds: expected mapping, got {_show(bounds)}")
+    defaults = {name: dataclasses.asdict(r) for name, r in default_search_space().items()}
+    evolution["hyperparameters"] = {**defaults, **{name: {**defaults.get(name, {}), **(value or {})}
+                                                  for name, value in bounds.items()}}
+
+
 # ---------------------------------------------------------------------------
 # Public entry points
 
 
 def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    d = dict(d)
+    if isinstance(d.get("evolution"), dict):
+        d["evolution"] = dict(d["evolution"])
+    _renamed_bounds(d)
     cfg = _build(ExperimentConfig, d, "")
     _validate(cfg)
     return cfg

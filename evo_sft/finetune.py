@@ -2,7 +2,7 @@
 import math
 from pathlib import Path
 
-from evo_sft.agent import SFT, save_llm_checkpoint
+from evo_sft.sft import SFT, save_llm_checkpoint
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.data import SFTGym
 from evo_sft.evolution import HyperparameterConfig, Mutations, TournamentSelection

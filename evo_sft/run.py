@@ -8,11 +8,12 @@ from pathlib import Path
 import yaml
 
 from evo_sft import build
-from evo_sft.checkpoint import EvolutionCheckpointer, latest_intact
+from evo_sft.data.sources import load_tokenizer
+from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.population.local import LocalPopulation
-from evo_sft.storage import CheckpointError
+from evo_sft.io.storage import CheckpointError
 
 CONFIG_FILE = "config.yaml"
 
@@ -51,7 +52,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
 
 def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     model_path = build.resolve_model_path(config, run_dir)
-    tokenizer = build.load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
+    tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
     prepared = build.prepare_data(config, tokenizer)
     founders = build.founder_hyperparameters(config)
     owns_ray = config.population.backend == "ray" and not _ray_initialized()
@@ -105,7 +106,7 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             init.setdefault("_temp_dir", str(run_dir / "ray"))
         ray.init(address=config.ray.address, **init)
-    return RayPopulation(config.to_dict(), model_path, prepared, founders,
+    return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
                          members_per_actor=config.population.members_per_actor)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_sft_step import SHAPES, build_model, card, lora_config, make_rows, sync, versions  # noqa: E402
 from peft import get_peft_model_state_dict  # noqa: E402
 
-from evo_sft.agent import ACTOR, SFT  # noqa: E402
+from evo_sft.sft.agent import ACTOR, SFT  # noqa: E402
 from evo_sft.data import collate  # noqa: E402
 
 

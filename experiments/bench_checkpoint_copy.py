@@ -34,15 +34,15 @@ from baseline_module import module_at  # noqa: E402
 from bench_population import experiment, save_base  # noqa: E402
 from bench_sft_step import SHAPES, append_results, card, make_rows, sync, versions  # noqa: E402
 
-import evo_sft.agent  # noqa: E402
+import evo_sft.sft.agent  # noqa: E402
 import evo_sft.population.local  # noqa: E402
 import evo_sft.population.member  # noqa: E402
 from evo_sft import build  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.demo import build_tokenizer  # noqa: E402
+from evo_sft.data.demo import build_tokenizer  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 
-USERS_OF_STORAGE = (evo_sft.agent, evo_sft.population.member, evo_sft.population.local)
+USERS_OF_STORAGE = (evo_sft.sft.agent, evo_sft.population.member, evo_sft.population.local)
 
 
 @contextlib.contextmanager

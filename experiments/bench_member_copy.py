@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evo_sft.storage import cpu_copy  # noqa: E402
+from evo_sft.io.storage import cpu_copy  # noqa: E402
 
 WAYS = ["storage.cpu_copy (baseline)", "reused pageable buffers", "reused pinned buffers", "clone on the GPU"]
 

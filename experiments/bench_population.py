@@ -52,13 +52,13 @@ from bench_sft_step import (  # noqa: E402
 )
 
 from evo_sft import build  # noqa: E402
-from evo_sft.checkpoint import EvolutionCheckpointer  # noqa: E402
+from evo_sft.io.checkpoint import EvolutionCheckpointer  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.controller import Controller  # noqa: E402
 from evo_sft.data import collate  # noqa: E402
-from evo_sft.loss import supervised_token_count  # noqa: E402
+from evo_sft.kernels.loss import supervised_token_count  # noqa: E402
 from evo_sft.population import step_together  # noqa: E402
-from evo_sft.demo import build_tokenizer  # noqa: E402
+from evo_sft.data.demo import build_tokenizer  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 
 STEPS_PER_GENERATION = 100  # the generation the evolution-step share is reported for
@@ -115,7 +115,7 @@ def experiment(k: int, members_per_actor: int, together: bool, backend: str, mod
                        "members_per_actor": members_per_actor, "step_together": together},
         "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
                       "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
-                      "bounds": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
+                      "hyperparameters": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
         "checkpoint": {"every": 1, "keep": 1},
     }
 
@@ -164,7 +164,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     if gpus:
         from evo_sft.population.ray_backend import RayPopulation
 
-        population = TimedPopulation(RayPopulation(config.to_dict(), str(paths["model"]), prepared, founders,
+        population = TimedPopulation(RayPopulation(build.member_recipe(config, str(paths["model"])), prepared, founders,
                                                    num_cpus=2 if device.type == "cuda" else 1,
                                                    num_gpus=config.population.num_gpus,
                                                    members_per_actor=k // gpus),

@@ -185,7 +185,7 @@ def free(device):
 def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_to=None, compile_layers=None,
             liger=False):
     from evo_sft import packing as packing_module
-    from evo_sft.agent import SFT
+    from evo_sft.sft.agent import SFT
 
     model = build_model(size, device, dtype)
     agent = SFT(pad_token_id=0, pad_token="<pad>", actor_network=model, lora_config=lora_config(),
@@ -306,7 +306,7 @@ def profile(step_fn, batches, device, path):
 # ----------------------------------------------------------------------------- correctness
 def check_packed_matches_padded(size, device, dtype, batch) -> dict:
     """bf16 on the GPU: packed loss and LoRA grads against the padded path, same weights."""
-    from evo_sft.agent import SFT
+    from evo_sft.sft.agent import SFT
 
     results = {}
     grads = {}

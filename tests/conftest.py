@@ -13,7 +13,7 @@ from peft import LoraConfig
 from tokenizers.processors import TemplateProcessing
 
 from evo_sft import SFT, SFTGym
-from evo_sft.demo import CHAT_TEMPLATE, build_model, build_tokenizer, demo_dataset
+from evo_sft.data.demo import CHAT_TEMPLATE, build_model, build_tokenizer, demo_dataset
 
 HIDDEN_SIZE = 32
 NUM_LAYERS = 2

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from evo_sft import build
-from evo_sft.checkpoint import EvolutionCheckpointer, checkpoint_dirs
+from evo_sft.data.sources import load_tokenizer
+from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs
 from evo_sft.config import config_from_dict
 from evo_sft.controller import Controller
 from evo_sft.population.local import LocalPopulation
@@ -38,7 +39,7 @@ def experiment(backend: str, run_dir: Path, tracking_uri: str | None = None, mem
         "evolution": {
             "generations": GENERATIONS, "steps_per_generation": 6, "tournament_size": 2,
             "mutation": {"no_mutation": 0.2, "rl_hp": 0.8},
-            "bounds": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
+            "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
         },
         "tracking": {"uri": tracking_uri, "experiment": "raytest"},
         "checkpoint": {"every": 1, "keep": 5},
@@ -52,7 +53,7 @@ def last_controller_state(run_dir: Path) -> dict:
 def pieces(config, run_dir: Path) -> tuple[str, dict, list[dict]]:
     """(model path, tokenised data, founders' hyperparameters), as `run.start` prepares them."""
     model_path = build.resolve_model_path(config, run_dir)
-    prepared = build.prepare_data(config, build.load_tokenizer(config.tokenizer or model_path))
+    prepared = build.prepare_data(config, load_tokenizer(config.tokenizer or model_path))
     return model_path, prepared, build.founder_hyperparameters(config)
 
 

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from evo_sft import SFT, LRSchedule
 from evo_sft.data import IGNORE_INDEX
-from evo_sft.demo import build_tokenizer, demo_dataset
+from evo_sft.data.demo import build_tokenizer, demo_dataset
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-5)
 
@@ -375,7 +375,8 @@ def test_inspect_and_copy_attributes(make_agent):
     attributes["fitness"].append(0.0)
     assert agent.fitness == [-1.5], "inspect_attributes returns copies"
     assert "fitness" not in agent.inspect_attributes(input_args_only=True)
-    assert agent.evolvable_attributes() == {"lr": 2e-3, "batch_size": 3}
+    assert agent.evolvable_attributes() == agent.hyperparameters == {
+        "lr": 2e-3, "batch_size": 3, "max_grad_norm": 1e6, "weight_decay": 0.01}
 
     other = make_agent(lr=1e-4, batch_size=8)
     result = agent.copy_attributes(agent, other)
@@ -394,3 +395,37 @@ def test_liger_loss_on_cpu_warns_once_and_falls_back(make_agent, uneven_batch, s
     assert not [w for w in caught if "liger" in str(w.message).lower()]
     assert result["mean_loss"] == pytest.approx(plain.learn(uneven_batch)["mean_loss"], rel=1e-6)
     assert_close(snapshot.params(liger), snapshot.params(plain), atol=1e-7, rtol=0)
+
+
+def test_a_mutated_weight_decay_is_what_adamw_applies_after_clone_and_checkpoint(make_agent, tmp_path):
+    """weight_decay is declared once (evo_sft.hyperparameters) and reaches AdamW's param groups on a
+    live agent, in a clone and after a checkpoint. With zero gradients AdamW's step is the decay
+    alone: p <- p * (1 - lr * weight_decay)."""
+    agent = make_agent(lr=1e-2)
+    assert {g["weight_decay"] for g in agent.optimizer.param_groups} == {0.01}
+    agent.set_hyperparameters(weight_decay=0.25)
+    assert agent.weight_decay == 0.25 and {g["weight_decay"] for g in agent.optimizer.param_groups} == {0.25}
+
+    clone = make_agent(lr=1e-3)
+    clone.import_state(*agent.export_state())
+    agent.save_checkpoint(tmp_path / "ckpt")
+    restored = make_agent(lr=1e-3)
+    restored.load_checkpoint(tmp_path / "ckpt", load_optimizer=True)
+    for member in (agent, clone, restored):
+        assert {g["weight_decay"] for g in member.optimizer.param_groups} == {0.25}
+        before = {n: p.detach().clone() for n, p in member.trainable_parameters().items()}
+        for p in member.trainable_parameters().values():
+            p.grad = torch.zeros_like(p)
+        member.optimizer.step()
+        for name, p in member.trainable_parameters().items():
+            assert torch.allclose(p, before[name] * (1 - 1e-2 * 0.25), rtol=0, atol=1e-7), name
+
+
+def test_an_unknown_or_impossible_hyperparameter_is_refused_and_changes_nothing(make_agent):
+    agent = make_agent(lr=1e-3)
+    with pytest.raises(ValueError, match="unknown hyperparameter 'momentum'"):
+        agent.set_hyperparameters(lr=5e-3, momentum=0.9)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1"):
+        agent.set_hyperparameters(weight_decay=-1)
+    assert agent.lr == 1e-3 and {g["lr"] for g in agent.optimizer.param_groups} == {1e-3}
+    assert not hasattr(agent, "momentum")

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from evo_sft import SFT, LRSchedule, save_llm_checkpoint
-from evo_sft.storage import CheckpointError
+from evo_sft.io.storage import CheckpointError
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from evo_sft import build
-from evo_sft.checkpoint import checkpoint_dirs, latest_intact
+from evo_sft.io.checkpoint import checkpoint_dirs, latest_intact
 from evo_sft.config import config_from_dict
 from evo_sft.population.local import LocalPopulation
 from tests.evolution_run import experiment, make_controller, pieces

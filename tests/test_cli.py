@@ -52,13 +52,13 @@ VALIDATION_ERRORS = [
     ("wrong-type-int", None, ["--set", "population.size=four"], "population.size", "expected int, got str 'four'"),
     ("wrong-type-float", None, ["--set", "agent.lr=fast"], "agent.lr", "expected float"),
     ("wrong-type-choice", None, ["--set", "population.backend=rayy"], "population.backend", "did you mean 'ray'?"),
-    ("impossible-lr-bounds", None, ["--set", "evolution.bounds.lr.min=0.1"], "evolution.bounds.lr", "min 0.1 > max 0.03"),
-    ("impossible-batch-size-bounds", None, ["--set", "evolution.bounds.batch_size.min=40"],
-     "evolution.bounds.batch_size", "min 40 > max 32"),
+    ("impossible-lr-bounds", None, ["--set", "evolution.hyperparameters.lr.min=0.1"], "evolution.hyperparameters.lr", "min 0.1 > max 0.03"),
+    ("impossible-batch-size-bounds", None, ["--set", "evolution.hyperparameters.batch_size.min=40"],
+     "evolution.hyperparameters.batch_size", "min 40 > max 32"),
     ("bounds-without-a-micro-batch-multiple", None,
-     ["--set", "evolution.bounds.batch_size.min=9", "--set", "evolution.bounds.batch_size.max=15"],
-     "evolution.bounds.batch_size", "no multiple of agent.micro_batch_size_per_gpu 8"),
-    ("start-lr-outside-bounds", None, ["--set", "agent.lr=0.5"], "agent.lr", "outside evolution.bounds.lr"),
+     ["--set", "evolution.hyperparameters.batch_size.min=9", "--set", "evolution.hyperparameters.batch_size.max=15"],
+     "evolution.hyperparameters.batch_size", "no multiple of agent.micro_batch_size_per_gpu 8"),
+    ("start-lr-outside-bounds", None, ["--set", "agent.lr=0.5"], "agent.lr", "outside evolution.hyperparameters.lr"),
     ("zero-generations", None, ["--set", "evolution.generations=0"], "evolution.generations", "must be >= 1, got 0"),
     ("tournament-larger-than-population", None, ["--set", "evolution.tournament_size=5"],
      "evolution.tournament_size", "5 exceeds population.size 4"),
@@ -69,7 +69,7 @@ VALIDATION_ERRORS = [
 ]
 
 DRY_RUN_OVERRIDES = ["--set", "population.size=8", "--set", "evolution.generations=3",
-                     "--set", "evolution.bounds.lr.max=0.05"]
+                     "--set", "evolution.hyperparameters.lr.max=0.05"]
 
 
 def _quick_commands(root: Path) -> dict:
@@ -145,7 +145,7 @@ def test_dry_run_prints_the_resolved_config_and_resources_and_starts_nothing(qui
     expected.run_dir = str(cwd / "run")
     assert printed == expected.to_dict()
     assert printed["population"]["size"] == 8 and printed["evolution"]["generations"] == 3
-    assert printed["evolution"]["bounds"]["lr"]["max"] == 0.05
+    assert printed["evolution"]["hyperparameters"]["lr"]["max"] == 0.05
     assert printed["lora"]["target_modules"] == yaml.safe_load(DEMO.read_text())["lora"]["target_modules"]
     assert resources == ("population: 8 members on the 'ray' backend, 1 per base model; 8 actors, each 0.5 CPU "
                          "and 0 GPU -> 4 CPUs, 0 GPUs in all; 3 generations x 25 steps; ray: local cluster")

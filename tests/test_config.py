@@ -23,23 +23,15 @@ def test_defaults():
     assert cfg.agent.lr == 1e-4 and cfg.agent.lr_schedule is None
     assert cfg.population.backend == "ray" and cfg.population.size == 4
     assert cfg.evolution.mutation.rl_hp == 0.6
-    assert cfg.evolution.bounds.lr.min == 1e-6 and cfg.evolution.bounds.batch_size.max == 64
+    assert cfg.evolution.hyperparameters["lr"].min == 1e-6 and cfg.evolution.hyperparameters["batch_size"].max == 64
     assert cfg.ray.init == {}
 
 
 def test_helpers_resolve_nulls():
     cfg = config_from_dict({"name": "exp"})
     assert cfg.resolved_run_dir() == Path("runs/exp")
-    assert cfg.tracking_uri() == f"sqlite:///{Path('runs/exp/mlflow.db').absolute()}"
-    assert cfg.experiment_name() == "exp"
-    assert cfg.tokenizer_name() == "demo"
-    cfg = config_from_dict(
-        {"name": "exp", "run_dir": "/tmp/r", "tracking": {"uri": "http://mlflow:5000", "experiment": "e"}, "tokenizer": "tok"}
-    )
+    cfg = config_from_dict({"name": "exp", "run_dir": "/tmp/r"})
     assert cfg.resolved_run_dir() == Path("/tmp/r")
-    assert cfg.tracking_uri() == "http://mlflow:5000"
-    assert cfg.experiment_name() == "e"
-    assert cfg.tokenizer_name() == "tok"
 
 
 FULL = {
@@ -93,7 +85,8 @@ def test_load_config_with_overrides(tmp_path):
         path,
         [
             "population.size=8",
-            "evolution.bounds.lr.min=1e-5",
+            "evolution.hyperparameters.lr.min=1e-5",
+            "evolution.hyperparameters.lr.max=1e-2",
             "agent.gradient_checkpointing=true",
             "lora.target_modules=[q_proj, v_proj]",
             "tracking.uri=null",
@@ -102,7 +95,7 @@ def test_load_config_with_overrides(tmp_path):
         ],
     )
     assert cfg.population.size == 8
-    assert cfg.evolution.bounds.lr.min == 1e-5
+    assert cfg.evolution.hyperparameters["lr"].min == 1e-5
     assert cfg.agent.gradient_checkpointing is True
     assert cfg.lora == LoraConfig(target_modules=["q_proj", "v_proj"])
     assert cfg.ray.init == {"num_cpus": 4}
@@ -175,9 +168,9 @@ def merge(*dicts):
 INVALID = [
     # unknown keys, with suggestions at every level
     ({"nmae": "x"}, "unknown key 'nmae' (did you mean 'name'?)"),
-    (nested("evolution.bounds.lr.mni", 1.0), "unknown key 'evolution.bounds.lr.mni' (did you mean 'evolution.bounds.lr.min'?)"),
+    (nested("evolution.hyperparameters.lr.mni", 1.0), "unknown key 'evolution.hyperparameters.lr.mni' (did you mean 'evolution.hyperparameters.lr.min'?)"),
     ({"zzz": 1}, "unknown key 'zzz' (valid keys: name, seed"),
-    (nested("evolution.bounds.lr.zzzz", 1), "unknown key 'evolution.bounds.lr.zzzz' (valid keys: min, max)"),
+    (nested("evolution.hyperparameters.lr.zzzz", 1), "unknown key 'evolution.hyperparameters.lr.zzzz' (valid keys: min, max, scale)"),
     # types
     (nested("population.size", "abc"), "population.size: expected int, got str 'abc'"),
     (nested("population.size", 2.0), "population.size: expected int, got float 2.0"),
@@ -224,25 +217,35 @@ INVALID = [
     (nested("evolution.eval_loop", 0), "evolution.eval_loop: must be >= 1"),
     (nested("evolution.mutation.no_mutation", -0.1), "evolution.mutation.no_mutation: must be >= 0"),
     (nested("evolution.mutation.rl_hp", -1), "evolution.mutation.rl_hp: must be >= 0"),
-    (nested("evolution.mutation.mutation_sd", -1), "evolution.mutation.mutation_sd: must be >= 0"),
     (nested("evolution.mutation", {"no_mutation": 0, "rl_hp": 0}), "evolution.mutation: no_mutation + rl_hp must be > 0"),
     (nested("checkpoint.every", 0), "checkpoint.every: must be >= 1"),
     (nested("checkpoint.keep", 0), "checkpoint.keep: must be >= 1"),
     # bounds
-    (nested("evolution.bounds.lr", {"min": 0.0}), "evolution.bounds.lr.min: must be > 0"),
-    (nested("evolution.bounds.lr", {"min": 1e-2, "max": 1e-3}), "evolution.bounds.lr: min 0.01 > max 0.001"),
-    (nested("evolution.bounds.batch_size", {"min": 0}), "evolution.bounds.batch_size.min: must be >= 1"),
-    (nested("evolution.bounds.batch_size", {"min": 32, "max": 8}), "evolution.bounds.batch_size: min 32 > max 8"),
-    (nested("agent.lr", 0.1), "agent.lr: 0.1 outside evolution.bounds.lr [1e-06, 0.01]"),
+    (nested("evolution.hyperparameters.lr", {"min": 0.0, "max": 1e-3}), "evolution.hyperparameters.lr.min: must be > 0"),
+    (nested("evolution.hyperparameters.lr", {"min": 1e-2, "max": 1e-3}), "evolution.hyperparameters.lr: min 0.01 > max 0.001"),
+    (nested("evolution.hyperparameters.batch_size", {"min": 0, "max": 64}), "evolution.hyperparameters.batch_size.min: must be >= 1"),
+    (nested("evolution.hyperparameters.batch_size", {"min": 32, "max": 8}), "evolution.hyperparameters.batch_size: min 32 > max 8"),
+    (nested("evolution.hyperparameters.lr", {"min": 1e-5}), "missing key 'evolution.hyperparameters.lr.max'"),
+    (nested("evolution.hyperparameters.lr", {"min": 1e-5, "max": 1e-3, "scale": "cubic"}),
+     "evolution.hyperparameters.lr.scale: expected one of 'linear', 'log'"),
+    (nested("evolution.hyperparameters.batch_size", {"min": 4.5, "max": 64}),
+     "evolution.hyperparameters.batch_size.min: batch_size is an integer, got 4.5"),
+    (nested("evolution.hyperparameters.weight_decay", {"min": 0.0, "max": 0.1, "scale": "log"}),
+     "evolution.hyperparameters.weight_decay.min: a log scale needs min > 0, got 0.0"),
+    (nested("evolution.hyperparameters.momentum", {"min": 0.1, "max": 0.9}),
+     "evolution.hyperparameters.momentum: unknown hyperparameter 'momentum' (known: lr, batch_size"),
+    (nested("evolution.hyperparameters.wieght_decay", {"min": 0.0, "max": 0.1}), "(did you mean 'weight_decay'?)"),
+    (nested("agent.weight_decay", -0.1), "agent.weight_decay: must be >= 0, got -0.1"),
+    (nested("agent.lr", 0.1), "agent.lr: 0.1 outside evolution.hyperparameters.lr [1e-06, 0.01]"),
     (nested("agent.lr", 0.0), "agent.lr: must be > 0"),
-    (nested("agent.batch_size", 2), "agent.batch_size: 2 outside evolution.bounds.batch_size [4, 64]"),
+    (nested("agent.batch_size", 2), "agent.batch_size: 2 outside evolution.hyperparameters.batch_size [4, 64]"),
     (nested("agent.batch_size", 0), "agent.batch_size: must be >= 1"),
     # micro-batch divisibility
     (nested("agent.micro_batch_size_per_gpu", 0), "agent.micro_batch_size_per_gpu: must be >= 1"),
     (nested("agent.micro_batch_size_per_gpu", 5), "agent.batch_size: 16 is not divisible by agent.micro_batch_size_per_gpu 5"),
     (
-        merge(nested("agent.micro_batch_size_per_gpu", 16), nested("evolution.bounds.batch_size", {"min": 17, "max": 31})),
-        "evolution.bounds.batch_size: [17, 31] contains no multiple of agent.micro_batch_size_per_gpu 16",
+        merge(nested("agent.micro_batch_size_per_gpu", 16), nested("evolution.hyperparameters.batch_size", {"min": 17, "max": 31})),
+        "evolution.hyperparameters.batch_size: [17, 31] contains no multiple of agent.micro_batch_size_per_gpu 16",
     ),
 ]
 
@@ -259,8 +262,26 @@ def test_batch_size_bounds_need_only_contain_a_multiple_of_micro_batch():
     cfg = config_from_dict(
         merge(
             nested("agent.micro_batch_size_per_gpu", 8),
-            nested("evolution.bounds.batch_size", {"min": 5, "max": 20}),
+            nested("evolution.hyperparameters.batch_size", {"min": 5, "max": 20}),
             nested("agent.batch_size", 16),
         )
     )
-    assert (cfg.evolution.bounds.batch_size.min, cfg.evolution.bounds.batch_size.max) == (5, 20)
+    assert (cfg.evolution.hyperparameters["batch_size"].min, cfg.evolution.hyperparameters["batch_size"].max) == (5, 20)
+
+
+def test_hyperparameters_listed_replace_the_default_search_space():
+    cfg = config_from_dict(nested("evolution.hyperparameters", {"weight_decay": {"min": 0.0, "max": 0.1}}))
+    assert list(cfg.evolution.hyperparameters) == ["weight_decay"]
+    assert cfg.agent.weight_decay == 0.01  # AdamW's own default, the founders' value
+    assert list(config_from_dict({}).evolution.hyperparameters) == ["lr", "batch_size"]
+
+
+def test_evolution_bounds_of_older_configs_load_as_hyperparameters():
+    """Run folders saved before the rename keep resuming: `evolution.bounds` fills in the old
+    defaults (both lr and batch_size mutate)."""
+    cfg = config_from_dict(nested("evolution.bounds", {"lr": {"max": 1e-3}}))
+    space = cfg.evolution.hyperparameters
+    assert (space["lr"].min, space["lr"].max) == (1e-6, 1e-3)
+    assert (space["batch_size"].min, space["batch_size"].max) == (4, 64)
+    with pytest.raises(ConfigError, match="renamed to evolution.hyperparameters"):
+        config_from_dict(merge(nested("evolution.bounds", {}), nested("evolution.hyperparameters", {})))

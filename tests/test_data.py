@@ -7,7 +7,7 @@ import torch
 
 from evo_sft import SFTGym
 from evo_sft.data import IGNORE_INDEX, DataStream
-from evo_sft.demo import build_tokenizer
+from evo_sft.data.demo import build_tokenizer
 
 PROMPTS = ["reverse: abc", "q", "reverse: hello world", "hi"]
 RESPONSES = ["cba", "a longer answer 123", "x", "ok"]

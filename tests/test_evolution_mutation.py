@@ -13,7 +13,7 @@ CONFIG = HyperparameterConfig(
 HP = {"lr": 1e-3, "batch_size": 8, "max_grad_norm": 1.0}
 
 
-@pytest.mark.parametrize("kind", ["architecture", "new_layer", "parameters", "activation"])
+@pytest.mark.parametrize("kind", ["architecture", "new_layer_prob", "parameters", "activation"])
 def test_rl_only_kinds_raise(kind):
     with pytest.raises(ValueError) as info:
         Mutations(**{kind: 0.2})
@@ -37,15 +37,15 @@ def test_invalid_probabilities_raise(kwargs, text):
 
 def test_constructor_arguments_are_kept():
     m = Mutations(no_mutation=0.3, rl_hp=0.5, mutation_sd=0.2, mutate_elite=False, rand_seed=42, device="cuda")
-    assert (m.no_mutation, m.rl_hp, m.mutation_sd, m.mutate_elite, m.rand_seed, m.device) == (
-        0.3,
-        0.5,
-        0.2,
-        False,
-        42,
-        "cuda",
-    )
-    assert m.architecture == 0 and m.activation_selection is None and m.accelerator is None
+    assert (m.no_mutation, m.rl_hp, m.mutate_elite, m.rand_seed) == (0.3, 0.5, False, 42)
+
+
+def test_agilerl_keyword_call_is_accepted():
+    """AgileRL's documented LLM call, every keyword by AgileRL's name."""
+    m = Mutations(no_mutation=0.4, architecture=0, new_layer_prob=0, parameters=0, activation=0, rl_hp=0.6,
+                  mutation_sd=0.1, activation_selection=None, mutate_elite=True, rand_seed=1, device="cpu",
+                  accelerator=None)
+    assert (m.no_mutation, m.rl_hp, m.rand_seed) == (0.4, 0.6, 1)
 
 
 def test_mutation_odds_and_uniform_choice_of_hyperparameter():

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from evo_sft import SFT, HyperparameterConfig, Mutations, RLParameter, SFTGym, TournamentSelection
 from evo_sft.controller import Controller
-from evo_sft.demo import build_model, build_tokenizer, demo_dataset
+from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
 from evo_sft.finetune import _ElitePerStep, finetune_llm_sft
 from evo_sft.population.local import LocalPopulation
 from evo_sft.population.member import MemberHost, stream_seed

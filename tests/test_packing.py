@@ -1,4 +1,4 @@
-"""Padding-free packed micro-batches (evo_sft.packing): on the CPU, in float32, the packed loss
+"""Padding-free packed micro-batches (evo_sft.kernels): on the CPU, in float32, the packed loss
 and LoRA gradients equal the padded reference, and the pieces (packing, varlen attention,
 fused LoRA forward, chunked frozen-head cross-entropy) each match their plain counterpart."""
 import copy
@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from evo_sft import packing
-from evo_sft.agent import SFT
+from evo_sft.kernels import attention, packing
+from evo_sft.kernels.lora import fast_lora
+from evo_sft.kernels.loss import linear_cross_entropy
+from evo_sft.sft import step
+from evo_sft.sft.agent import SFT
 from evo_sft.data import IGNORE_INDEX
 
 VOCAB = 97
@@ -88,7 +91,7 @@ def test_varlen_reference_matches_per_document_attention_with_gqa():
     lengths = [4, 1, 6]
     q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
     cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
-    out = packing.varlen_attention(q, k, v, cu, 6, None)
+    out = attention.varlen_attention(q, k, v, cu, 6, None)
     start = 0
     for n in lengths:
         qs, ks, vs = q[start:start + n], k[start:start + n], v[start:start + n]
@@ -110,7 +113,7 @@ def test_linear_cross_entropy_matches_autograd_row_by_row(compiled):
     weight, bias = torch.randn(VOCAB, 16), torch.randn(VOCAB)
     targets = torch.randint(0, VOCAB, (13,))
     row_weights = torch.rand(13)  # each row's own factor reaches its own hidden row
-    losses = packing.linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=4, compiled=compiled)
+    losses = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=4, compiled=compiled)
     (losses * row_weights).sum().backward()
     ref_hidden = hidden.detach().clone().requires_grad_(True)
     ref = F.cross_entropy(F.linear(ref_hidden, weight, bias), targets, reduction="none")
@@ -130,7 +133,7 @@ def test_fast_lora_forward_matches_peft():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     fast = copy.deepcopy(model)
-    assert packing.fast_lora(fast) == 8
+    assert fast_lora(fast) == 8
     ids = torch.randint(1, VOCAB, (2, 7))
     out, ref = fast(input_ids=ids).logits, model(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-5)
@@ -153,7 +156,7 @@ def test_packed_step_matches_padded_step(gradient_checkpointing):
     assert not padded.packing and packed.packing
     rows = range(0, 4)
     tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    loss_padded, loss_packed = padded._loss_sum(batch), packed._micro_loss_sum(batch)
+    loss_padded, loss_packed = step.micro_loss_sum(padded, batch), step.micro_loss_sum(packed, batch)
     assert torch.allclose(loss_packed, loss_padded, rtol=1e-5)
     (loss_padded / tokens).backward()
     (loss_packed / tokens).backward()

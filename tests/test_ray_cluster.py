@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray")
 from evolution_run import make_controller  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from evo_sft import build  # noqa: E402
+from evo_sft import build
+from evo_sft.data.sources import load_tokenizer  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
@@ -44,7 +45,7 @@ def experiment(backend: str, run_dir: Path) -> dict:
         "evolution": {
             "generations": GENERATIONS, "steps_per_generation": 6, "tournament_size": 2,
             "mutation": {"no_mutation": 0.2, "rl_hp": 0.8},
-            "bounds": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
+            "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},
         },
         "checkpoint": {"every": 1, "keep": 5},
     }
@@ -114,9 +115,9 @@ def test_members_spread_over_nodes_and_survive_losing_one(cluster, tmp_path):
     run_dir = tmp_path / "ray"
     config = config_from_dict(experiment("ray", run_dir))
     model_path = build.resolve_model_path(config, run_dir)
-    prepared = build.prepare_data(config, build.load_tokenizer(model_path))
+    prepared = build.prepare_data(config, load_tokenizer(model_path))
     founders = build.founder_hyperparameters(config)
-    population = NodeLosingPopulation(config.to_dict(), model_path, prepared, founders,
+    population = NodeLosingPopulation(build.member_recipe(config, model_path), prepared, founders,
                                       num_cpus=config.population.num_cpus,
                                       cluster=ray_cluster, node=worker, generation=1)
     controller = make_controller(config, population, run_dir)

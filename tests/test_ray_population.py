@@ -23,7 +23,7 @@ from evolution_run import (  # noqa: E402
     GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces, run_local,
 )
 
-from evo_sft import run  # noqa: E402
+from evo_sft import build, run  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation, from_portable  # noqa: E402
 
@@ -142,7 +142,7 @@ def killing_run(run_dir, members_per_actor: int = 1, step_together: bool = False
     config = config_from_dict(experiment("ray", run_dir, members_per_actor=members_per_actor,
                                          step_together=step_together))
     model_path, prepared, founders = pieces(config, run_dir)
-    population = KillingPopulation(config.to_dict(), model_path, prepared, founders,
+    population = KillingPopulation(build.member_recipe(config, model_path), prepared, founders,
                                    num_cpus=config.population.num_cpus, members_per_actor=members_per_actor, **kills)
     return population, make_controller(config, population, run_dir)
 
@@ -309,7 +309,7 @@ def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session,
     config_dict["population"]["size"] = 4
     config = config_from_dict(config_dict)
     model_path, prepared, founders = pieces(config, tmp_path)
-    population = RayPopulation(config.to_dict(), model_path, prepared, founders, num_cpus=0.5, members_per_actor=2)
+    population = RayPopulation(build.member_recipe(config, model_path), prepared, founders, num_cpus=0.5, members_per_actor=2)
     pairs = [(0, 1), (1, 2), (2, 0), (3, 0)]
     try:
         population.train(1)

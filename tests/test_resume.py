@@ -346,7 +346,7 @@ def test_status_json_shape(full_run, full_status):
         assert type(member["id"]) is int
         assert member["parent_id"] is None or type(member["parent_id"]) is int
         assert type(member["generation_born"]) is int
-        assert set(member["hyperparameters"]) == {"lr", "batch_size"}
+        assert set(member["hyperparameters"]) == {"lr", "batch_size", "max_grad_norm", "weight_decay"}
         assert type(member["hyperparameters"]["lr"]) is float and type(member["hyperparameters"]["batch_size"]) is int
         assert len(member["fitness"]) == GENERATIONS and all(type(f) is float for f in member["fitness"])
     by_id = {m["id"]: m for m in status["members"]}
@@ -428,7 +428,7 @@ def test_export_of_a_member_not_in_the_checkpoint_fails(tmp_path, full_run, full
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
     from transformers import AutoTokenizer
 
-    from evo_sft.build import load_tokenizer
+    from evo_sft.data.sources import load_tokenizer
 
     for tokenizer in (load_tokenizer(str(full_run / "base_model")), AutoTokenizer.from_pretrained(full_run / "base_model")):
         assert tokenizer.decode(tokenizer.encode(PROBE)) == PROBE
@@ -437,7 +437,7 @@ def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
 def test_best_member_is_the_one_that_earned_the_score_not_a_fresh_clone(tmp_path):
     """After the last evaluation, slot 0 became a clone of member 0 (in slot 1): same weights and
     inherited fitness, new hyperparameters never tried. The best member is member 0 itself."""
-    from evo_sft import storage
+    from evo_sft.io import storage
     from evo_sft.evolution import Lineage
     from evo_sft.run import best_slot
 

@@ -11,6 +11,7 @@ from evolution_run import assert_same_run, experiment, pieces, run_local
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from evo_sft.population.local import LocalPopulation
+from evo_sft.sft import step
 
 # Per slot: the batch size (micro-batches of 4 rows, so slots 1 and 2 need two rounds, slot 2's
 # second one short) and the learning rate.
@@ -37,7 +38,7 @@ def hosts_of(tmp_path, config_dict: dict) -> list:
 def count_decoder_forwards(hosts) -> list[int]:
     calls = [0]
     for agent in {id(host.agent): host.agent for host in hosts}.values():
-        agent._decoder_and_head()[0].register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+        step.decoder_and_head(agent)[0].register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from evo_sft import storage
-from evo_sft.storage import (
+from evo_sft.io import storage
+from evo_sft.io.storage import (
     CheckpointError,
     atomic_directory,
     flatten_state,

@@ -14,16 +14,17 @@ from peft import LoraConfig
 from evo_sft import SFT, HyperparameterConfig, Mutations, RLParameter, SFTGym, TournamentSelection
 from evo_sft.config import flatten_config
 from evo_sft.controller import Controller, GenerationRecord
-from evo_sft.demo import build_model, build_tokenizer, demo_dataset
+from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
 from evo_sft.population.local import LocalPopulation
 from evo_sft.population.member import MemberHost
 from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, MLflowTracker, TrackingWarning, mlflow_ui_command
 from mlflow_server import MLflowServer, free_port
 
 CONFIG = {"name": "tracking-test", "seed": 1, "agent": {"lr": 1e-3, "batch_size": 8}, "lora": {"r": 4}}
-MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", "lr", "batch_size")
-GENERATION_METRICS = ("best_fitness", "mean_fitness", "worst_fitness", "best_lr", "best_batch_size",
-                      "nonfinite_members")
+HYPERPARAMETER_NAMES = ("lr", "batch_size", "max_grad_norm", "weight_decay")
+MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", *HYPERPARAMETER_NAMES)
+GENERATION_METRICS = ("best_fitness", "mean_fitness", "worst_fitness", "nonfinite_members",
+                      *(f"best_{name}" for name in HYPERPARAMETER_NAMES))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,9 +92,8 @@ def expected_generation_metrics(records) -> dict:
     for record in records:
         best = max(range(len(record.fitness)), key=lambda slot: record.fitness[slot])
         values = {"best_fitness": max(record.fitness), "worst_fitness": min(record.fitness),
-                  "mean_fitness": sum(record.fitness) / len(record.fitness),
-                  "best_lr": record.hyperparameters[best]["lr"],
-                  "best_batch_size": record.hyperparameters[best]["batch_size"], "nonfinite_members": 0}
+                  "mean_fitness": sum(record.fitness) / len(record.fitness), "nonfinite_members": 0,
+                  **{f"best_{name}": record.hyperparameters[best][name] for name in HYPERPARAMETER_NAMES}}
         for name, value in values.items():
             expected[name].append((record.generation, value))
     return expected

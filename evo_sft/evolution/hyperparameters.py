@@ -19,10 +19,13 @@ class RLParameter:
     shrink_factor: float = 0.8
     grow_factor: float = 1.2
     dtype: type = float
+    scale: str = "linear"  # how values are spread over [min, max]: "linear" or "log"
 
     def __post_init__(self):
         if self.dtype not in (int, float):
             raise ValueError(f"RLParameter: dtype must be int or float, got {self.dtype!r}")
+        if self.scale not in ("linear", "log"):
+            raise ValueError(f"RLParameter: scale must be 'linear' or 'log', got {self.scale!r}")
         for name in ("min", "max"):
             bound = getattr(self, name)
             if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound):
@@ -32,6 +35,8 @@ class RLParameter:
             object.__setattr__(self, name, self.dtype(bound))
         if self.min > self.max:
             raise ValueError(f"RLParameter: min ({self.min}) is greater than max ({self.max})")
+        if self.scale == "log" and self.min <= 0:
+            raise ValueError(f"RLParameter: a log scale needs min > 0, got {self.min}")
         for name in ("shrink_factor", "grow_factor"):
             factor = getattr(self, name)
             if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not factor > 0:
@@ -79,6 +84,7 @@ class RLParameter:
             "shrink_factor": self.shrink_factor,
             "grow_factor": self.grow_factor,
             "dtype": self.dtype.__name__,
+            "scale": self.scale,
         }
 
     @classmethod

@@ -6,17 +6,19 @@ import numpy as np
 
 from evo_sft.evolution.hyperparameters import HyperparameterConfig
 
-_RL_ONLY = ("architecture", "new_layer", "parameters", "activation")
+_RL_ONLY = ("architecture", "new_layer_prob", "parameters", "activation")
 
 
 class Mutations:
-    """Mutation probabilities. Only `no_mutation` and `rl_hp` apply to LLM agents."""
+    """Mutation probabilities, with AgileRL's signature. For LLM agents only hyperparameter
+    mutation (`rl_hp`) applies: the network mutations must be 0, and `mutation_sd`,
+    `activation_selection`, `device` and `accelerator` are accepted for compatibility and unused."""
 
     def __init__(
         self,
         no_mutation: float = 0.4,
         architecture: float = 0.0,
-        new_layer: float = 0.0,
+        new_layer_prob: float = 0.0,
         parameters: float = 0.0,
         activation: float = 0.0,
         rl_hp: float = 0.2,
@@ -30,7 +32,7 @@ class Mutations:
         probabilities = dict(
             no_mutation=no_mutation,
             architecture=architecture,
-            new_layer=new_layer,
+            new_layer_prob=new_layer_prob,
             parameters=parameters,
             activation=activation,
             rl_hp=rl_hp,
@@ -47,17 +49,9 @@ class Mutations:
         if no_mutation + rl_hp <= 0:
             raise ValueError(f"Mutations(no_mutation={no_mutation}, rl_hp={rl_hp}): their sum must be > 0")
         self.no_mutation = no_mutation
-        self.architecture = architecture
-        self.new_layer = new_layer
-        self.parameters = parameters
-        self.activation = activation
         self.rl_hp = rl_hp
-        self.mutation_sd = mutation_sd
-        self.activation_selection = activation_selection
         self.mutate_elite = mutate_elite
         self.rand_seed = rand_seed
-        self.device = device
-        self.accelerator = accelerator
 
     def mutate(
         self,

@@ -1,7 +1,7 @@
 """The in-process backend: every member in this process, trained one after another."""
 from pathlib import Path
 
-from evo_sft import storage
+from evo_sft.io import storage
 from evo_sft.population.member import MemberHost
 
 

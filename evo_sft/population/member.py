@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evo_sft import storage
-from evo_sft.agent import ACTOR, SFT
+from evo_sft.io import storage
+from evo_sft.sft import SFT
+from evo_sft.sft.lora import ACTOR
 from evo_sft.data import DataStream, SFTGym
 
 EVAL_BATCH_SIZE = 16

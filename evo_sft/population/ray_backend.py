@@ -9,8 +9,8 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from evo_sft import storage
-from evo_sft.build import build_hosts, slot_groups
+from evo_sft.io import storage
+from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -52,8 +52,8 @@ class MemberActor:
     """A thin shell: builds its members (one, or several on one shared base model) inside the
     actor and forwards every call to the member of the given slot."""
 
-    def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: dict[int, dict]):
-        self.hosts = build_hosts(config_dict, model_path, prepared, founders)
+    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict]):
+        self.hosts = build_hosts(recipe, prepared, founders)
         self.stashed = {}
         self.writes = storage.PendingWrites([])
 
@@ -122,10 +122,10 @@ class RayPopulation:
     """The population interface over Ray actors, each hosting `members_per_actor` members.
     `num_cpus`/`num_gpus` are what one actor asks for."""
 
-    def __init__(self, config_dict: dict, model_path: str, prepared: dict, founders: list[dict],
+    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: list[dict],
                  num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1, on_restart=None,
                  on_lost=None, max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
-        self.config_dict, self.model_path = config_dict, model_path
+        self.recipe = recipe
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                       concurrency_groups={"writes": 1},
@@ -162,7 +162,7 @@ class RayPopulation:
 
     def _start(self, group: int, hyperparameters: list[dict]):
         founders = {slot: hyperparameters[slot] for slot in self.groups[group]}
-        return self.actor_class.remote(self.config_dict, self.model_path, self.prepared_ref, founders)
+        return self.actor_class.remote(self.recipe, self.prepared_ref, founders)
 
     def _restore(self, group: int, error: Exception) -> None:
         """Replace a dead actor: restore each of its members from the last checkpoint (or rebuild

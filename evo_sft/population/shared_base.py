@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from evo_sft.agent import SFT
+from evo_sft.sft import SFT
 from evo_sft.data import SFTGym
 from evo_sft.population import step_together
 from evo_sft.population.member import MemberHost, train_result
@@ -38,8 +38,9 @@ class SharedBase:
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
             for name, p in self.params.items():
                 p.data = initial[name].clone()
-            agent.index, agent.lr, agent.batch_size = slot, hyperparameters["lr"], hyperparameters["batch_size"]
+            agent.index = slot
             agent.reinit_optimizers()
+            agent.set_hyperparameters(**hyperparameters)
             self.parked[slot] = self._live_member()
         self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed)) for slot in founders}
 
@@ -65,7 +66,7 @@ class SharedBase:
             p.data = member["weights"][name]
             p.grad = None
         self.agent.optimizer, self.agent.lr_scheduler = member["optimizer"], member["scheduler"]
-        self.agent._set_attributes(member["attributes"])
+        self.agent.set_attributes(member["attributes"])
         self.live = slot
 
     def train(self, steps: int) -> dict[int, dict]:

@@ -18,25 +18,27 @@ from contextlib import contextmanager
 
 import torch
 
-from evo_sft import packing
-from evo_sft.agent import ACTOR, SFT, trim_padding
-from evo_sft.loss import supervised_token_count
+from evo_sft.kernels import packing
+from evo_sft.kernels.lora import cast_scaled, is_fast_lora
+from evo_sft.kernels.loss import frozen_head_losses, is_frozen_linear, supervised_token_count
+from evo_sft.sft import SFT, step
+from evo_sft.sft.lora import ACTOR
 
 
 def lora_layers(agent: SFT) -> list[tuple[torch.nn.Module, str, str]]:
     """(layer, name of its A weight, name of its B weight) for each fast LoRA layer of the agent."""
     return [(module, f"{name}.lora_A.{ACTOR}.weight", f"{name}.lora_B.{ACTOR}.weight")
             for name, module in agent.actor.named_modules()
-            if packing.is_fast_lora(module) and ACTOR in module.lora_A]
+            if is_fast_lora(module) and ACTOR in module.lora_A]
 
 
 def blocker(agent: SFT) -> str | None:
     """Why the members of this agent's base model cannot step together, or None."""
     if not agent.packing:
         return "packed batches are off (agent.packing; on by default on a GPU)"
-    if agent._liger_loss is not None:
+    if agent.liger_loss is not None:
         return "agent.use_liger_loss is on"
-    if not packing.is_frozen_linear(agent._decoder_and_head()[1]):
+    if not is_frozen_linear(step.decoder_and_head(agent)[1]):
         return "the output head is trained (LoRA or modules_to_save on it)"
     layers = lora_layers(agent)
     others = sorted(set(agent.trainable_parameters()) - {name for _, a, b in layers for name in (a, b)})
@@ -62,7 +64,7 @@ def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.
         masters += [torch.cat([member[a_name] for member in weights]),
                     torch.cat([member[b_name] for member in weights], dim=1)]
         scales += [1.0, float(module.scaling[ACTOR])]
-    cast = packing.cast_scaled(dtype, scales, masters)
+    cast = cast_scaled(dtype, scales, masters)
     k, masks = len(weights), {}
     for index, (module, _, _) in enumerate(layers):
         weight_a, weight_b = cast[2 * index], cast[2 * index + 1]
@@ -87,10 +89,9 @@ def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]],
     step_tokens = [supervised_token_count(batch["labels"]) for batch in batches]
     leaves = [{name: w.detach().requires_grad_() for name, w in member.items()} if tokens else None
               for member, tokens in zip(weights, step_tokens)]
-    micro_batches = [[trim_padding({k: v[start:start + micro] for k, v in batch.items()})
-                      for start in range(0, batch["input_ids"].shape[0], micro)] if tokens else []
+    micro_batches = [list(step.micro_batches(batch, micro)) if tokens else []
                      for batch, micro, tokens in zip(batches, micro_sizes, step_tokens)]
-    head = agent._decoder_and_head()[1]
+    head = step.decoder_and_head(agent)[1]
     loss_sums = torch.zeros(len(weights), dtype=torch.float32, device=agent.device)
     for round_index in range(max(map(len, micro_batches))):
         present = [i for i, micro in enumerate(micro_batches) if round_index < len(micro)]
@@ -99,8 +100,7 @@ def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]],
         packed["row_weight"] = torch.tensor([1.0 / step_tokens[i] for i in present])[packed["row_part"]]
         packed = packing.packed_to_device(packed, agent.device)
         with members_in_layers(layers, head.weight.dtype, [leaves[i] for i in present], packed["token_part"]):
-            losses = packing.frozen_head_losses(agent.packed_loss_hidden(packed), head, packed["targets"],
-                                                 agent.compile_layers)
+            losses = frozen_head_losses(step.packed_rows(agent, packed), head, packed["targets"], agent.compile_layers)
             (losses * packed["row_weight"]).sum().backward()
         loss_sums.index_add_(0, packed["row_member"], losses.detach())
     grads = [{name: leaf.grad for name, leaf in member.items()} if member is not None else None for member in leaves]

@@ -12,7 +12,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from evo_sft import storage
+from evo_sft.io import storage
 
 PREFIX = "generation_"
 

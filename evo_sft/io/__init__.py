@@ -1,0 +1,2 @@
+"""Files: `storage` (safetensors + JSON, atomic hashed directories, no pickle) and `checkpoint`
+(the evolution checkpoints a run resumes from)."""

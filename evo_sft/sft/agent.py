@@ -1,0 +1,397 @@
+"""The SFT agent: a causal LM with a LoRA adapter named `actor`, trained by token-level
+cross-entropy on response tokens, with the public API of AgileRL's `SFT`.
+
+The step itself is `evo_sft.sft.step`; checkpoints and clone states are `evo_sft.sft.state`;
+what a hyperparameter is and how a new value reaches the optimizer is `evo_sft.hyperparameters`.
+"""
+import copy
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
+from evo_sft.kernels.loss import supervised_token_count
+from evo_sft.sft import state, step
+from evo_sft.sft.lora import ACTOR, REFERENCE, config_kwargs, copy_adapter
+from evo_sft.sft.schedule import LRSchedule, constant
+
+# Attributes that define an agent and travel with it in checkpoints and clones.
+INIT_ATTRIBUTES = (
+    "pad_token_id", "pad_token", "model_name", "model_config", "index", "update_epochs", "calc_position_embeddings",
+    "micro_batch_size_per_gpu", "seed", "gradient_checkpointing", "use_liger_loss",
+    "use_separate_reference_adapter", *HYPERPARAMETERS,
+)
+STATE_ATTRIBUTES = ("fitness", "scores", "steps", "optimizer_steps")
+
+
+class SFT:
+    """Supervised fine-tuning agent (AgileRL `SFT` API).
+
+    `batch_size` sequences make one optimizer step; with a smaller `micro_batch_size_per_gpu`
+    gradients accumulate and the loss is normalised by the supervised tokens of the whole step.
+    Every hyperparameter of `evo_sft.hyperparameters` is an attribute (`agent.lr`,
+    `agent.weight_decay`, ...); `set_hyperparameters` changes them on a live agent.
+    """
+
+    def __init__(self, pad_token_id: int, pad_token: str, model_name: str | None = None, actor_network=None,
+                 model_config: dict | None = None, hp_config=None, index: int = 0, batch_size: int = 16,
+                 lr: float = 5e-5, max_grad_norm: float = 0.1, update_epochs: int = 1,
+                 calc_position_embeddings: bool = True, micro_batch_size_per_gpu: int | None = None,
+                 device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True,
+                 seed: int = 42, gradient_checkpointing: bool = True, use_liger_loss: bool = False,
+                 use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None,
+                 packing: bool | None = None, compile_layers: bool | None = None):
+        if accelerator is not None:
+            raise NotImplementedError("SFT does not support an accelerate Accelerator yet; pass accelerator=None")
+        if (model_name is None) == (actor_network is None):
+            raise ValueError("pass exactly one of model_name (loaded with from_pretrained) or actor_network")
+        if micro_batch_size_per_gpu is not None and micro_batch_size_per_gpu < 1:
+            raise ValueError(f"micro_batch_size_per_gpu must be >= 1, got {micro_batch_size_per_gpu}")
+        self.algo = "SFT"
+        self.pad_token_id, self.pad_token = pad_token_id, pad_token
+        self.model_name, self.model_config = model_name, model_config
+        self.hp_config, self.index = hp_config, index
+        for name, hyperparameter in HYPERPARAMETERS.items():
+            setattr(self, name, hyperparameter.default)
+        given = {"lr": lr, "batch_size": batch_size, "max_grad_norm": max_grad_norm}
+        _check_hyperparameters(given)
+        self.__dict__.update(given)
+        self.update_epochs, self.calc_position_embeddings = update_epochs, calc_position_embeddings
+        self.micro_batch_size_per_gpu, self.device = micro_batch_size_per_gpu, torch.device(device)
+        self.lora_config, self.accelerator, self.wrap = lora_config, accelerator, wrap
+        self.seed, self.gradient_checkpointing = seed, gradient_checkpointing
+        self.use_liger_loss = use_liger_loss
+        self.use_separate_reference_adapter = use_separate_reference_adapter
+        self.lr_schedule = lr_schedule
+        self.fitness: list[float] = []
+        self.scores: list[float] = []
+        self.steps: list[int] = [0]
+        self.optimizer_steps = 0
+        self.mutation_hooks = []
+        self.liger_loss = None
+        if use_liger_loss:
+            from evo_sft.kernels.liger import liger_loss
+
+            self.liger_loss = liger_loss()
+        self.adapter_parameters: tuple = (None, {})  # see evo_sft.sft.state.adapter_state
+
+        torch.manual_seed(seed)
+        if actor_network is None:
+            from transformers import AutoModelForCausalLM
+
+            actor_network = AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
+        self.actor = self._prepare_model(actor_network)
+        # Padding-free packed micro-batches with varlen attention (evo_sft.kernels); on by default on CUDA.
+        self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
+        # torch.compile of each decoder layer and of the frozen head's loss chunk; on by default
+        # where packing runs on CUDA.
+        self.compile_layers = self.packing and self.device.type == "cuda" if compile_layers is None else compile_layers
+        self._compile_layers()
+        self.reinit_optimizers()
+
+    # ----------------------------------------------------------------- model set-up
+    def _prepare_model(self, model):
+        from peft import PeftModel, get_peft_model
+
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+        if self.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            model.enable_input_require_grads()
+        if self.lora_config is not None and not isinstance(model, PeftModel):
+            model = get_peft_model(model, self.lora_config, adapter_name=ACTOR)
+            if self.use_separate_reference_adapter:
+                model.add_adapter(REFERENCE, self.lora_config)
+                copy_adapter(model, ACTOR, REFERENCE)
+                model.set_adapter(ACTOR)
+        return model.to(self.device)
+
+    def _compile_layers(self) -> None:
+        """torch.compile each decoder layer of this agent's model (fewer, fused kernels and less
+        Python per layer; the first steps pay the compilation)."""
+        if self.compile_layers:
+            from evo_sft.kernels.compile import compile_decoder_layers
+
+            if not compile_decoder_layers(self.actor):
+                warnings.warn("compile_layers=True but the model has no decoder layers to compile; running eager")
+
+    def _enable_packing(self, wanted: bool) -> bool:
+        if not wanted:
+            return False
+        from evo_sft.kernels.attention import enable_packed_attention
+        from evo_sft.kernels.lora import fast_lora
+
+        if not enable_packed_attention(self.actor):
+            warnings.warn("packing=True but the model's attention cannot be switched; using padded batches")
+            return False
+        fast_lora(self.actor)
+        return True
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_config is not None
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.actor.named_parameters() if p.requires_grad}
+
+    def reinit_optimizers(self) -> None:
+        """A fresh AdamW over every trainable parameter (LoRA and modules_to_save) and its schedule."""
+        params = list(self.trainable_parameters().values())
+        fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+        settings = {name: getattr(self, name) for name, h in HYPERPARAMETERS.items() if h.applies_to == "optimizer"}
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, fused=fused or None, **settings)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule or constant)
+
+    def update_lr(self, lr: float, lr_schedule: LRSchedule | None = None) -> None:
+        """Set the learning rate in the optimizer's param groups and the scheduler's base
+        value, keeping the optimizer moments and the schedule's step."""
+        _check_hyperparameters({"lr": lr})
+        self.lr = lr
+        if lr_schedule is not None:
+            self.lr_schedule = lr_schedule
+            self.lr_scheduler.lr_lambdas = [lr_schedule] * len(self.optimizer.param_groups)
+        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+        self.lr_scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    # ----------------------------------------------------------------- training
+    def to_device(self, *experiences):
+        moved = tuple(
+            {k: v.to(self.device) for k, v in e.items()} if isinstance(e, dict) else e.to(self.device)
+            for e in experiences
+        )
+        return moved[0] if len(moved) == 1 else moved
+
+    def set_training_mode(self, training: bool) -> None:
+        self.actor.train(training)
+
+    def learn(self, experiences: dict[str, torch.Tensor], training: bool = True) -> dict[str, float]:
+        """`update_epochs` passes over the batch in optimizer steps of `batch_size` sequences.
+        Returns the token-weighted mean loss over all steps and its perplexity."""
+        rows = experiences["input_ids"].shape[0]
+        micro = self.micro_batch_size_per_gpu or self.batch_size
+        self.set_training_mode(training)
+        loss_sum, token_sum = 0.0, 0
+        with torch.set_grad_enabled(training):
+            for _ in range(self.update_epochs):
+                for start in range(0, rows, self.batch_size):
+                    batch = {k: v[start:start + self.batch_size] for k, v in experiences.items()}
+                    step_loss, step_tokens = step.optimizer_step(self, batch, micro, training)
+                    loss_sum, token_sum = loss_sum + step_loss, token_sum + step_tokens
+        loss_sum = float(loss_sum)  # the one device sync of learn()
+        mean_loss = loss_sum / token_sum if token_sum else float("nan")
+        perplexity = math.exp(mean_loss) if mean_loss < 700 else float("inf")
+        return {"mean_loss": mean_loss, "mean_perplexity": perplexity, "tokens": token_sum}
+
+    def apply_gradients(self) -> None:
+        """Clip the accumulated gradients, take the optimizer and scheduler step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer_steps += 1
+
+    @torch.no_grad()
+    def test(self, env, loop: int = 1, batch_size: int | None = None) -> float:
+        """Fitness on the env's whole, fixed test set: -(sum of response-token cross-entropy)
+        / (number of response tokens). A non-finite loss gives -inf."""
+        self.set_training_mode(False)
+        batch_size = batch_size or self.micro_batch_size_per_gpu or self.batch_size
+        losses = []
+        for _ in range(loop):
+            loss_sum, token_sum = 0.0, 0
+            for batch in env.test_batches(batch_size):
+                with step.lora_weights(self):
+                    loss_sum += float(step.micro_loss_sum(self, batch))
+                token_sum += supervised_token_count(batch["labels"])
+            losses.append(loss_sum / token_sum)
+        mean_loss = sum(losses) / len(losses)
+        fitness = -mean_loss if math.isfinite(mean_loss) else -math.inf
+        self.fitness.append(fitness)
+        return fitness
+
+    def get_action(self, *args, **kwargs):
+        raise NotImplementedError("SFT trains on fixed responses and generates nothing; get_action is not available")
+
+    def get_policy(self):
+        return self.actor
+
+    def recompile(self) -> None:
+        """Compile the decoder layers again where `compile_layers` is on (AgileRL API)."""
+        self._compile_layers()
+
+    # ----------------------------------------------------------------- adapters
+    @contextmanager
+    def select_adapter(self, name: str):
+        self.actor.set_adapter(name)
+        try:
+            yield self.actor
+        finally:
+            self.actor.set_adapter(ACTOR)
+
+    def use_adapter(self, name: str) -> None:
+        self.actor.set_adapter(name)
+
+    def set_reference_policy(self, reference_update_interval: int | None = None) -> None:
+        """Copy the actor adapter's weights into the reference adapter."""
+        if not self.use_separate_reference_adapter:
+            raise ValueError("this agent has no reference adapter (use_separate_reference_adapter=False)")
+        copy_adapter(self.actor, ACTOR, REFERENCE)
+        self.actor.set_adapter(ACTOR)
+
+    # ----------------------------------------------------------------- hyperparameters and attributes
+    @property
+    def hyperparameters(self) -> dict:
+        """Every hyperparameter of `evo_sft.hyperparameters`, as this agent trains with it."""
+        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+
+    def evolvable_attributes(self) -> dict:
+        """The hyperparameters that `hp_config` mutates (all of them without one)."""
+        names = self.hp_config.names() if self.hp_config is not None else HYPERPARAMETERS
+        return {name: getattr(self, name) for name in names}
+
+    def set_hyperparameters(self, **hyperparameters) -> None:
+        """Apply (mutated) hyperparameters so that they take effect at the next optimizer step:
+        each is set as an attribute and written where the step reads it (optimizer param groups,
+        scheduler base rate). An unknown name or an impossible value is an error."""
+        _check_hyperparameters(hyperparameters)
+        for name, value in hyperparameters.items():
+            value = HYPERPARAMETERS[name].type(value)
+            setattr(self, name, value)
+            applies_to = HYPERPARAMETERS[name].applies_to
+            if applies_to == "learning_rate":
+                self.update_lr(value)
+            elif applies_to == "optimizer":
+                for group in self.optimizer.param_groups:
+                    group[name] = value
+        self.mutation_hook()
+
+    def inspect_attributes(self, agent: "SFT | None" = None, input_args_only: bool = False) -> dict:
+        agent = agent or self
+        names = INIT_ATTRIBUTES if input_args_only else INIT_ATTRIBUTES + STATE_ATTRIBUTES
+        attributes = {name: copy.deepcopy(getattr(agent, name)) for name in names}
+        attributes["lr_schedule"] = asdict(agent.lr_schedule) if agent.lr_schedule else None
+        return attributes
+
+    def set_attributes(self, attributes: dict) -> None:
+        """Take the attributes `inspect_attributes` gave (of this agent or another) and write the
+        hyperparameters among them into the optimizer and scheduler."""
+        for name in INIT_ATTRIBUTES + STATE_ATTRIBUTES:
+            if name in attributes and name not in ("model_name", "model_config") + tuple(HYPERPARAMETERS):
+                setattr(self, name, copy.deepcopy(attributes[name]))
+        schedule = attributes.get("lr_schedule")
+        self.lr_schedule = LRSchedule(**schedule) if schedule else None
+        self.lr_scheduler.lr_lambdas = [self.lr_schedule or constant] * len(self.optimizer.param_groups)
+        hooks, self.mutation_hooks = self.mutation_hooks, []
+        self.set_hyperparameters(**{name: attributes.get(name, getattr(self, name)) for name in HYPERPARAMETERS})
+        self.mutation_hooks = hooks
+
+    def copy_attributes(self, agent: "SFT", clone_agent: "SFT") -> "SFT":
+        for name, value in self.inspect_attributes(agent).items():
+            if name == "lr_schedule":
+                value = agent.lr_schedule
+            setattr(clone_agent, name, value)
+        return clone_agent
+
+    def register_mutation_hook(self, hook) -> None:
+        self.mutation_hooks.append(hook)
+
+    def mutation_hook(self) -> None:
+        for hook in self.mutation_hooks:
+            hook()
+
+    # ----------------------------------------------------------------- clones and member state
+    def export_state(self, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything a clone needs, as independent tensors plus JSON."""
+        return state.export_state(self, device)
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Become a copy of the exported member. Every tensor is copied, never aliased."""
+        state.import_state(self, tensors, meta)
+
+    def clone(self, index: int | None = None, wrap: bool = True) -> "SFT":
+        """An independent agent with the same weights, adapters, optimizer, scheduler and attributes."""
+        clone = copy.copy(self)
+        clone.actor = copy.deepcopy(self.actor)
+        clone._compile_layers()  # a copied compiled layer would still call the original's forward
+        clone.mutation_hooks = list(self.mutation_hooks)
+        clone.reinit_optimizers()
+        clone.import_state(*self.export_state(device=str(self.device)))
+        clone.index = self.index if index is None else index
+        return clone
+
+    @classmethod
+    def population(cls, size: int, **kwargs) -> list["SFT"]:
+        """`size` agents, indexed 0..size-1, built with the same arguments. A given
+        `actor_network` (and `lora_config`) is deep-copied per agent so that no two agents
+        share weights."""
+        agents = []
+        for i in range(size):
+            own = {k: copy.deepcopy(v) if k in ("actor_network", "lora_config") else v for k, v in kwargs.items()}
+            agents.append(cls(index=i, **own))
+        return agents
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: str | Path, lora_only: bool = True, save_optimizer: bool = True) -> None:
+        """Write `path/actor/` (PEFT adapter), `attributes.json`, optimizer and scheduler state
+        and, when `lora_only=False` or without LoRA, the full weights. Atomic, hashed, no pickle."""
+        self.checkpoint_snapshot(lora_only, save_optimizer).write_atomic(path)
+
+    def checkpoint_snapshot(self, lora_only: bool = True, save_optimizer: bool = True):
+        """What `save_checkpoint` writes, copied now, so that it can be written while training goes on."""
+        return state.checkpoint_snapshot(self, lora_only, save_optimizer)
+
+    def load_checkpoint(self, path: str | Path, load_optimizer: bool = False, overwrite_reference_adapter: bool = False,
+                        overwrite_critic_adapter: bool = True, merge_lora_configs: bool = False) -> None:
+        """Load a checkpoint written by `save_checkpoint`. `overwrite_critic_adapter` is accepted
+        for API parity; SFT has no critic."""
+        state.load_checkpoint(self, Path(path), load_optimizer, overwrite_reference_adapter, merge_lora_configs)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", accelerator=None) -> "SFT":
+        """Rebuild an agent from a checkpoint: the base model comes from the saved full weights
+        or, for a LoRA-only checkpoint, from the saved `model_name`."""
+        from peft import LoraConfig
+
+        path = Path(path)
+        attributes, saved_lora = state.saved_init(path)
+        init = {name: attributes[name] for name in INIT_ATTRIBUTES if name not in HYPERPARAMETERS}
+        init.update({name: attributes[name] for name in ("lr", "batch_size", "max_grad_norm")})
+        schedule = attributes.get("lr_schedule")
+        init["lr_schedule"] = LRSchedule(**schedule) if schedule else None
+        lora_config = LoraConfig(**config_kwargs(saved_lora)) if saved_lora else None
+        if (path / "config.json").exists():
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            network = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))  # weights: load_checkpoint
+            init.update(model_name=None, actor_network=network)
+        elif init["model_name"] is None:
+            raise ValueError(
+                f"{path} holds only the LoRA adapter of an agent built from actor_network; build the agent "
+                "with the same base model and call agent.load_checkpoint(path) instead"
+            )
+        agent = cls(**init, device=device, accelerator=accelerator, lora_config=lora_config)
+        agent.load_checkpoint(path, load_optimizer=True)
+        return agent
+
+
+def _check_hyperparameters(values: dict) -> None:
+    for name, value in values.items():
+        if name not in HYPERPARAMETERS:
+            raise ValueError(unknown(name))
+        problem = HYPERPARAMETERS[name].problem(value)
+        if problem:
+            raise ValueError(f"{name} {problem}")
+
+
+def save_llm_checkpoint(agent: SFT, path: str | Path) -> None:
+    """Save the agent's adapter (PEFT format under `path/actor/`) and attributes, without optimizer."""
+    agent.save_checkpoint(path, lora_only=True, save_optimizer=False)
