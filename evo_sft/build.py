@@ -60,6 +60,7 @@ def member_recipe(config: ExperimentConfig, model_path: str):
         seed=config.seed,
         use_gpu=config.population.num_gpus > 0,
         step_together=config.population.step_together,
+        fitness=config.evolution.fitness,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from evo_sft.fitness import FITNESSES
 from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
 
 
@@ -116,6 +117,7 @@ class EvolutionConfig:
     tournament_size: int = 2
     elitism: bool = True
     eval_loop: int = 1
+    fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES
     mutation: MutationConfig = field(default_factory=MutationConfig)
     # The hyperparameters that mutate, each within its range; the others stay at agent.<name>.
     hyperparameters: dict[str, SearchRange] = field(default_factory=default_search_space)
@@ -318,6 +320,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         "evolution.tournament_size",
         f"{evolution.tournament_size} exceeds population.size {population.size}",
     )
+    _require(evolution.fitness in FITNESSES, "evolution.fitness",
+             f"unknown fitness {evolution.fitness!r} (known: {', '.join(FITNESSES)})")
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation
     for name in ("no_mutation", "rl_hp"):

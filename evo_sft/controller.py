@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evo_sft.evolution import (
-    HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, apply_plan_to_lineage, plan_generation,
+    HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, apply_plan_to_lineage, elite,
+    plan_generation,
 )
+from evo_sft.population.protocol import Population, TrainResult
 
 
 @dataclass
@@ -17,7 +19,7 @@ class GenerationRecord:
 
     generation: int
     member_ids: list[int]
-    train: list[dict]
+    train: list[TrainResult]
     fitness: list[float]
     hyperparameters: list[dict]
     elite_slot: int
@@ -36,7 +38,7 @@ class Controller:
     the elite exactly as it was evaluated; it may return the saved path.
     """
 
-    def __init__(self, population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
+    def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None):
         self.population = population
@@ -49,9 +51,7 @@ class Controller:
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp) for hp in population.hyperparameters()]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
-        if hasattr(population, "on_restart"):  # a backend whose workers can die and be rebuilt
-            population.on_restart = lambda slot, error: self._record_failure("restart", slot, error)
-            population.on_lost = lambda slot, error: self._record_failure("lost", slot, error)
+        population.on_failure = self._record_failure
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -99,7 +99,7 @@ class Controller:
             self.checkpointer.settle(self)
         fitness = self.population.evaluate()
         for slot, result in enumerate(train):
-            if not (result["finite"] and math.isfinite(fitness[slot])):
+            if not (result.finite and math.isfinite(fitness[slot])):
                 warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss; "
                               "its fitness is -inf and it will be replaced")
                 fitness[slot] = -math.inf
@@ -107,7 +107,7 @@ class Controller:
             self.fitness[self.slot_ids[slot]].append(fitness[slot])
         hyperparameters = self.population.hyperparameters()
         members = self.member_states(hyperparameters)
-        elite_slot = max(range(len(members)), key=lambda s: (members[s].fitness, -s))
+        elite_slot = elite([member.fitness for member in members])
         record = GenerationRecord(self.generation, list(self.slot_ids), train, fitness, hyperparameters,
                                   elite_slot, self.slot_ids[elite_slot])
         if self.save_elite is not None:
@@ -123,8 +123,8 @@ class Controller:
         return record
 
     def _evolve(self, members: list[MemberState], record: GenerationRecord) -> None:
-        elite_id, decisions = plan_generation(members, self.selection, self.mutations, self.hp_config,
-                                              self.rng, self.multiple_of)
+        decisions = plan_generation(members, self.selection, self.mutations, self.hp_config, self.rng,
+                                    self.multiple_of)
         slot_of = {member_id: slot for slot, member_id in enumerate(self.slot_ids)}
         self.population.clone([(d.slot, slot_of[d.parent_id]) for d in decisions if d.clone])
         self.population.set_hyperparameters(

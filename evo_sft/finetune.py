@@ -5,7 +5,7 @@ from pathlib import Path
 from evo_sft.sft import SFT, save_llm_checkpoint
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.data import SFTGym
-from evo_sft.evolution import HyperparameterConfig, Mutations, TournamentSelection
+from evo_sft.evolution import HyperparameterConfig, Mutations, TournamentSelection, elite
 from evo_sft.population.local import LocalPopulation
 from evo_sft.population.member import MemberHost
 
@@ -48,8 +48,8 @@ def finetune_llm_sft(pop: list[SFT], env: SFTGym, init_hp: dict | None = None, s
     controller.run(math.ceil(max_steps / steps_per_generation))
     agents = [host.agent for host in population.hosts]
     if save_elite:
-        elite = max(agents, key=lambda a: a.fitness[-1] if a.fitness else -math.inf)
-        save_llm_checkpoint(elite, Path(elite_path or "saved_checkpoints") / "elite")
+        best = elite([a.fitness[-1] if a.fitness else -math.inf for a in agents])
+        save_llm_checkpoint(agents[best], Path(elite_path or "saved_checkpoints") / "elite")
     return agents, [controller.fitness[member_id] for member_id in controller.slot_ids]
 
 

@@ -9,6 +9,7 @@ import yaml
 
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
+from evo_sft.fitness import FITNESSES, Fitness
 from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
@@ -58,19 +59,20 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     owns_ray = config.population.backend == "ray" and not _ray_initialized()
     population = _population(config, run_dir, model_path, prepared, founders)
     saved = checkpoint[1] if checkpoint else {}
-    tracker = _tracker(config, run_dir, saved.get("tracking"))
+    fitness = FITNESSES[config.evolution.fitness]()
+    tracker = _tracker(config, run_dir, saved.get("tracking"), fitness)
     selection, mutations = build.selection_and_mutations(config)
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
-        observers=[print_progress, tracker],
+        observers=[progress_printer(fitness), tracker],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
                                            extra_state=lambda: {"tracking": tracker.state_dict()}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
     )
     if checkpoint:
         population.load(checkpoint[0] / "members")
-        population.last_checkpoint = checkpoint[0]
+        population.checkpoint_committed(checkpoint[0])
         controller.load_state_dict(saved["controller"])
     status = "FINISHED"
     try:
@@ -89,7 +91,7 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
         if owns_ray:  # a Ray session the caller started (a notebook, a test) stays up
             _shutdown_ray(config)
     if not result.interrupted:
-        print_summary(controller, result, tracker)
+        print_summary(controller, result, tracker, fitness)
     return result
 
 
@@ -124,12 +126,12 @@ def _shutdown_ray(config: ExperimentConfig) -> None:
         ray.shutdown()
 
 
-def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None):
+def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None, fitness: Fitness):
     from evo_sft.tracking import MLflowTracker
 
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
-                         run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue")
+                         run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
 
 
 def best_slot(slot_ids: list[int], fitness: dict, lineage, generation: int) -> int:
@@ -161,26 +163,35 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool)
     return RunResult(run_dir, controller.slot_ids[best], fitness[best], target, interrupted)
 
 
-def print_progress(controller: Controller, record: GenerationRecord) -> None:
-    step = controller.generation * controller.steps_per_generation
-    print(f"generation {record.generation + 1}  (optimizer step {step} per member)")
-    print(f"  {'member':>6} {'lr':>10} {'batch':>5} {'train_loss':>10} {'test_loss':>9} {'tok/s':>8}")
-    for slot, member_id in enumerate(record.member_ids):
-        hp, train = record.hyperparameters[slot], record.train[slot]
-        marker = "*" if slot == record.elite_slot else " "
-        print(f" {marker}{member_id:>6} {hp['lr']:>10.3g} {hp['batch_size']:>5} {train['train_loss']:>10.4f} "
-              f"{-record.fitness[slot]:>9.4f} {train['tokens_per_second']:>8.0f}")
-    born = [d for d in record.decisions if d.clone]
-    if born:
-        print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
+def progress_printer(fitness: Fitness):
+    """A controller observer that prints each generation's table: the mutable hyperparameters,
+    train loss, the fitness metric and throughput of every member, and the clones made."""
+    def print_progress(controller: Controller, record: GenerationRecord) -> None:
+        step = controller.generation * controller.steps_per_generation
+        names = controller.hp_config.names()
+        print(f"generation {record.generation + 1}  (optimizer step {step} per member)")
+        print(f"  {'member':>6} " + " ".join(f"{name:>10}" for name in names)
+              + f" {'train_loss':>10} {fitness.metric:>10} {'tok/s':>8}")
+        for slot, member_id in enumerate(record.member_ids):
+            hp, train = record.hyperparameters[slot], record.train[slot]
+            marker = "*" if slot == record.elite_slot else " "
+            print(f" {marker}{member_id:>6} " + " ".join(f"{hp[name]:>10.3g}" for name in names)
+                  + f" {train.train_loss:>10.4f} {fitness.shown(record.fitness[slot]):>10.4f}"
+                  f" {train.tokens_per_second:>8.0f}")
+        born = [d for d in record.decisions if d.clone]
+        if born:
+            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
+
+    return print_progress
 
 
-def print_summary(controller: Controller, result: RunResult, tracker) -> None:
+def print_summary(controller: Controller, result: RunResult, tracker, fitness: Fitness) -> None:
     best = result.best_member
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
     scored_with = controller.lineage.hyperparameters_at(best, controller.generation - 1)
-    print(f"best member: {best}  test loss {-result.best_fitness:.4f}  hyperparameters {scored_with}")
+    print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f}  "
+          f"hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
     print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")

@@ -38,8 +38,7 @@ def test_same_seed_gives_the_same_plan():
 def test_full_tournament_clones_the_elite_everywhere_else():
     members = make_members([-2.0, -1.0, -3.0], first_id=10)
     selection = TournamentSelection(3, True, 3)
-    elite_id, decisions = plan_generation(members, selection, Mutations(), CONFIG, np.random.default_rng(0))
-    assert elite_id == 11
+    decisions = plan_generation(members, selection, Mutations(), CONFIG, np.random.default_rng(0))
     assert [d.slot for d in decisions] == [0, 1, 2]
     assert [d.parent_id for d in decisions] == [11, 11, 11]
     assert [d.clone for d in decisions] == [True, False, True]
@@ -49,9 +48,8 @@ def test_a_member_with_non_finite_fitness_is_replaced_by_a_clone_of_the_elite():
     """A tournament of one draws a random member, often the failed member itself; never kept."""
     members = make_members([-2.0, float("nan"), -1.0, -math.inf], first_id=20)
     for seed in range(20):
-        elite_id, decisions = plan_generation(members, TournamentSelection(1, True, 4), Mutations(), CONFIG,
-                                              np.random.default_rng(seed))
-        assert elite_id == 22
+        decisions = plan_generation(members, TournamentSelection(1, True, 4), Mutations(), CONFIG,
+                                    np.random.default_rng(seed))
         assert [(d.parent_id, d.clone) for d in decisions[1:]] == [(22, True), (22, False), (22, True)]
 
 
@@ -59,7 +57,7 @@ def test_elite_is_not_mutated_when_mutate_elite_is_false():
     members = make_members([-2.0, -1.0, -3.0])
     mutations = Mutations(no_mutation=0.0, rl_hp=1.0, mutate_elite=False)
     for seed in range(20):
-        _, decisions = plan_generation(members, TournamentSelection(2, True, 3), mutations, CONFIG,
+        decisions = plan_generation(members, TournamentSelection(2, True, 3), mutations, CONFIG,
                                        np.random.default_rng(seed))
         elite = decisions[1]
         assert (elite.parent_id, elite.clone, elite.mutation) == (1, False, "none")
@@ -70,7 +68,7 @@ def test_elite_is_not_mutated_when_mutate_elite_is_false():
 def test_elite_is_mutated_when_mutate_elite_is_true():
     members = make_members([-2.0, -1.0, -3.0])
     mutations = Mutations(no_mutation=0.0, rl_hp=1.0, mutate_elite=True)
-    _, decisions = plan_generation(members, TournamentSelection(2, True, 3), mutations, CONFIG,
+    decisions = plan_generation(members, TournamentSelection(2, True, 3), mutations, CONFIG,
                                    np.random.default_rng(0))
     assert decisions[1].mutation != "none" and not decisions[1].clone
     assert decisions[1].hyperparameters != members[1].hyperparameters
@@ -79,7 +77,7 @@ def test_elite_is_mutated_when_mutate_elite_is_true():
 def test_mutation_starts_from_the_parent_and_respects_multiple_of():
     members = make_members([-2.0, -1.0, -3.0, -4.0])
     mutations = Mutations(no_mutation=0.0, rl_hp=1.0)
-    _, decisions = plan_generation(members, TournamentSelection(4, True, 4), mutations, CONFIG,
+    decisions = plan_generation(members, TournamentSelection(4, True, 4), mutations, CONFIG,
                                    np.random.default_rng(5), {"batch_size": 4})
     for d in decisions:
         parent_hp = members[1].hyperparameters
@@ -98,7 +96,7 @@ def test_apply_plan_to_lineage():
         hp = {"lr": 1e-3 * (i + 1), "batch_size": 8}
         members.append(MemberState(lineage.found(hp), hp, fitness))
     mutations = Mutations(no_mutation=0.0, rl_hp=1.0)
-    _, decisions = plan_generation(members, TournamentSelection(3, True, 3), mutations, CONFIG,
+    decisions = plan_generation(members, TournamentSelection(3, True, 3), mutations, CONFIG,
                                    np.random.default_rng(0))
     ids = apply_plan_to_lineage(lineage, decisions, members, generation=1)
 
@@ -116,7 +114,7 @@ def test_kept_member_without_change_records_nothing():
     hp = {"lr": 1e-3, "batch_size": 8}
     members = [MemberState(lineage.found(hp), hp, -1.0)]
     mutations = Mutations(no_mutation=1.0, rl_hp=0.0)
-    _, decisions = plan_generation(members, TournamentSelection(1, True, 1), mutations, CONFIG,
+    decisions = plan_generation(members, TournamentSelection(1, True, 1), mutations, CONFIG,
                                    np.random.default_rng(0))
     assert apply_plan_to_lineage(lineage, decisions, members, generation=1) == [members[0].id]
     assert len(lineage.events) == 1
@@ -137,7 +135,7 @@ def test_evolution_with_an_untouched_elite_never_loses_its_best():
         members = [MemberState(i, lineage.members[i].hyperparameters, fitness(lineage.members[i].hyperparameters))
                    for i in ids]
         best.append(max(m.fitness for m in members))
-        _, decisions = plan_generation(members, selection, mutations, CONFIG, rng, {"batch_size": 2})
+        decisions = plan_generation(members, selection, mutations, CONFIG, rng, {"batch_size": 2})
         ids = apply_plan_to_lineage(lineage, decisions, members, generation)
     assert best == sorted(best)
     assert best[-1] > best[0] + 1.0

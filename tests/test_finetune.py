@@ -379,7 +379,7 @@ def test_batch_size_mutation_changes_the_rows_of_the_next_step(make_agents, make
     assert consumed(host.stream) == 8 + 6
     assert agent.optimizer_steps == steps_before + 1  # three micro-batches of 2, one optimizer step
     sequences = [(gym.train.input_ids[r], gym.train.prompt_lengths[r]) for r in rows]
-    assert result["tokens"] == sum(len(ids) - prompt_len for ids, prompt_len in sequences)
+    assert result.tokens == sum(len(ids) - prompt_len for ids, prompt_len in sequences)
     # the step's gradient is that of the token mean over all six rows
     before.train()
     losses = [hand_loss_sum(before, ids, prompt_len) for ids, prompt_len in sequences]

@@ -222,7 +222,7 @@ def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_sessi
     assert [(e["generation"], e["slot"], e["member_id"]) for e in lost] == [(1, 2, lost_id)]
     assert not any(e["kind"] == "restart" for e in controller.lineage.events)
     assert any("replaced by clones of the elite" in message for message in caught)
-    assert records[1].fitness[2] == -math.inf and not records[1].train[2]["finite"]
+    assert records[1].fitness[2] == -math.inf and not records[1].train[2].finite
     assert controller.fitness[lost_id][-1] == -math.inf
     replacement = records[1].decisions[2]
     assert (replacement.parent_id, replacement.clone) == (records[1].elite_id, True)
@@ -272,7 +272,7 @@ def test_members_stepped_together_on_an_actor_decide_as_members_alone_and_surviv
         population.close()
 
     # one joint call trained all three: they report the same seconds (alone, each has its own)
-    assert all(len({result["seconds"] for result in record.train}) == 1 for record in records)
+    assert all(len({result.seconds for result in record.train}) == 1 for record in records)
     assert [k["generation"] for k in population.killed] == [2]
     assert population.restored_in == ["train_group"]
     assert_same_run(together.state_dict(), json.loads(json.dumps(alone)), rel=1e-5)

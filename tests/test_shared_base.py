@@ -42,7 +42,7 @@ def test_a_member_trains_the_same_whatever_trained_before_it_on_the_base(tmp_pat
 
     def train_in(order):
         hosts = build.local_hosts(config, model_path, prepared, founders)
-        return {slot: hosts[slot].train(3)["train_loss"] for slot in order}
+        return {slot: hosts[slot].train(3).train_loss for slot in order}
 
     forward, backward = train_in([0, 1, 2]), train_in([2, 1, 0])
     assert forward == backward

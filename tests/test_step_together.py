@@ -66,9 +66,9 @@ def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
         assert not torch._dynamo.utils.counters["graph_break"]
     for slot, (got, want) in enumerate(zip(together_results, alone_results)):
-        assert got["tokens"] == want["tokens"] > 0
-        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
-        assert got["optimizer_step"] == want["optimizer_step"] == steps
+        assert got.tokens == want.tokens > 0
+        assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5)
+        assert got.optimizer_step == want.optimizer_step == steps
         got_agent, want_agent = together[slot], alone[slot]
         got_agent.base.make_live(slot)
         got_params, want_params = got_agent.agent.trainable_parameters(), want_agent.agent.trainable_parameters()
@@ -80,7 +80,7 @@ def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp
             torch.testing.assert_close(got_moments["exp_avg_sq"], want_moments["exp_avg_sq"], rtol=1e-3, atol=1e-12)
         assert got_agent.agent.lr == HYPERPARAMETERS[slot]["lr"]
     # members with different learning rates and data did not train alike
-    assert len({round(r["train_loss"], 6) for r in together_results}) == 3
+    assert len({round(r.train_loss, 6) for r in together_results}) == 3
 
 
 def test_an_evolution_stepped_together_decides_as_members_on_their_own(tmp_path):
@@ -130,9 +130,9 @@ def test_a_member_gone_nan_does_not_reach_the_members_stepped_with_it(tmp_path):
     together_results = LocalPopulation(together).train(2)
     alone_results = LocalPopulation(alone).train(2)
 
-    assert not together_results[1]["finite"] and not alone_results[1]["finite"]
+    assert not together_results[1].finite and not alone_results[1].finite
     for slot in (0, 2):
-        assert together_results[slot]["train_loss"] == pytest.approx(alone_results[slot]["train_loss"], rel=1e-5)
+        assert together_results[slot].train_loss == pytest.approx(alone_results[slot].train_loss, rel=1e-5)
         together[slot].base.make_live(slot)
         for name, want in alone[slot].agent.trainable_parameters().items():
             got = together[slot].agent.trainable_parameters()[name]

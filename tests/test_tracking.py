@@ -17,6 +17,7 @@ from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
 from evo_sft.population.local import LocalPopulation
 from evo_sft.population.member import MemberHost
+from evo_sft.population.protocol import TrainResult
 from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, MLflowTracker, TrackingWarning, mlflow_ui_command
 from mlflow_server import MLflowServer, free_port
 
@@ -80,10 +81,10 @@ def expected_member_metrics(records) -> dict:
     for record in records:
         for slot, member_id in enumerate(record.member_ids):
             train, fitness = record.train[slot], record.fitness[slot]
-            values = {"train_loss": train["train_loss"], "test_loss": -fitness, "fitness": fitness,
-                      "tokens_per_second": train["tokens_per_second"], **record.hyperparameters[slot]}
+            values = {"train_loss": train.train_loss, "test_loss": -fitness, "fitness": fitness,
+                      "tokens_per_second": train.tokens_per_second, **record.hyperparameters[slot]}
             for name, value in values.items():
-                expected.setdefault(member_id, {}).setdefault(name, []).append((train["optimizer_step"], value))
+                expected.setdefault(member_id, {}).setdefault(name, []).append((train.optimizer_step, value))
     return expected
 
 
@@ -252,7 +253,8 @@ def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     controller = make_controller(tmp_path, [])
     ids, hyperparameters = controller.slot_ids, controller.population.hyperparameters()
-    train = [{"train_loss": loss, "tokens_per_second": 10.0, "optimizer_step": 3} for loss in (1.0, math.nan, 3.0)]
+    train = [TrainResult(slot, loss, math.isfinite(loss), 30, 3.0, 10.0, 3)
+             for slot, loss in enumerate((1.0, math.nan, 3.0))]
     record = GenerationRecord(0, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0],
                               next_member_ids=ids, next_hyperparameters=hyperparameters)
     controller.fitness = {member_id: [f] for member_id, f in zip(ids, record.fitness)}

@@ -35,8 +35,8 @@ def plan_generation(
     hp_config: HyperparameterConfig,
     rng: np.random.Generator,
     multiple_of: dict[str, int] | None = None,
-) -> tuple[int, list[SlotDecision]]:
-    """Select a parent for every slot and mutate its hyperparameters; return (elite id, decisions).
+) -> list[SlotDecision]:
+    """Select a parent for every slot and mutate its hyperparameters.
     A member with a non-finite fitness (a NaN loss, a lost worker) is replaced by a clone of the elite."""
     elite_slot, parents = selection.select([m.fitness for m in members], rng)
     if math.isfinite(members[elite_slot].fitness):
@@ -51,7 +51,7 @@ def plan_generation(
             hyperparameters, mutation = mutations.mutate(parent.hyperparameters, hp_config, rng, multiple_of)
         clone = parent.id != members[slot].id
         decisions.append(SlotDecision(slot, parent.id, clone, hyperparameters, mutation))
-    return members[elite_slot].id, decisions
+    return decisions
 
 
 def apply_plan_to_lineage(

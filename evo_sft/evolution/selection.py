@@ -37,17 +37,19 @@ class TournamentSelection:
                 f"TournamentSelection: got {len(fitnesses)} fitnesses for population_size={self.population_size}"
             )
         fitness = [-math.inf if math.isnan(f) else float(f) for f in fitnesses]
-        elite = _best(fitness, range(len(fitness)))
+        elite_slot = elite(fitness)
         parents = []
         for slot in range(self.population_size):
-            if self.elitism and slot == elite:
-                parents.append(elite)
+            if self.elitism and slot == elite_slot:
+                parents.append(elite_slot)
                 continue
             contestants = rng.choice(self.population_size, size=self.tournament_size, replace=False)
-            parents.append(_best(fitness, contestants))
-        return elite, parents
+            parents.append(elite(fitness, contestants))
+        return elite_slot, parents
 
 
-def _best(fitness: list[float], slots) -> int:
-    """Slot with the highest fitness; ties go to the lowest slot index."""
-    return min((int(s) for s in slots), key=lambda s: (-fitness[s], s))
+def elite(fitness, slots=None) -> int:
+    """The slot (among `slots`, default all) with the highest fitness: NaN counts as -inf, ties go
+    to the lowest slot. The one rule for the best member, everywhere."""
+    slots = range(len(fitness)) if slots is None else slots
+    return min((int(s) for s in slots), key=lambda s: (-(-math.inf if math.isnan(fitness[s]) else fitness[s]), s))

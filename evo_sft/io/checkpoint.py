@@ -78,7 +78,7 @@ class EvolutionCheckpointer:
                 warnings.warn(f"checkpoint {directory.final.name} is abandoned: {errors[0]}")
                 return
             raise errors[0]
-        controller.population.last_checkpoint = directory.final
+        controller.population.checkpoint_committed(directory.final)
         for old in checkpoint_dirs(self.run_dir)[self.keep:]:
             shutil.rmtree(old)
 

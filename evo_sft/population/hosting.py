@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from evo_sft.data import SFTGym
 from evo_sft.data.sources import load_tokenizer
+from evo_sft.fitness import FITNESSES
 from evo_sft.population.member import MemberHost
 from evo_sft.population.shared_base import SharedBase
 
@@ -14,7 +15,7 @@ class MemberRecipe:
     """How every member of a run is made. `agent` holds `SFT` keyword arguments (all but the
     member's own hyperparameters, index, device and LoRA config); `lora` the `peft.LoraConfig`
     keyword arguments or None for full fine-tuning; `lr_schedule` the `LRSchedule` fields or None;
-    `gym` the `SFTGym` keyword arguments."""
+    `gym` the `SFTGym` keyword arguments; `fitness` a name in `evo_sft.fitness.FITNESSES`."""
 
     model_path: str
     tokenizer: str
@@ -26,6 +27,7 @@ class MemberRecipe:
     seed: int
     use_gpu: bool
     step_together: bool
+    fitness: str = "test_loss"
 
 
 def slot_groups(size: int, members_per_actor: int) -> list[list[int]]:
@@ -58,9 +60,10 @@ def build_hosts(recipe: MemberRecipe, prepared: dict, founders: dict[int, dict])
     first = min(founders)
     agent = build_agent(recipe, tokenizer, first, founders[first])
     gym = SFTGym(None, None, tokenizer, prepared=prepared, **recipe.gym)
+    fitness = FITNESSES[recipe.fitness]()
     if len(founders) == 1:
-        return {first: MemberHost(first, agent, gym, recipe.seed)}
-    return SharedBase(agent, gym, recipe.seed, founders, together=recipe.step_together).members
+        return {first: MemberHost(first, agent, gym, recipe.seed, fitness)}
+    return SharedBase(agent, gym, recipe.seed, founders, together=recipe.step_together, fitness=fitness).members
 
 
 def local_hosts(recipe: MemberRecipe, prepared: dict, founders: list[dict], members_per_actor: int) -> list:

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from evo_sft.io import storage
 from evo_sft.population.member import MemberHost
+from evo_sft.population.protocol import TrainResult
 
 
 class LocalPopulation:
@@ -10,12 +11,13 @@ class LocalPopulation:
 
     def __init__(self, hosts: list[MemberHost]):
         self.hosts = hosts
+        self.on_failure = None  # members in this process have no worker that can die
 
     @property
     def size(self) -> int:
         return len(self.hosts)
 
-    def train(self, steps: int) -> list[dict]:
+    def train(self, steps: int) -> list[TrainResult]:
         """Every member; members sharing a base model train in one call (together where they can)."""
         results = {}
         for host in self.hosts:
@@ -43,6 +45,9 @@ class LocalPopulation:
         """Each member is copied in turn; the copies are written on threads while training goes
         on, and `wait()` on the result returns once all are."""
         return storage.write_snapshots((host.snapshot() for host in self.hosts), directory)
+
+    def checkpoint_committed(self, path: Path) -> None:
+        pass  # nothing to rebuild from it
 
     def load(self, directory: Path) -> None:
         for host in self.hosts:

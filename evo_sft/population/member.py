@@ -12,8 +12,8 @@ from evo_sft.io import storage
 from evo_sft.sft import SFT
 from evo_sft.sft.lora import ACTOR
 from evo_sft.data import DataStream, SFTGym
-
-EVAL_BATCH_SIZE = 16
+from evo_sft.fitness import Fitness, NegativeTestLoss
+from evo_sft.population.protocol import TrainResult
 
 
 def stream_seed(seed: int, slot: int) -> int:
@@ -24,8 +24,9 @@ def stream_seed(seed: int, slot: int) -> int:
 class MemberHost:
     """Trains, evaluates, exports and imports the member living in one slot."""
 
-    def __init__(self, slot: int, agent: SFT, gym: SFTGym, seed: int):
+    def __init__(self, slot: int, agent: SFT, gym: SFTGym, seed: int, fitness: Fitness | None = None):
         self.slot, self.agent, self.gym = slot, agent, gym
+        self.fitness = fitness or NegativeTestLoss()
         self.stream = DataStream(len(gym.train), stream_seed(seed, slot))
         self.rng = seeded_rng_state(stream_seed(seed, slot), agent.device)
 
@@ -41,7 +42,7 @@ class MemberHost:
             self.rng = rng_state(self.agent.device)
             set_rng_state(outside, self.agent.device)
 
-    def train(self, steps: int) -> dict:
+    def train(self, steps: int) -> TrainResult:
         """`steps` optimizer steps, each on the next `batch_size` rows of this slot's stream."""
         start = time.perf_counter()
         loss_sum, tokens = 0.0, 0
@@ -52,12 +53,12 @@ class MemberHost:
                 tokens += result["tokens"]
         return train_result(self.slot, loss_sum, tokens, time.perf_counter() - start, self.agent.optimizer_steps)
 
-    def train_group(self, steps: int) -> dict[int, dict]:
+    def train_group(self, steps: int) -> dict[int, TrainResult]:
         """Train every member on this member's base model, here only this one: {slot: result}."""
         return {self.slot: self.train(steps)}
 
     def evaluate(self) -> float:
-        return self.agent.test(self.gym, batch_size=EVAL_BATCH_SIZE)
+        return self.fitness.score(self.agent, self.gym)
 
     def hyperparameters(self) -> dict:
         return self.agent.hyperparameters
@@ -97,18 +98,11 @@ class MemberHost:
         return str(Path(directory) / ACTOR)
 
 
-def train_result(slot: int, loss_sum: float, tokens: int, seconds: float, optimizer_step: int) -> dict:
+def train_result(slot: int, loss_sum: float, tokens: int, seconds: float, optimizer_step: int) -> TrainResult:
     """What a member reports for a `train` call."""
     train_loss = loss_sum / tokens if tokens else math.nan
-    return {
-        "slot": slot,
-        "train_loss": train_loss,
-        "finite": math.isfinite(train_loss),
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "optimizer_step": optimizer_step,
-    }
+    return TrainResult(slot, train_loss, math.isfinite(train_loss), tokens, seconds,
+                       tokens / seconds if seconds > 0 else 0.0, optimizer_step)
 
 
 def seeded_rng_state(seed: int, device: torch.device) -> dict[str, torch.Tensor]:

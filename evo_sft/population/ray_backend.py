@@ -11,6 +11,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
+from evo_sft.population.protocol import TrainResult
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -41,11 +42,10 @@ def from_portable(payload) -> tuple[dict, dict]:
                 for name, (dtype, shape) in layout.items()}, meta
 
 
-def lost_train_result(slot: int) -> dict:
+def lost_train_result(slot: int) -> TrainResult:
     """What a lost member reports for the rest of its generation: it scores -inf, so the plan
     replaces it with a clone of the elite."""
-    return {"slot": slot, "train_loss": math.nan, "finite": False, "tokens": 0, "seconds": 0.0,
-            "tokens_per_second": 0.0, "optimizer_step": None}
+    return TrainResult(slot, math.nan, False, 0, 0.0, 0.0, None)
 
 
 class MemberActor:
@@ -123,8 +123,8 @@ class RayPopulation:
     `num_cpus`/`num_gpus` are what one actor asks for."""
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: list[dict],
-                 num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1, on_restart=None,
-                 on_lost=None, max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
+                 num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1,
+                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
         self.recipe = recipe
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
@@ -134,28 +134,23 @@ class RayPopulation:
         self.current_hyperparameters = list(founders)
         self.groups = slot_groups(len(founders), members_per_actor)
         self.group_of = {slot: g for g, group in enumerate(self.groups) for slot in group}
-        self._last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None
         self.since_checkpoint: list[list[tuple[int, str, tuple]]] = [[] for _ in self.groups]
         self.saved_at: list[int] | None = None
         self.restarts = [0] * len(self.groups)
         self.max_restarts_per_generation = max_restarts_per_generation
         self.lost: set[int] = set()
-        self.on_restart, self.on_lost = on_restart, on_lost
+        self.on_failure = None
         self.actors = [self._start(g, self.founders) for g in range(len(self.groups))]
 
     @property
     def size(self) -> int:
         return len(self.founders)
 
-    @property
-    def last_checkpoint(self) -> Path | None:
-        return self._last_checkpoint
-
-    @last_checkpoint.setter
-    def last_checkpoint(self, path: Path | None) -> None:
-        """Set when a checkpoint of every member is complete: the calls made before its copies
-        were taken (by the last `save`, else all so far) need not be replayed."""
-        self._last_checkpoint = Path(path) if path is not None else None
+    def checkpoint_committed(self, path: Path) -> None:
+        """A checkpoint of every member is complete: the calls made before its copies were taken
+        (by the last `save`, else all so far) need not be replayed."""
+        self.last_checkpoint = Path(path)
         marks = self.saved_at or [len(log) for log in self.since_checkpoint]
         self.since_checkpoint = [log[mark:] for log, mark in zip(self.since_checkpoint, marks)]
         self.saved_at = None
@@ -190,9 +185,9 @@ class RayPopulation:
                 error = again
                 continue
             break
-        if self.on_restart is not None:
+        if self.on_failure is not None:
             for slot in self.groups[group]:
-                self.on_restart(slot, str(error))
+                self.on_failure("restart", slot, str(error))
 
     def _lose(self, group: int, error: Exception) -> None:
         """Give up on the members of `group` for this generation: a fresh actor takes their slots,
@@ -205,9 +200,9 @@ class RayPopulation:
         self._stop_actor(group)
         self.actors[group] = self._start(group, self.current_hyperparameters)
         self.lost.update(slots)
-        if self.on_lost is not None:
+        if self.on_failure is not None:
             for slot in slots:
-                self.on_lost(slot, str(error))
+                self.on_failure("lost", slot, str(error))
 
     def _stop_actor(self, group: int) -> None:
         try:

@@ -17,14 +17,17 @@ import torch
 
 from evo_sft.sft import SFT
 from evo_sft.data import SFTGym
+from evo_sft.fitness import Fitness
 from evo_sft.population import step_together
 from evo_sft.population.member import MemberHost, train_result
+from evo_sft.population.protocol import TrainResult
 
 
 class SharedBase:
     """The members of `founders` ({slot: hyperparameters}) on `agent`'s base model."""
 
-    def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict], together: bool = True):
+    def __init__(self, agent: SFT, gym: SFTGym, seed: int, founders: dict[int, dict], together: bool = True,
+                 fitness: Fitness | None = None):
         self.agent, self.live, self.parked = agent, None, {}
         self.together_blocker = step_together.blocker(agent) if together else "population.step_together is off"
         if together and self.together_blocker and len(founders) > 1:
@@ -42,7 +45,7 @@ class SharedBase:
             agent.reinit_optimizers()
             agent.set_hyperparameters(**hyperparameters)
             self.parked[slot] = self._live_member()
-        self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed)) for slot in founders}
+        self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed, fitness)) for slot in founders}
 
     def _live_member(self) -> dict:
         """What makes the agent's live member itself, by reference: its tensors, optimizer,
@@ -121,21 +124,50 @@ class SharedBase:
 
 
 class SharedMember:
-    """A `MemberHost` whose every call first makes its member the live one on the shared base."""
+    """A `MemberHost` on a shared base: every call first makes its member the live one."""
 
     def __init__(self, base: SharedBase, host: MemberHost):
         self.base, self.host = base, host
+        self.slot, self.gym = host.slot, host.gym
 
-    def train_group(self, steps: int) -> dict[int, dict]:
+    @property
+    def agent(self) -> SFT:
+        return self._live().agent
+
+    @property
+    def stream(self):
+        return self.host.stream
+
+    def _live(self) -> MemberHost:
+        self.base.make_live(self.slot)
+        return self.host
+
+    def train_group(self, steps: int) -> dict[int, TrainResult]:
         return self.base.train(steps)
 
-    def __getattr__(self, name: str):
-        method = getattr(self.host, name)
-        if not callable(method):
-            return method
+    def train(self, steps: int) -> TrainResult:
+        return self._live().train(steps)
 
-        def on_live_member(*args, **kwargs):
-            self.base.make_live(self.host.slot)
-            return method(*args, **kwargs)
+    def evaluate(self) -> float:
+        return self._live().evaluate()
 
-        return on_live_member
+    def hyperparameters(self) -> dict:
+        return self._live().hyperparameters()
+
+    def set_hyperparameters(self, hyperparameters: dict) -> None:
+        self._live().set_hyperparameters(hyperparameters)
+
+    def export_state(self, on_device: bool = False):
+        return self._live().export_state(on_device)
+
+    def import_state(self, state) -> None:
+        self._live().import_state(state)
+
+    def snapshot(self):
+        return self._live().snapshot()
+
+    def load(self, directory) -> None:
+        self._live().load(directory)
+
+    def export_adapter(self, directory) -> str:
+        return self._live().export_adapter(directory)

@@ -1,0 +1,63 @@
+"""What the controller asks of a population, whatever hosts its members (this process or Ray
+actors): the one interface both backends implement."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one member reports for one generation's training. A member lost with its worker
+    reports `optimizer_step` None and a NaN loss."""
+
+    slot: int
+    train_loss: float
+    finite: bool
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    optimizer_step: int | None
+
+
+class Writes(Protocol):
+    def wait(self) -> None:
+        """Return once every file is written; raise the first failure."""
+
+
+class Population(Protocol):
+    size: int
+    # Called as on_failure(kind, slot, error) when a member's worker died: kind "restart" (rebuilt
+    # as it was) or "lost" (it scores -inf this generation). Backends whose workers cannot die never call it.
+    on_failure: Callable[[str, int, str], None] | None
+
+    def train(self, steps: int) -> list[TrainResult]:
+        """`steps` optimizer steps of every member, in slot order."""
+
+    def evaluate(self) -> list[float]:
+        """Every member's fitness (higher is better; -inf for a broken member), in slot order."""
+
+    def hyperparameters(self) -> list[dict]:
+        """Every member's hyperparameters, in slot order."""
+
+    def clone(self, pairs: list[tuple[int, int]]) -> None:
+        """(receiver, donor) slot pairs: each receiver becomes a copy of its donor as the donor was
+        before any receiver changed (weights, optimizer and scheduler state, attributes)."""
+
+    def set_hyperparameters(self, per_slot: dict[int, dict]) -> None:
+        """New hyperparameters, effective from the members' next optimizer step."""
+
+    def save(self, directory: Path) -> Writes:
+        """Copy every member (and its data stream and random generator) now; the copies are written
+        under `directory` while training goes on."""
+
+    def load(self, directory: Path) -> None:
+        """Become the members saved under `directory`."""
+
+    def checkpoint_committed(self, path: Path) -> None:
+        """A checkpoint with every member is complete at `path`: a member rebuilt later starts there."""
+
+    def export_adapter(self, slot: int, directory: Path) -> str:
+        """Write the member's adapter as a PEFT folder under `directory`; return its path."""
+
+    def close(self) -> None:
+        """Free the workers."""

@@ -1,0 +1,226 @@
+"""Every MLflow call of the tracker as a JSON record, sent at once or, while the tracking server
+is unreachable, kept in a local queue and sent in order when it is back.
+
+A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
+`timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (queued artifacts
+are copied under `queue_dir/files/`) with one warning per outage, and so is every later record
+until `flush()` empties the queue: an outage costs one failed request per flush. Runs are
+created when their `create_run` record is sent, so the MLflow ids of local keys are known only
+here (`run_ids`). The only records dropped are those the store refuses as invalid (HTTP 400, or
+404 for a run that does not exist), which no retry could fix; each costs a warning.
+"""
+import json
+import shutil
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.tracking import MlflowClient
+
+QUEUE_FILE = "mlflow_queue.jsonl"
+
+
+class TrackingWarning(UserWarning):
+    """Tracking trouble that training goes on through."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Outbox:
+    """The records for one tracking store, with the queue in `queue_dir`; `run_ids` maps local
+    keys to MLflow run ids (given for runs made before, filled as `create_run` records are sent)."""
+
+    def __init__(self, tracking_uri: str, queue_dir: Path, experiment_id: str | None, run_ids: dict[str, str]):
+        self.tracking_uri = tracking_uri
+        self.queue_dir = Path(queue_dir)
+        self.queue_file = self.queue_dir / QUEUE_FILE
+        self.experiment_id, self.run_ids = experiment_id, dict(run_ids)
+        self._client = None
+        self._in_outage = False
+        self.pending = self._read_queue()
+
+    def keys_created(self) -> set[str]:
+        """Local keys of the runs that exist or whose creation is queued."""
+        return set(self.run_ids) | {r["key"] for r in self.pending if r["kind"] == "create_run"}
+
+    def submit(self, record: dict) -> None:
+        record.setdefault("timestamp", now_ms())
+        if not self.pending:
+            try:
+                self._send(record)
+                return
+            except Exception as error:  # noqa: BLE001 - training never fails because of tracking
+                if _rejected(error):
+                    _warn_rejected(record, error)
+                    return
+                self._start_outage(error)
+        self._enqueue(record)
+
+    def flush(self) -> bool:
+        """Send the queued records in order; stop at the first failure. True when the queue is empty."""
+        sent = 0
+        while self.pending:
+            record = self.pending[0]
+            try:
+                self._send(record)
+            except Exception as error:  # noqa: BLE001 - any failure keeps the record queued
+                if not _rejected(error):
+                    self._start_outage(error)
+                    self._write_queue()
+                    return False
+                _warn_rejected(record, error)
+            self.pending.pop(0)
+            _remove_snapshot(record)
+            sent += 1
+            if record["kind"] in ("experiment", "create_run"):
+                self._write_queue()  # a crash must not create the same run twice
+        if sent:
+            self._write_queue()
+        if self._in_outage:
+            warnings.warn(f"MLflow at {self.tracking_uri} is reachable again; sent {sent} queued records",
+                          TrackingWarning, stacklevel=3)
+            self._in_outage = False
+        return True
+
+    # ----------------------------------------------------------------- the queue
+    def _enqueue(self, record: dict) -> None:
+        if record["kind"] == "artifact":
+            record = self._snapshot(record)
+            if record is None:
+                return
+        self.pending.append(record)
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        with self.queue_file.open("a", encoding="utf-8") as queue:
+            queue.write(json.dumps(record) + "\n")
+
+    def _snapshot(self, record: dict) -> dict | None:
+        """A queued artifact is copied into the queue folder, so later changes to it do not matter."""
+        source = Path(record["local_path"])
+        target = self.queue_dir / "files" / uuid.uuid4().hex / source.name
+        try:
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                target.parent.mkdir(parents=True)
+                shutil.copy2(source, target)
+        except OSError as error:
+            warnings.warn(f"could not keep artifact {source} for MLflow: {error}", TrackingWarning, stacklevel=4)
+            return None
+        return {**record, "local_path": str(target), "snapshot": True}
+
+    def _read_queue(self) -> list[dict]:
+        if not self.queue_file.exists():
+            return []
+        lines = self.queue_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def _write_queue(self) -> None:
+        if not self.pending:
+            self.queue_file.unlink(missing_ok=True)
+            return
+        partial = self.queue_file.with_suffix(".tmp")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in self.pending), encoding="utf-8")
+        partial.replace(self.queue_file)
+
+    def _start_outage(self, error: Exception) -> None:
+        if not self._in_outage:
+            warnings.warn(f"MLflow at {self.tracking_uri} is unreachable ({_first_line(error)}); training goes on, "
+                          f"records queue in {self.queue_file} and are sent when it returns",
+                          TrackingWarning, stacklevel=5)
+            self._in_outage = True
+
+    # ----------------------------------------------------------------- MLflow calls
+    def _client_for_send(self) -> MlflowClient:
+        """Made on first use; a store that cannot be opened counts as an outage, never as a refusal."""
+        if self._client is None:
+            try:
+                self._client = MlflowClient(self.tracking_uri)
+            except Exception as error:  # noqa: BLE001
+                raise ConnectionError(f"cannot open the MLflow store: {_first_line(error)}") from error
+        return self._client
+
+    def _run_id(self, key: str) -> str:
+        if key not in self.run_ids:
+            raise MlflowException(f"no MLflow run was created for {key}", error_code=RESOURCE_DOES_NOT_EXIST)
+        return self.run_ids[key]
+
+    def _send(self, record: dict) -> None:
+        client, kind = self._client_for_send(), record["kind"]
+        if kind == "experiment":
+            self.experiment_id = _experiment_id(client, record["name"], record["artifact_location"])
+        elif kind == "create_run":
+            tags = {**record["tags"], **{tag: self.run_ids.get(key, "") for tag, key in record["run_tags"].items()}}
+            run = client.create_run(self.experiment_id, start_time=record["timestamp"], tags=tags,
+                                    run_name=record["run_name"])
+            self.run_ids[record["key"]] = run.info.run_id
+        elif kind == "log":
+            metrics = [Metric(name, value, record["timestamp"], step) for name, value, step in record.get("metrics", [])]
+            params = [Param(name, value) for name, value in record.get("params", {}).items()]
+            tags = [RunTag(name, value) for name, value in record.get("tags", {}).items()]
+            client.log_batch(self._run_id(record["key"]), metrics=metrics, params=params, tags=tags, synchronous=True)
+        elif kind == "artifact":
+            log = client.log_artifacts if Path(record["local_path"]).is_dir() else client.log_artifact
+            log(self._run_id(record["key"]), record["local_path"], record["artifact_path"])
+        elif kind == "update_run":
+            client.update_run(self._run_id(record["key"]), status=record["status"])
+        elif kind == "terminate":
+            client.set_terminated(self._run_id(record["key"]), status=record["status"], end_time=record["timestamp"])
+        elif kind == "delete_lost_member_runs":
+            self._delete_lost_member_runs(client)
+        else:
+            raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    def _delete_lost_member_runs(self, client: MlflowClient) -> None:
+        known = set(self.run_ids.values())
+        lost = [run for run in _child_runs(client, self.experiment_id, self._run_id("parent"))
+                if run.info.run_id not in known]
+        for run in lost:
+            client.delete_run(run.info.run_id)
+        if lost:
+            names = ", ".join(sorted(run.info.run_name for run in lost))
+            warnings.warn(f"deleted {len(lost)} MLflow member runs made after the checkpoint this run resumes from "
+                          f"({names}); the resumed run makes them again", TrackingWarning, stacklevel=2)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    page = client.search_runs([experiment_id], query, max_results=1000)
+    runs = list(page)
+    while page.token:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=page.token)
+        runs += page
+    return runs
+
+
+def _rejected(error: Exception) -> bool:
+    """The store refused the record itself (400 invalid, 404 no such run): retrying cannot help.
+    Everything else, 401/403/429 included, may pass later and keeps the record queued."""
+    return isinstance(error, MlflowException) and error.get_http_status_code() in (400, 404)
+
+
+def _warn_rejected(record: dict, error: Exception) -> None:
+    warnings.warn(f"MLflow refused a {record['kind']} record for {record.get('key', record.get('name'))}: "
+                  f"{_first_line(error)}", TrackingWarning, stacklevel=4)
+
+
+def _remove_snapshot(record: dict) -> None:
+    if record.get("snapshot"):
+        shutil.rmtree(Path(record["local_path"]).parent, ignore_errors=True)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
