@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 	apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 
 demo: setup
-	RAY_AUTH_MODE=disabled $(VENV)/bin/evo-sft run experiments/demo.yaml
+	RAY_AUTH_MODE=disabled $(VENV)/bin/evo-sft run configs/demo.yaml
 
 test: setup /usr/bin/chromium
 	RAY_AUTH_MODE=disabled $(VENV)/bin/python -m pytest -q

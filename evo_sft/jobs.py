@@ -7,7 +7,8 @@ from pathlib import Path
 from evo_sft.config import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", ".whl", "**/__pycache__", "*.egg-info"]
+# experiments/ (benchmarks and their recorded results) is not needed to run a config.
+WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", ".whl", "**/__pycache__", "*.egg-info", "experiments"]
 
 
 def _client(address: str):

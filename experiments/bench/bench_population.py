@@ -21,15 +21,18 @@ each row records how much slower that training ran (`train_with_writes_x`).
   ray xG GPU  (--ray-gpus) G Ray actors of one GPU each, --per-gpu members sharing the base
               model in each (stepped together): the population over G GPUs against 1 GPU
 
-Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180 (as
-bench_sft_step.py); 16 sequences per optimizer step and member; LoRA r=16/alpha 64 on q,k,v,o
-without dropout (stepping together needs lora_dropout 0); gradient checkpointing on (so that 8
-copies of the 3B shape fit on one card). `--check` first compares, on the 0.5B shape, members
-stepped together with the same members trained alone (losses and adapter updates).
+Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180
+(`common.make_rows`, as in bench_sft_step.py); 16 sequences per optimizer step and member; LoRA
+r=16/alpha 64 on q,k,v,o without dropout (stepping together needs lora_dropout 0); gradient
+checkpointing on (so that 8 copies of the 3B shape fit on one card). `--check` first compares, on
+the 0.5B shape, members stepped together with the same members trained alone (losses and adapter
+updates).
 
-    python experiments/bench_population.py --out /tmp/pop            # GPU
-    python experiments/bench_population.py --members "" --ray-gpus 1,2   # 2-GPU machine, Ray
-    python experiments/bench_population.py --tiny --device cpu        # quick CPU smoke run
+    python experiments/bench/bench_population.py                           # GPU
+    python experiments/bench/bench_population.py --members "" --ray-gpus 1,2   # 2-GPU machine, Ray
+    python experiments/bench/bench_population.py --tiny --device cpu       # quick CPU smoke run
+
+Each row and check is appended to results.jsonl in --out (see --help), with the run's header.
 """
 import argparse
 import datetime
@@ -37,29 +40,26 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_sft_step import (  # noqa: E402
-    LORA, SHAPES, build_model, card, free, make_rows, matmul_tflops, profile, step_stats, sync, useful_flops, versions,
+from common import (
+    SHAPES, append_jsonl, card, free, make_rows, matmul_tflops, output_folder, population_experiment, profile,
+    save_base, step_stats, sync, useful_flops, versions,
 )
 
-from evo_sft import build  # noqa: E402
-from evo_sft.io.checkpoint import EvolutionCheckpointer  # noqa: E402
-from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.controller import Controller  # noqa: E402
-from evo_sft.data import collate  # noqa: E402
-from evo_sft.kernels.loss import supervised_token_count  # noqa: E402
-from evo_sft.population import step_together  # noqa: E402
-from evo_sft.data.demo import build_tokenizer  # noqa: E402
-from evo_sft.population.local import LocalPopulation  # noqa: E402
+from evo_sft import build
+from evo_sft.config import config_from_dict
+from evo_sft.controller import Controller
+from evo_sft.data import collate
+from evo_sft.data.demo import build_tokenizer
+from evo_sft.io.checkpoint import EvolutionCheckpointer
+from evo_sft.kernels.loss import supervised_token_count
+from evo_sft.population import step_together
+from evo_sft.population.local import LocalPopulation
+from evo_sft.sft.step import micro_loss_sum
 
 STEPS_PER_GENERATION = 100  # the generation the evolution-step share is reported for
 
@@ -90,34 +90,6 @@ class TimedPopulation:
             object.__setattr__(self, name, value)
         else:
             setattr(self.population, name, value)
-
-
-def save_base(size: str, folder: Path, dtype) -> Path:
-    """A random-initialised model of the shape, saved as a hub model would be."""
-    path = folder / f"model-{size}"
-    if not (path / "config.json").exists():
-        build_model(size, torch.device("cpu"), dtype).save_pretrained(path)
-    return path
-
-
-def experiment(k: int, members_per_actor: int, together: bool, backend: str, model_path: Path,
-               tokenizer_path: Path, run_dir: Path, device, steps: int, compile_layers: bool = False) -> dict:
-    return {
-        "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
-        "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
-                  "attn_implementation": "sdpa"},
-        "tokenizer": str(tokenizer_path),
-        "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
-                 "target_modules": LORA["target_modules"]},
-        "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True,
-                  "packing": True, "compile_layers": compile_layers},
-        "population": {"size": k, "backend": backend, "num_gpus": 1 if device.type == "cuda" else 0, "num_cpus": 2,
-                       "members_per_actor": members_per_actor, "step_together": together},
-        "evolution": {"generations": 1, "steps_per_generation": steps, "tournament_size": min(2, k),
-                      "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
-                      "hyperparameters": {"lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 16, "max": 16}}},
-        "checkpoint": {"every": 1, "keep": 1},
-    }
 
 
 def timed_generation(population, controller, steps: int, device) -> dict:
@@ -155,10 +127,9 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     members_per_actor = k // gpus if gpus else (1 if layout == "copies" else k)
     if compile_layers:
         layout += " +compile"
-    config = config_from_dict(experiment(k, members_per_actor, together, "ray" if gpus else "local",
-                                         paths["model"], paths["tokenizer"],
-                                         paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps,
-                                         compile_layers))
+    config = config_from_dict(population_experiment(
+        k, members_per_actor, together, "ray" if gpus else "local", paths["model"], paths["tokenizer"],
+        paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps, compile_layers))
     start = time.perf_counter()
     founders = build.founder_hyperparameters(config)
     if gpus:
@@ -214,15 +185,16 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
     own packed step, and (the bf16 noise floor) each member's packed step against its padded step;
     each member's step with compiled decoder layers against its eager packed step."""
     def agents_and_batches(members_per_actor: int, packing: bool, compile_layers: bool = False):
-        config = experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
-                            paths["runs"] / f"check-{size}-{members_per_actor}", device, 1, compile_layers)
+        config = population_experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
+                                       paths["runs"] / f"check-{size}-{members_per_actor}", device, 1,
+                                       compile_layers)
         config["agent"]["packing"] = packing
         config = config_from_dict(config)
         hosts = build.local_hosts(config, str(paths["model"]), prepared, build.founder_hyperparameters(config))
         return hosts, [host.gym.batch(host.stream, 16) for host in hosts]
 
     def own_step(host, batch) -> torch.Tensor:
-        loss = host.agent._micro_loss_sum(batch) / supervised_token_count(batch["labels"])
+        loss = micro_loss_sum(host.agent, batch) / supervised_token_count(batch["labels"])
         loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in host.agent.trainable_parameters().values()])
         host.agent.optimizer.zero_grad(set_to_none=True)
@@ -261,8 +233,8 @@ def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8)
     """A torch.profiler trace summary of 2 optimizer steps of k members stepped together, with
     compiled layers where `--compile` has "on" (the next row frees the population's GPU memory)."""
     compile_layers = "on" in args.compile.split(",")
-    config = config_from_dict(experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
-                                         paths["runs"] / f"profile-{size}", device, 1, compile_layers))
+    config = config_from_dict(population_experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
+                                                    paths["runs"] / f"profile-{size}", device, 1, compile_layers))
     population = LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared,
                                                    build.founder_hyperparameters(config)))
     population.train(2)
@@ -313,14 +285,14 @@ def main():
                                                         "GPU), off, or off,on")
     parser.add_argument("--generations", type=int, default=1, help="timed generations per row (medians reported)")
     parser.add_argument("--work", help="folder for the saved models, kept between runs (default: a new temp folder)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    parser.add_argument("--out", help="folder for results.jsonl and profiles; default $OUT/bench_population, else "
+                                      "experiments/results/bench_population (a new temporary folder with --tiny)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = ["tiny"] if args.tiny else args.models.split(",")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder("bench_population", args.out, args.tiny)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-population-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_path = work / "tokenizer"
@@ -335,6 +307,7 @@ def main():
               "card": card(device), "bf16_matmul_tflops": peak, "versions": versions(),
               "warmup": args.warmup, "steps": args.steps}
     print(json.dumps(header), flush=True)
+    print(f"results: {out / 'results.jsonl'}", flush=True)
     rows = []
     for size in models:
         split = make_rows(512, SHAPES[size]["vocab_size"], args.tiny)
@@ -347,8 +320,7 @@ def main():
             [profile_together(size, args, device, paths, prepared, out)] if args.profile else [])
         for extra in extras:
             print(json.dumps(extra), flush=True)
-            with open(out / "bench_population_results.jsonl", "a") as f:
-                f.write(json.dumps({**header, **extra}) + "\n")
+            append_jsonl(out / "results.jsonl", {**header, **extra})
         runs = [(k, layout, 0) for k in (int(m) for m in args.members.split(",") if m)
                 for layout in (("alone",) if k == 1 else args.layouts.split(","))]
         runs += [(g * args.per_gpu, "", g) for g in (int(g) for g in args.ray_gpus.split(",") if g)]
@@ -356,8 +328,7 @@ def main():
             row = measure(size, k, layout, args, device, paths, prepared, flops_per_token, peak, gpus, compile_layers)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            with open(out / "bench_population_results.jsonl", "a") as f:
-                f.write(json.dumps({**header, **row}) + "\n")
+            append_jsonl(out / "results.jsonl", {**header, **row})
     print_table(rows)
 
 

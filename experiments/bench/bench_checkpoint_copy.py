@@ -4,53 +4,53 @@
 moments exist, saved with `LocalPopulation.save` (each member's `snapshot()`, written on threads).
 "copy s" is the time until `save` returns, which the evolution step waits for; "written s" the
 time until every file is written. Each row is the median of `--repeats` saves; this tree's
-`evo_sft.storage` against the one at a named git revision, in the same run and on the same
+`evo_sft.io.storage` against the one at a named git revision, in the same run and on the same
 members. Every saved file of both is compared byte for byte. `--profile` prints where one save's
 copy time goes (cProfile, this tree).
 
-    python experiments/bench_checkpoint_copy.py --baseline-rev 733250f --models 0.5b,3b
-    python experiments/bench_checkpoint_copy.py --baseline-rev 733250f --tiny      # CPU smoke run
+    python experiments/bench/bench_checkpoint_copy.py --baseline-rev 733250f --models 0.5b,3b
+    python experiments/bench/bench_checkpoint_copy.py --baseline-rev 733250f --tiny      # CPU smoke run
+
+The rows are appended to results.jsonl in --out (see --help).
 """
 import argparse
 import contextlib
 import cProfile
-import datetime
 import filecmp
 import io
 import json
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import (
+    SHAPES, STORAGE_PATHS, about, append_results, make_rows, module_at, output_folder, population_experiment, save_base, sync,
+    utc_stamp,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import evo_sft.population.local
+import evo_sft.population.member
+import evo_sft.sft.state
+from evo_sft import build
+from evo_sft.config import config_from_dict
+from evo_sft.data.demo import build_tokenizer
+from evo_sft.io import storage
+from evo_sft.population.local import LocalPopulation
 
-from baseline_module import module_at  # noqa: E402
-from bench_population import experiment, save_base  # noqa: E402
-from bench_sft_step import SHAPES, append_results, card, make_rows, sync, versions  # noqa: E402
-
-import evo_sft.sft.agent  # noqa: E402
-import evo_sft.population.local  # noqa: E402
-import evo_sft.population.member  # noqa: E402
-from evo_sft import build  # noqa: E402
-from evo_sft.config import config_from_dict  # noqa: E402
-from evo_sft.data.demo import build_tokenizer  # noqa: E402
-from evo_sft.population.local import LocalPopulation  # noqa: E402
-
-USERS_OF_STORAGE = (evo_sft.sft.agent, evo_sft.population.member, evo_sft.population.local)
+# The modules whose `storage` a save goes through: the member's snapshot (`sft.state`), its
+# stream and generator state (`population.member`) and the writes (`population.local`).
+USERS_OF_STORAGE = (evo_sft.sft.state, evo_sft.population.member, evo_sft.population.local)
 
 
 @contextlib.contextmanager
-def storage_module(storage):
-    """The population's snapshots and writes through `storage` instead of this tree's module."""
+def storage_module(replacement):
+    """The population's snapshots and writes through `replacement` instead of this tree's storage."""
     saved = [user.storage for user in USERS_OF_STORAGE]
     for user in USERS_OF_STORAGE:
-        user.storage = storage
+        user.storage = replacement
     try:
         yield
     finally:
@@ -76,28 +76,31 @@ def same_files(a: Path, b: Path) -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-rev", required=True)
-    parser.add_argument("--baseline-file", help="that revision's evo_sft/storage.py, where there is no git")
+    parser.add_argument("--baseline-file", help="that revision's storage module (evo_sft/io/storage.py, earlier "
+                                                "evo_sft/storage.py), where there is no git")
     parser.add_argument("--models", default="0.5b,3b")
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU")
-    parser.add_argument("--out", help="folder for bench_checkpoint_copy_results.jsonl")
+    parser.add_argument("--out", help="folder for results.jsonl; default $OUT/bench_checkpoint_copy, else "
+                                      "experiments/results/bench_checkpoint_copy (a new temporary folder with --tiny)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    impls = {f"baseline {args.baseline_rev}": module_at("evo_sft/storage.py", args.baseline_rev, args.baseline_file),
-             "this tree": evo_sft.agent.storage}
+    impls = {f"baseline {args.baseline_rev}": module_at(STORAGE_PATHS, args.baseline_rev, args.baseline_file),
+             "this tree": storage}
+    out = output_folder("bench_checkpoint_copy", args.out, args.tiny)
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoint-copy-"))
     tokenizer = work / "tokenizer"
     build_tokenizer().save_pretrained(tokenizer)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{stamp}; {card(device)}; {json.dumps(versions())}")
+    stamp = utc_stamp()
+    print(about(device, stamp))
     rows, profiles = [], []
     for model in ["tiny"] if args.tiny else args.models.split(","):
         vocab = SHAPES[model]["vocab_size"]
         prepared = {"train": make_rows(256, vocab, args.tiny).to_dict(),
                     "test": make_rows(16, vocab, args.tiny, seed=1).to_dict()}
-        config = config_from_dict(experiment(
+        config = config_from_dict(population_experiment(
             args.members, args.members, True, "local",
             save_base(model, work, torch.bfloat16 if device.type == "cuda" else torch.float32), tokenizer,
             work / f"run-{model}", device, 1))
@@ -106,8 +109,8 @@ def main():
         population.train(2)
         times = {name: [] for name in impls}
         for repeat in range(args.repeats + 1):  # the first of each is a warm-up
-            for name, storage in impls.items():
-                with storage_module(storage):
+            for name, module in impls.items():
+                with storage_module(module):
                     copied, written = timed_save(population, work / f"{model}-{repeat}-{name}", device)
                 if repeat:
                     times[name].append((copied, written))
@@ -137,8 +140,8 @@ def main():
               f"{r['x_baseline']:.2f} | {r['files_identical']} |")
     for text in profiles:
         print(text)
-    if args.out:
-        append_results(args.out, "bench_checkpoint_copy_results.jsonl", rows, stamp, device)
+    append_results(out, rows, stamp, device)
+    print(f"results: {out / 'results.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,27 @@
 #!/usr/bin/env python3
 """Reading a member's adapter for a checkpoint: PEFT's `get_peft_model_state_dict` (the baseline,
 which walks every module and the whole state dict of the model on each call) against
-`SFT._adapter_state` (PEFT asked once, then the bound parameters read), and the whole
-`checkpoint_snapshot` of the member with each of the two, in the same run. Random Qwen2 weights of the 0.5B / 3B shapes, LoRA
-r16 on q,k,v,o as in bench_population.py; one optimizer step first, so the AdamW moments exist.
+`evo_sft.sft.state.adapter_state` (PEFT asked once, then the bound parameters read), and the whole
+`checkpoint_snapshot` of the member with each of the two, in the same run. Random Qwen2 weights
+of the 0.5B / 3B shapes, LoRA r16 on q,k,v,o as in bench_population.py; one optimizer step first,
+so the AdamW moments exist.
 This is host-side Python: the CPU measures it as well as a GPU machine's host (not its copies).
 
-    python experiments/bench_adapter_state.py --models 0.5b          # CPU
-    python experiments/bench_adapter_state.py --models 0.5b,3b --device cuda
+    python experiments/bench/bench_adapter_state.py --models 0.5b          # CPU
+    python experiments/bench/bench_adapter_state.py --models 0.5b,3b --device cuda
+    python experiments/bench/bench_adapter_state.py --models tiny          # quick CPU smoke run
 """
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import SHAPES, about, build_model, lora_config, make_rows, sync, utc_stamp
+from peft import get_peft_model_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_sft_step import SHAPES, build_model, card, lora_config, make_rows, sync, versions  # noqa: E402
-from peft import get_peft_model_state_dict  # noqa: E402
-
-from evo_sft.sft.agent import ACTOR, SFT  # noqa: E402
-from evo_sft.data import collate  # noqa: E402
+from evo_sft.data import collate
+from evo_sft.sft import state
+from evo_sft.sft.agent import ACTOR, SFT
 
 
 def median_ms(fn, device, repeats: int) -> float:
@@ -48,7 +43,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {card(device)}; {json.dumps(versions())}")
+    print(about(device, utc_stamp()))
     print("| model | adapter tensors | read | ms (median) | x baseline |")
     print("|---|---:|---|---:|---:|")
     for model_name in args.models.split(","):
@@ -56,20 +51,20 @@ def main():
         agent = SFT(pad_token_id=0, pad_token="<pad>", actor_network=model, lora_config=lora_config(), batch_size=2,
                     lr=1e-4, device=str(device), compile_layers=False)
         agent.learn(collate(make_rows(2, SHAPES[model_name]["vocab_size"], tiny=True), range(2), pad_token_id=0))
-        tensors = len(agent._adapter_state(ACTOR))
+        tensors = len(state.adapter_state(agent, ACTOR))
 
-        def through_peft(adapter):
+        def through_peft(agent, adapter):
             return get_peft_model_state_dict(agent.actor, adapter_name=adapter)
 
         def snapshot_through_peft():
-            agent._adapter_state = through_peft  # this instance only, for the baseline row
+            bound, state.adapter_state = state.adapter_state, through_peft  # for the baseline row only
             try:
                 agent.checkpoint_snapshot()
             finally:
-                del agent._adapter_state
+                state.adapter_state = bound
 
-        pairs = [("adapter: PEFT get_peft_model_state_dict (baseline)", lambda: through_peft(ACTOR)),
-                 ("adapter: SFT._adapter_state", lambda: agent._adapter_state(ACTOR)),
+        pairs = [("adapter: PEFT get_peft_model_state_dict (baseline)", lambda: through_peft(agent, ACTOR)),
+                 ("adapter: evo_sft.sft.state.adapter_state", lambda: state.adapter_state(agent, ACTOR)),
                  ("checkpoint_snapshot, adapter through PEFT (baseline)", snapshot_through_peft),
                  ("checkpoint_snapshot", agent.checkpoint_snapshot)]
         baseline_ms = None
@@ -78,6 +73,7 @@ def main():
             if index % 2 == 0:
                 baseline_ms = ms
             print(f"| {model_name} | {tensors} | {way} | {ms:.1f} | {baseline_ms / ms:.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -4,23 +4,21 @@ member with its AdamW moments, 88 MB) exported by one actor into the object stor
 another, as torch tensors (how clones travelled before `ray_backend.portable`, the baseline) and
 as `portable` numpy byte arrays, in the same run. Real local Ray, actors on this machine's CPUs.
 
-    python experiments/bench_clone_transfer.py
+    python experiments/bench/bench_clone_transfer.py
+    python experiments/bench/bench_clone_transfer.py --repeats 1     # quick
 """
 import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import ray
 import torch
+from common import utc_stamp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evo_sft.population.ray_backend import from_portable, portable  # noqa: E402
+from evo_sft.population.ray_backend import from_portable, portable
 
 
 @ray.remote(num_cpus=0)
@@ -57,7 +55,7 @@ def main():
                 seconds[way].append(time.perf_counter() - start)
     ray.shutdown()
     mb = tensors * numel * 4 / 1e6
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+    print(f"{utc_stamp()}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"ray {ray.__version__}, torch {torch.__version__}")
     print(f"| member state of {mb:.0f} MB, actor to actor | s (median of {args.repeats}) | MB/s | x baseline |")
     print("|---|---:|---:|---:|")

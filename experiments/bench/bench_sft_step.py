@@ -21,170 +21,43 @@ step - forward and input-gradient backward of the frozen body on real (unpadded)
 causal attention, LoRA forward+backward, and the LM head on supervised tokens only; no
 recomputation - over the bf16 matmul rate measured in the same run.
 
-    python experiments/bench_sft_step.py --out /tmp/bench             # GPU, full
-    python experiments/bench_sft_step.py --tiny --device cpu          # quick CPU smoke run
+    python experiments/bench/bench_sft_step.py                        # GPU, full
+    python experiments/bench/bench_sft_step.py --tiny --device cpu    # quick CPU smoke run
+
+Each run appends to results.jsonl in --out (see --help): the run's header, the packed-vs-padded
+check on a GPU, then a line for each method, model and GC setting.
 """
 import argparse
 import datetime
-import gc
 import json
-import math
-import os
-import platform
-import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
-import numpy as np
 import torch
+from common import (
+    LORA, SHAPES, append_jsonl, build_model, card, free, lora_config, make_rows, matmul_tflops,
+    output_folder, profile, step_stats, sync, useful_flops, versions,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evo_sft.data import IGNORE_INDEX, collate
 
-from evo_sft.data import IGNORE_INDEX, TokenizedSplit, collate  # noqa: E402
-
-SHAPES = {
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
-}
-LORA = dict(r=16, lora_alpha=64, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 SEQS_PER_STEP = 16
 LR = 1e-4
 
 
-# ----------------------------------------------------------------------------- setup
 def log(*a):
     print(*a, flush=True)
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "peft", "accelerate", "trl", "liger_kernel", "datasets", "triton"):
-        try:
-            module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
-        except Exception as e:  # noqa: BLE001
-            out[name] = f"missing ({type(e).__name__})"
-    if out.get("liger_kernel", "").startswith("?") or out.get("liger_kernel") == "?":
-        try:
-            from importlib.metadata import version
-            out["liger_kernel"] = version("liger-kernel")
-        except Exception:  # noqa: BLE001
-            pass
-    return out
-
-
-def card(device) -> str:
-    if device.type != "cuda":
-        return platform.processor() or "cpu"
-    p = torch.cuda.get_device_properties(device)
-    return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
-
-
-def append_results(folder: str, name: str, rows: list[dict], date: str, device) -> None:
-    """Append `rows` to `folder/name` (JSON lines), each stamped with date, card and versions."""
-    with open(Path(folder) / name, "a") as f:
-        for row in rows:
-            f.write(json.dumps(dict(row, date=date, card=card(device), versions=versions())) + "\n")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_tflops(device, tiny: bool) -> float:
-    n = 512 if tiny else 8192
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mats = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-            for _ in range(3)]
-    for a, b in mats:
-        a @ b
-    sync(device)
-    reps = 30 if device.type == "cuda" else 3
-    t = time.perf_counter()
-    for i in range(reps):
-        a, b = mats[i % 3]
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def make_rows(num_rows: int, vocab: int, tiny: bool, seed: int = 0) -> TokenizedSplit:
-    rng = np.random.default_rng(seed)
-    scale = 8 if tiny else 1
-    prompts = rng.integers(16, 129, num_rows) // scale
-    responses = np.clip(np.round(rng.lognormal(math.log(180), 0.6, num_rows)), 16, 900).astype(int) // scale
-    ids = [rng.integers(3, vocab, int(p + r)).tolist() for p, r in zip(prompts, responses)]
-    return TokenizedSplit(ids, [int(p) for p in prompts], list(range(num_rows)))
-
-
-def padded_batches(split: TokenizedSplit, steps: int) -> list[dict]:
+def padded_batches(split, steps: int) -> list[dict]:
     return [collate(split, range(i * SEQS_PER_STEP, (i + 1) * SEQS_PER_STEP), pad_token_id=0) for i in range(steps)]
-
-
-def step_stats(batch) -> dict:
-    lengths = batch["attention_mask"].sum(-1)
-    return {
-        "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
-        "real": int(lengths.sum()),
-        "padded": int(batch["attention_mask"].numel()),
-        "sq": float((lengths.double() ** 2).sum()),
-    }
-
-
-def useful_flops(shape: dict, stats: dict) -> float:
-    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    head_dim = h // heads
-    kv_dim = kv * head_dim
-    body = layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter)  # matmul weights per token
-    r = LORA["r"]
-    lora = layers * r * ((h + h) * 2 + (h + kv_dim) * 2)  # A and B of q, o, k, v
-    attn_fwd = layers * 2 * h * stats["sq"]  # causal QK^T and PV: 2 * (2 * L^2/2 * h)
-    head = 2 * shape["vocab_size"] * h * stats["supervised"]
-    return 4 * body * stats["real"] + 6 * lora * stats["real"] + 3 * attn_fwd + 2 * head
-
-
-def build_model(size: str, device, dtype):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    shape = SHAPES[size]
-    config = Qwen2Config(**shape, max_position_embeddings=32768, rope_theta=1_000_000.0, use_cache=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model
-
-
-def lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="CAUSAL_LM", **LORA)
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 # ----------------------------------------------------------------------------- methods
 def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_to=None, compile_layers=None,
             liger=False):
-    from evo_sft import packing as packing_module
+    from evo_sft.kernels.liger import apply_liger_layer_kernels
     from evo_sft.sft.agent import SFT
 
     model = build_model(size, device, dtype)
@@ -192,7 +65,7 @@ def run_evo(size, gc_on, batches, warmup, device, dtype, packing=None, profile_t
                 batch_size=SEQS_PER_STEP, lr=LR, max_grad_norm=1.0, device=str(device),
                 gradient_checkpointing=gc_on, packing=packing, use_liger_loss=liger == "liger_loss",
                 compile_layers=compile_layers)
-    liger_layers = liger == "liger_layers" and packing_module.apply_liger_layer_kernels(agent.actor)
+    liger_layers = liger == "liger_layers" and apply_liger_layer_kernels(agent.actor)
     losses = []
     for batch in batches[:warmup]:
         losses.append(agent.learn(batch)["mean_loss"])
@@ -282,31 +155,11 @@ def run_trl(size, gc_on, batches, warmup, device, dtype, split, variant):
     return elapsed, timer.losses, extra
 
 
-def profile(step_fn, batches, device, path):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    sync(device)
-    t = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b in batches:
-            step_fn(b)
-        sync(device)
-    wall = time.perf_counter() - t
-    events = prof.key_averages()
-    attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
-    self_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    kernel_us = sum(getattr(e, self_attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    tables = [events.table(sort_by=key, row_limit=25) for key in (self_attr, "self_cpu_time_total")]
-    Path(path).write_text("By GPU time:\n" + tables[0] + "\nBy host time:\n" + tables[1])
-    top = sorted(((getattr(e, self_attr), e.key) for e in events), reverse=True)[:8]
-    return {"wall_ms": wall * 1e3, "gpu_kernel_ms": kernel_us / 1e3, "gpu_busy": kernel_us / 1e6 / wall,
-            "top_kernels_ms": [(k[:70], round(v / 1e3, 2)) for v, k in top], "_attr": attr}
-
-
 # ----------------------------------------------------------------------------- correctness
 def check_packed_matches_padded(size, device, dtype, batch) -> dict:
     """bf16 on the GPU: packed loss and LoRA grads against the padded path, same weights."""
     from evo_sft.sft.agent import SFT
+    from evo_sft.sft.step import micro_loss_sum
 
     results = {}
     grads = {}
@@ -322,7 +175,7 @@ def check_packed_matches_padded(size, device, dtype, batch) -> dict:
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
         tokens = step_stats(batch)["supervised"]
-        loss = agent._micro_loss_sum(batch) / tokens
+        loss = micro_loss_sum(agent, batch) / tokens
         loss.backward()
         results[packing] = float(loss.detach())
         grads[packing] = {n: p.grad.float().clone() for n, p in agent.trainable_parameters().items()}
@@ -353,7 +206,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     parser.add_argument("--profile", default="", help="evo methods to profile for two steps, comma-separated")
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    parser.add_argument("--out", help="folder for results.jsonl (the run's header first, then a line a row) and "
+                                      "profiles; default $OUT/bench_sft_step, else experiments/results/bench_sft_step "
+                                      "(a new temporary folder with --tiny)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -361,8 +216,7 @@ def main():
     models = ["tiny"] if args.tiny else args.models.split(",")
     if args.tiny:
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder("bench_sft_step", args.out, args.tiny)
     results_path = out / "results.jsonl"
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "card": card(device), "versions": versions(), "lora": LORA, "seqs_per_step": SEQS_PER_STEP,
@@ -371,7 +225,8 @@ def main():
     peak = matmul_tflops(device, args.tiny)
     header["matmul_tflops"] = peak
     log(f"bf16 matmul (8192^3): {peak:.0f} TFLOP/s" if not args.tiny else f"matmul: {peak:.2f} TFLOP/s")
-    (out / "header.json").write_text(json.dumps(header, indent=1))
+    append_jsonl(results_path, {"header": header})
+    log(f"results: {results_path}")
 
     total_steps = args.warmup + args.steps
     rows = []
@@ -400,8 +255,7 @@ def run_phase(methods, models, args, device, dtype, peak, total_steps, out, resu
             try:
                 check = check_packed_matches_padded(size, device, dtype, batches[0])
                 log(f"   packed vs padded (bf16, eval mode): {json.dumps(check)}")
-                with results_path.open("a") as f:
-                    f.write(json.dumps({"size": size, "check": check}) + "\n")
+                append_jsonl(results_path, {"size": size, "check": check})
             except Exception:  # noqa: BLE001
                 log("   packed vs padded check FAILED:\n" + traceback.format_exc())
         for gc_setting in args.gc.split(","):
@@ -423,9 +277,8 @@ def run_phase(methods, models, args, device, dtype, peak, total_steps, out, resu
                 except Exception as e:  # noqa: BLE001
                     log(f"   {method} gc={gc_setting}: FAILED {type(e).__name__}: {e}")
                     traceback.print_exc()
-                    with results_path.open("a") as f:
-                        f.write(json.dumps({"size": size, "gc": gc_setting, "method": method,
-                                            "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n")
+                    append_jsonl(results_path, {"size": size, "gc": gc_setting, "method": method,
+                                                "error": f"{type(e).__name__}: {e}"[:2000]})
                     continue
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
                 row = {"size": size, "gc": gc_setting, "method": method, "step_s": elapsed / args.steps,
@@ -438,8 +291,7 @@ def run_phase(methods, models, args, device, dtype, peak, total_steps, out, resu
                     f"loss {row['first_loss']} -> {row['last_loss']}")
                 if "profile" in extra:
                     log(f"   profile: {json.dumps(extra['profile'])}")
-                with results_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(results_path, row)
 
 
 def print_table(rows, header):

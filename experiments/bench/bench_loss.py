@@ -1,31 +1,24 @@
 #!/usr/bin/env python3
-"""The frozen output head's chunked cross-entropy (`packing.linear_cross_entropy`, the loss of
+"""The frozen output head's chunked cross-entropy (`evo_sft.kernels.loss`, the loss of
 every packed step): this tree, eager and compiled, against the same function at a named git
 revision, in the same run. Forward and backward of `rows` loss rows through the Qwen2.5-0.5B /
 -3B head shapes (151,936-token vocabulary), bf16 on a GPU. Each row: median time of `--repeats`
 calls, peak memory above the inputs, and the largest difference of the losses (relative) and of
 the hidden-state gradient (relative L2) from the baseline.
 
-    python experiments/bench_loss.py --baseline-rev a479275            # GPU
-    python experiments/bench_loss.py --baseline-rev a479275 --tiny     # CPU smoke run
+    python experiments/bench/bench_loss.py --baseline-rev a479275            # GPU
+    python experiments/bench/bench_loss.py --baseline-rev a479275 --tiny     # CPU smoke run
+
+The rows are appended to results.jsonl in --out (see --help).
 """
 import argparse
-import datetime
 import inspect
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import LOSS_PATHS, SHAPES, about, append_results, module_at, output_folder, sync, utc_stamp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from baseline_module import module_at  # noqa: E402
-from bench_sft_step import SHAPES, append_results, card, sync, versions  # noqa: E402
-
-from evo_sft import packing  # noqa: E402
+from evo_sft.kernels import loss
 
 
 def timed(fn, hidden, device, repeats: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -50,34 +43,37 @@ def timed(fn, hidden, device, repeats: int) -> tuple[float, float, torch.Tensor,
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-rev", required=True)
-    parser.add_argument("--baseline-file", help="that revision's evo_sft/packing.py, where there is no git")
+    parser.add_argument("--baseline-file", help="that revision's loss module (evo_sft/kernels/loss.py, earlier "
+                                                "evo_sft/packing.py), where there is no git")
     parser.add_argument("--models", default="0.5b,3b")
     parser.add_argument("--rows", type=int, default=28_000, help="loss rows: ~8 members x 3,500 supervised tokens")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compiled-chunks", default="",
                         help="powers of two: also the compiled loss with chunks of 2^N logits, e.g. 25,26,27")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape and 500 rows, on the CPU")
-    parser.add_argument("--out", help="folder for bench_loss_results.jsonl")
+    parser.add_argument("--out", help="folder for results.jsonl; default $OUT/bench_loss, else "
+                                      "experiments/results/bench_loss (a new temporary folder with --tiny)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    baseline = module_at("evo_sft/packing.py", args.baseline_rev, args.baseline_file)
+    baseline = module_at(LOSS_PATHS, args.baseline_rev, args.baseline_file)
+    out = output_folder("bench_loss", args.out, args.tiny)
     models, rows = (["tiny"], 500) if args.tiny else (args.models.split(","), args.rows)
     impls = {
         f"baseline {args.baseline_rev}": lambda h, head, t: baseline.linear_cross_entropy(
             h, head.weight, head.bias, t, max(1, baseline.LOSS_CHUNK_ELEMENTS // head.out_features)),
-        "this tree, eager": lambda h, head, t: packing.frozen_head_losses(h, head, t, compiled=False),
-        "this tree, compiled": lambda h, head, t: packing.frozen_head_losses(h, head, t, compiled=True),
+        "this tree, eager": lambda h, head, t: loss.frozen_head_losses(h, head, t, compiled=False),
+        "this tree, compiled": lambda h, head, t: loss.frozen_head_losses(h, head, t, compiled=True),
     }
     if "compiled" in inspect.signature(baseline.frozen_head_losses).parameters:
         impls[f"baseline {args.baseline_rev}, compiled"] = lambda h, head, t: baseline.frozen_head_losses(
             h, head, t, compiled=True)
     for power in filter(None, args.compiled_chunks.split(",")):
         impls[f"this tree, compiled, 2^{power} logits a chunk"] = (
-            lambda h, head, t, elements=2 ** int(power): packing.linear_cross_entropy(
+            lambda h, head, t, elements=2 ** int(power): loss.linear_cross_entropy(
                 h, head.weight, head.bias, t, max(1, elements // head.out_features), compiled=True))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{stamp}; {card(device)}; {json.dumps(versions())}")
+    stamp = utc_stamp()
+    print(about(device, stamp))
     print("| model | rows | implementation | ms | x baseline | peak MiB | loss rel diff | grad rel diff |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     results = []
@@ -100,8 +96,8 @@ def main():
             results.append(row)
             print(f"| {model} | {rows} | {name} | {row['ms']:.1f} | {row['x_baseline']:.2f} | {row['peak_mib']:.0f} | "
                   f"{loss_diff:.1e} | {grad_diff:.1e} |", flush=True)
-    if args.out:
-        append_results(args.out, "bench_loss_results.jsonl", results, stamp, device)
+    append_results(out, results, stamp, device)
+    print(f"results: {out / 'results.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,26 @@
 #!/usr/bin/env python3
-"""Saving a generation checkpoint of k members: this tree's `evo_sft.storage` against the one of
+"""Saving a generation checkpoint of k members: this tree's `evo_sft.io.storage` against the one of
 a named git revision, in the same run. Each member is an atomic directory (manifest, sha256,
 fsync) inside the generation's atomic directory, as `EvolutionCheckpointer` writes them; a
 member's state is random float32 tensors of about the size of a 3B LoRA-r16 member with its
 AdamW moments (88 MB). Revisions before `write_snapshots` write the members one after another.
 
-    python experiments/bench_checkpoint_save.py --baseline-rev 11d299e
+    python experiments/bench/bench_checkpoint_save.py --baseline-rev 11d299e
+    python experiments/bench/bench_checkpoint_save.py --baseline-rev HEAD --members 1 --repeats 1   # quick
 """
 import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import safetensors
 import torch
+from common import ROOT, STORAGE_PATHS, module_at, utc_stamp
 
-from baseline_module import ROOT, module_at, module_from_source
+from evo_sft.io import storage as tree_storage
 
 
 def write_members(storage, state: dict, members: int, directory: Path) -> None:
@@ -46,15 +46,15 @@ def write_members(storage, state: dict, members: int, directory: Path) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-rev", required=True)
-    parser.add_argument("--baseline-file", help="that revision's evo_sft/storage.py, where there is no git "
-                                                "(`git show REV:evo_sft/storage.py > FILE`)")
+    parser.add_argument("--baseline-file", help="that revision's storage module, where there is no git "
+                                                "(`git show REV:evo_sft/io/storage.py > FILE`; "
+                                                "evo_sft/storage.py before a3fc743)")
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=str(ROOT), help="where to write (the disk being measured)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    impls = {f"baseline {args.baseline_rev}": module_at("evo_sft/storage.py", args.baseline_rev, args.baseline_file),
-             "this tree": module_from_source((ROOT / "evo_sft" / "storage.py").read_text(), "storage_tree")}
+    impls = {f"baseline {args.baseline_rev}": module_at(STORAGE_PATHS, args.baseline_rev, args.baseline_file),
+             "this tree": tree_storage}
     state = {f"t{i}": torch.randn(1_000_000) for i in range(22)}
     results = {name: {"save": [], "verify": []} for name in impls}
     for _ in range(args.repeats):
@@ -68,7 +68,7 @@ def main():
             storage.verify_directory(root / "generation")
             results[name]["verify"].append(time.perf_counter() - start)
             shutil.rmtree(root)
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+    print(f"{utc_stamp()}, {platform.node()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, safetensors {safetensors.__version__}, writing under {args.dir}")
     print(f"| storage | save of {args.members} members x 88 MB, s (median of {args.repeats}) | verify, s |")
     print("|---|---:|---:|")

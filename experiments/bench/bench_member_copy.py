@@ -7,21 +7,18 @@ pageable CPU memory, one copy per tensor), into CPU buffers reused from the last
 1 and then 2 processes at once, one per GPU, as Ray actors on one host would; each row gives the
 slowest process's time, median over the repeats.
 
-    python experiments/bench_member_copy.py --processes 1,2
+    python experiments/bench/bench_member_copy.py --processes 1,2     # needs CUDA
 """
 import argparse
-import datetime
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from common import utc_stamp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evo_sft.io.storage import cpu_copy  # noqa: E402
+from evo_sft.io.storage import cpu_copy
 
 WAYS = ["storage.cpu_copy (baseline)", "reused pageable buffers", "reused pinned buffers", "clone on the GPU"]
 
@@ -75,7 +72,7 @@ def main():
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, "
+    print(f"{utc_stamp()}, {torch.cuda.get_device_name()}, "
           f"{torch.cuda.device_count()} GPUs, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"{args.members} members x 88 MB")
     print("| processes | copy | s (slowest process, median) | GB/s per process | x baseline |")
