@@ -110,9 +110,9 @@ def timed_generation(population, controller, steps: int, device) -> dict:
     parts = {f"{name}_part_s": s for name, s in population.seconds.items() if name not in ("train", "evaluate")}
     return {"record": record, "train_s": train_s, "evaluate_s": evaluate_s,
             "evolution_s": generation_s - train_s - evaluate_s + commit_wait_s,
-            "tok_s": sum(t["tokens"] for t in record.train) / train_s,
+            "tok_s": sum(t.tokens for t in record.train) / train_s,
             "train_with_writes_x": train_with_writes_s / train_s,
-            "tok_s_next": sum(t["tokens"] for t in next_train) / train_with_writes_s,
+            "tok_s_next": sum(t.tokens for t in next_train) / train_with_writes_s,
             **parts, "commit_wait_part_s": commit_wait_s}
 
 
@@ -167,7 +167,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
         "tok_s_next": timed["tok_s_next"],
         "evolution_share_100": timed["evolution_s"] / generation_100,
         "clones": clones_each[-1],
-        "train_s_per_slot": [t["seconds"] for t in record.train],  # one actor's call: a straggler shows here
+        "train_s_per_slot": [t.seconds for t in record.train],  # one actor's call: a straggler shows here
         "generations": len(generations),  # the figures above are medians over these timed generations
         "evolution_s_each": [g["evolution_s"] for g in generations],
         "clone_s_each": [g["clone_part_s"] for g in generations],
