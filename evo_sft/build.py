@@ -12,8 +12,12 @@ from evo_sft.hyperparameters import HYPERPARAMETERS
 
 
 def resolve_model_path(config: ExperimentConfig, run_dir: Path) -> str:
-    """The built-in demo model is written once into the run folder; anything else is a hub id or path."""
+    """The built-in demo model is written once into the run folder; anything else is a hub id or
+    path, checked now (a missing folder, an unreachable hub) so that it fails before members start."""
     if config.model.name != "demo":
+        from evo_sft.data.sources import check_model
+
+        check_model(config.model.name, config.model.trust_remote_code)
         return config.model.name
     from evo_sft.data.demo import write_demo_model
 

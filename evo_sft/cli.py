@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evo_sft.config import ConfigError, load_config
+from evo_sft.data.sources import DataError, check_paths
 
 EXIT_CONFIG_ERROR = 2
 
@@ -26,6 +27,7 @@ def cmd_run(args) -> int:
     config = load_config(args.config, args.set)
     if args.run_dir:
         config.run_dir = args.run_dir
+    check_paths({"model.name": config.model.name, "tokenizer": config.tokenizer, "data.source": config.data.source})
     if args.dry_run:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         print(_resources(config))
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as error:  # noqa: BLE001 - only the user's mistakes become one line, the rest re-raises

@@ -1,4 +1,4 @@
-"""Shared fixtures for the SFT agent and SFTGym tests: a character tokenizer (pad == eos),
+"""Shared fixtures for the SFT agent and SFTGym tests: the demo's byte-level tokenizer (pad == eos),
 a tiny Qwen2 model, small datasets and an independent reference computation of the loss.
 
 Everything is tiny and offline so that the suite runs in seconds on a CPU.
@@ -30,13 +30,13 @@ def _deterministic():
 
 @pytest.fixture
 def tokenizer():
-    """Character tokenizer with the demo chat template; pad == eos."""
+    """The demo tokenizer (a token per byte) with the demo chat template; pad == eos."""
     return build_tokenizer(chat_template=True)
 
 
 @pytest.fixture
 def plain_tokenizer():
-    """Character tokenizer without a chat template; pad == eos."""
+    """The demo tokenizer (a token per byte) without a chat template; pad == eos."""
     return build_tokenizer(chat_template=False)
 
 

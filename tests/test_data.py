@@ -76,24 +76,6 @@ def test_no_double_bos(chat, dataset, make_gym, make_bos_tokenizer, reference):
         assert (batch["labels"][i, :prompt_len] == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("chat,prompt,response", [(False, "xa", "bc"), (True, "hi", "xy")], ids=["plain", "chat"])
-def test_row_whose_prompt_is_not_a_prefix_is_dropped_and_named(chat, prompt, response, dataset):
-    tok = build_tokenizer(chat_template=chat)
-    # a merged token across the prompt/response boundary: "ab" (plain) or "\nx" (after the
-    # generation prompt's final newline, chat) tokenises differently inside the full text
-    tok.add_tokens(["ab"] if not chat else ["\nx"])
-    prompts = ["one", "two", prompt, "three"]
-    responses = ["a", "b", response, "c"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gym = SFTGym(dataset(prompts, responses), dataset(["p"], ["r"]), tok)
-    messages = [str(w.message) for w in caught if "prefix" in str(w.message)]
-    assert len(messages) == 1, messages
-    assert "[2]" in messages[0] and "train" in messages[0]
-    assert len(gym.train) == 3
-    assert gym.train.source_rows == [0, 1, 3]
-
-
 def test_truncation_keeps_prompt_and_response_start_and_drops_emptied_rows_in_one_warning(
         plain_tokenizer, dataset, reference):
     tok = plain_tokenizer
@@ -106,7 +88,7 @@ def test_truncation_keeps_prompt_and_response_start_and_drops_emptied_rows_in_on
     messages = [str(w.message) for w in caught if "max_length" in str(w.message)]
     assert len(messages) == 1, messages
     assert re.search(r"\b3 rows\b", messages[0]), messages[0]  # three rows truncated ...
-    assert re.search(r"\b1 of them\b", messages[0]) and "[2]" in messages[0]  # ... one dropped: row 2
+    assert re.search(r"\b1 of them\b", messages[0]) and "train row 2" in messages[0]  # ... one dropped: row 2
     assert gym.train.source_rows == [0, 1, 3]
 
     (batch,) = gym.test_batches(batch_size=1)  # the test split is untouched

@@ -1,18 +1,17 @@
-"""The built-in demo: a tiny Llama-shaped model, a character tokenizer and a task it can learn.
+"""The built-in demo: a tiny Llama-shaped model, a byte-level tokenizer and a task it can learn.
 
 Nothing here touches the network. `write_demo_model` saves the model and tokenizer with
 `save_pretrained`, so they load back through `from_pretrained`, the same path as hub models.
 The model is Llama-shaped because transformers 5 loads any `qwen2` checkpoint's tokenizer as
-Qwen2Tokenizer (byte-level BPE), which would drop this character tokenizer's spaces and newlines.
+Qwen2Tokenizer, not the tokenizer saved with it.
 """
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -22,11 +21,12 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer; pad and eos are the same token, as in Qwen."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    """A byte-level tokenizer without merges: one token per byte, so any UTF-8 text has ids and
+    an ASCII character is one token. Pad and eos are the same token, as in Qwen."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>"

@@ -5,7 +5,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evo_sft.data.sources import LOCATION_COLUMN, DataError, shown
+
 IGNORE_INDEX = -100
+UNKNOWN_SHARE_REFUSED = 0.05
 
 
 @dataclass(frozen=True)
@@ -29,70 +32,109 @@ class TokenizedSplit:
 
 def _check_columns(dataset, split: str, columns: tuple[str, ...]) -> None:
     if len(dataset) == 0:
-        raise ValueError(f"the {split} split is empty")
+        raise DataError(f"the {split} split is empty")
     for column in columns:
         if column not in dataset.column_names:
-            raise ValueError(
-                f"the {split} split has no column '{column}' (columns: {', '.join(dataset.column_names)})"
-            )
+            names = [name for name in dataset.column_names if name != LOCATION_COLUMN]
+            raise DataError(f"the {split} split has no column '{column}' (columns: {', '.join(names)})")
 
 
-def _row_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, full ids). With a chat template both renderings are tokenised without
-    special tokens (the template already has them); plain text gets them once and an eos."""
-    if tokenizer.chat_template:
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
-        )
-        return (
-            tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
-            tokenizer(full_text, add_special_tokens=False)["input_ids"],
-        )
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    full_ids = tokenizer(prompt + response, add_special_tokens=True)["input_ids"]
-    return prompt_ids, full_ids + [tokenizer.eos_token_id]
+def _row_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, response ids), or None where a chat template renders the prompt (with the
+    generation prompt) as something other than the start of the whole conversation.
+
+    Plain text: the prompt with the tokenizer's special tokens (a BOS), the response without,
+    then an eos, each tokenised on its own as TRL does, so no merge across the boundary changes
+    the prompt. A chat template: both renderings are tokenised without special tokens (the
+    template has them); where the prompt's ids are not a prefix of the conversation's (a merge
+    at the boundary), the rest of the rendered conversation is tokenised on its own."""
+    if not tokenizer.chat_template:
+        return (tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    user = [{"role": "user", "content": prompt}]
+    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids):]
+    if not full_text.startswith(prompt_text):
+        return None
+    return prompt_ids, tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+
+
+def _listed(where: list[str]) -> str:
+    return ", ".join(where[:10]) + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+
+
+def _check_unknown(tokenizer, split: str, prompts: list[str], responses: list[str], where: list[str]) -> None:
+    """Characters a tokenizer does not know become its unknown token, which may be its pad and
+    end-of-sequence token too. Count the tokens of the rows' own text (without special tokens)
+    that are any of these: warn, and refuse above UNKNOWN_SHARE_REFUSED."""
+    unknown = {tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id} - {None}
+    encoded = tokenizer(prompts + responses, add_special_tokens=False)["input_ids"]
+    found = [sum(i in unknown for i in ids) for ids in encoded]
+    if not any(found):
+        return
+    count, total, rows = sum(found), sum(len(ids) for ids in encoded), len(prompts)
+    first = next(row for row in range(rows) if found[row] or found[rows + row])
+    text = prompts[first] if found[first] else responses[first]
+    message = (f"{split}: {count} of {total} tokens ({count / total:.1%}) of the rows' text are the tokenizer's "
+               f"unknown, pad or end-of-sequence token (characters it does not know), first at {where[first]}: "
+               f"{shown(text)}")
+    if count / total > UNKNOWN_SHARE_REFUSED:
+        raise DataError(f"{message}; more than {UNKNOWN_SHARE_REFUSED:.0%} is refused: "
+                        f"use a tokenizer that knows this text")
+    warnings.warn(message)
 
 
 def tokenize_split(dataset, tokenizer, split: str, prompt_column: str, response_column: str,
                    max_length: int | None) -> TokenizedSplit:
     """Tokenise every row once. Truncation keeps the prompt and the start of the response;
-    rows left with no response token, or whose prompt ids are not a prefix of the full ids,
-    are dropped and reported in one warning each."""
+    rows left with no response token, or whose prompt a chat template renders differently
+    inside the conversation, are dropped and reported in one warning each. Rows are named by
+    LOCATION_COLUMN where the dataset has it (see `sources.load_splits`), else as '{split} row N'."""
     _check_columns(dataset, split, (prompt_column, response_column))
+    prompts, responses = list(dataset[prompt_column]), list(dataset[response_column])
+    where = (list(dataset[LOCATION_COLUMN]) if LOCATION_COLUMN in dataset.column_names
+             else [f"{split} row {row}" for row in range(len(dataset))])
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not isinstance(prompt, str):
+            raise DataError(f"{where[row]}: '{prompt_column}' must be a string, got {type(prompt).__name__}")
+        if not isinstance(response, str) or not response.strip():
+            raise DataError(f"{where[row]}: '{response_column}' is empty or not a string: {shown(response)}")
+    _check_unknown(tokenizer, split, prompts, responses, where)
     input_ids, prompt_lengths, source_rows = [], [], []
     truncated, emptied, not_prefix = 0, [], []
-    for row, (prompt, response) in enumerate(zip(dataset[prompt_column], dataset[response_column])):
-        if not isinstance(prompt, str):
-            raise ValueError(f"{split} row {row}: '{prompt_column}' must be a string, got {type(prompt).__name__}")
-        if not isinstance(response, str) or not response.strip():
-            raise ValueError(f"{split} row {row}: '{response_column}' is empty or not a string: {response!r}")
-        prompt_ids, full_ids = _row_ids(tokenizer, prompt, response)
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            not_prefix.append(row)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids = _row_ids(tokenizer, prompt, response)
+        if ids is None:
+            not_prefix.append(where[row])
             continue
+        prompt_ids, response_ids = ids
+        full_ids = prompt_ids + response_ids
         if max_length is not None and len(full_ids) > max_length:
             truncated += 1
             full_ids = full_ids[:max_length]
             if len(full_ids) <= len(prompt_ids):
-                emptied.append(row)
+                emptied.append(where[row])
                 continue
         input_ids.append(full_ids)
         prompt_lengths.append(len(prompt_ids))
         source_rows.append(row)
     if not_prefix:
         warnings.warn(
-            f"{split}: dropped {len(not_prefix)} rows whose prompt tokens are not a prefix of "
-            f"prompt+response tokens (rows {not_prefix[:10]}{'...' if len(not_prefix) > 10 else ''})"
+            f"{split}: dropped {len(not_prefix)} rows whose prompt the chat template renders differently with "
+            f"add_generation_prompt=True than inside the conversation: {_listed(not_prefix)}"
         )
     if truncated:
         warnings.warn(
             f"{split}: {truncated} rows longer than max_length={max_length} were truncated; "
-            f"{len(emptied)} of them lost their whole response and were dropped (rows {emptied[:10]})"
+            f"{len(emptied)} of them lost their whole response and were dropped"
+            + (f": {_listed(emptied)}" if emptied else "")
         )
     if not input_ids:
-        raise ValueError(f"the {split} split has no usable rows after tokenisation")
+        raise DataError(f"the {split} split has no usable rows after tokenisation")
     return TokenizedSplit(input_ids, prompt_lengths, source_rows)
 
 
