@@ -3,11 +3,9 @@
 every config in experiments/, and the demo end to end on a local Ray cluster."""
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,24 +14,16 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-DEMO = EXPERIMENTS / "demo.yaml"
-EVO_SFT = Path(sys.executable).with_name("evo-sft")
+from tests.helpers.paths import DEMO, EVO_SFT, EXPERIMENTS, REPO
+from tests.helpers.processes import subprocess_env
+
 CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
 QUICK_TIMEOUT_S = 120
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def evo(args, cwd: Path, timeout: float = QUICK_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(RAY_AUTH_MODE="disabled"), cwd=cwd, timeout=timeout)
 
 
 def _demo_with(old: str, new: str) -> str:

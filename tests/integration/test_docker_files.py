@@ -18,7 +18,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+
 DOCKER = REPO / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 
