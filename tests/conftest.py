@@ -1,251 +1,37 @@
-"""Shared fixtures for the SFT agent and SFTGym tests: the demo's byte-level tokenizer (pad == eos),
-a tiny Qwen2 model, small datasets and an independent reference computation of the loss.
+"""The whole suite: marks and order. Imports nothing heavy (no torch, no evo_sft), so that
+tests/unit runs where torch is not installed.
 
-Everything is tiny and offline so that the suite runs in seconds on a CPU.
+  tests/unit/         pure logic, no torch
+  tests/agent/        one SFT agent: data, packing and kernels, its checkpoints, finetune in-process
+  tests/population/   members trained together, in this process or on a local Ray session
+  tests/integration/  the product as a user runs it: CLI, clusters, servers, browser, docker files
+
+`integration` marks what starts clusters, servers, browsers or whole runs through the command
+line: every test in tests/integration/, and modules elsewhere that set `pytestmark`.
+`pytest -m "not integration"` runs the rest in under a minute on two cores.
 """
-import copy
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from tokenizers.processors import TemplateProcessing
 
-from evo_sft import SFT, SFTGym
-from evo_sft.data.demo import CHAT_TEMPLATE, build_model, build_tokenizer, demo_dataset
-
-HIDDEN_SIZE = 32
-NUM_LAYERS = 2
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-@pytest.fixture(autouse=True)
-def _deterministic():
-    torch.manual_seed(0)
-    # One thread: the models are tiny, and idle intra-op threads only add wake-up latency
-    # (tens of ms per optimizer step when the cores are shared).
-    torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tokenizer():
-    """The demo tokenizer (a token per byte) with the demo chat template; pad == eos."""
-    return build_tokenizer(chat_template=True)
-
-
-@pytest.fixture
-def plain_tokenizer():
-    """The demo tokenizer (a token per byte) without a chat template; pad == eos."""
-    return build_tokenizer(chat_template=False)
-
-
-@pytest.fixture
-def make_bos_tokenizer():
-    """A tokenizer variant whose post-processor adds a BOS token `<s>` (as Llama's does);
-    with a chat template, the template also starts with `{{ bos_token }}`."""
-
-    def make(chat_template: bool):
-        tok = build_tokenizer(chat_template=False)
-        tok.add_special_tokens({"bos_token": "<s>"})
-        tok.backend_tokenizer.post_processor = TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.bos_token_id)]
-        )
-        if chat_template:
-            tok.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
-        return tok
-
-    return make
-
-
-def make_dataset(prompts, responses, prompt_column="prompt", response_column="response") -> Dataset:
-    return Dataset.from_dict({prompt_column: list(prompts), response_column: list(responses)})
-
-
-@pytest.fixture
-def dataset():
-    """`dataset(prompts, responses)` -> a datasets.Dataset with prompt/response columns."""
-    return make_dataset
-
-
-# Rows of very different lengths (response tokens 1 .. 20), used wherever normalisation matters.
-UNEVEN_PROMPTS = ["reverse: ab", "q", "reverse: abcdefgh", "hi"]
-UNEVEN_RESPONSES = ["ba", "abcdefghijabcdefghij", "h", "abcdef"]
-
-
-@pytest.fixture
-def uneven_rows():
-    """(prompts, responses) of four rows with 1 to 20 response characters."""
-    return list(UNEVEN_PROMPTS), list(UNEVEN_RESPONSES)
-
-
-@pytest.fixture
-def uneven_dataset(uneven_rows):
-    return make_dataset(*uneven_rows)
-
-
-@pytest.fixture
-def lora_config():
-    return LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
-
-
-@pytest.fixture
-def make_model(tokenizer):
-    """`make_model(seed=0)`: a tiny Qwen2 (hidden 32, 2 layers); the same seed gives the same weights."""
-
-    def make(seed: int = 0, vocab_size: int | None = None):
-        return build_model(vocab_size or len(tokenizer), seed=seed, hidden_size=HIDDEN_SIZE, num_layers=NUM_LAYERS)
-
-    return make
-
-
-@pytest.fixture
-def make_agent(tokenizer, make_model, lora_config):
-    """`make_agent(**overrides)`: a LoRA SFT agent on a fresh tiny model (model seed 0 unless
-    `model_seed` is given). Defaults keep it fast: no gradient checkpointing, no clipping."""
-
-    def make(model_seed: int = 0, **overrides):
-        kwargs = dict(
-            pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
-            lora_config=copy.deepcopy(lora_config), batch_size=4, lr=1e-3, max_grad_norm=1e6,
-            gradient_checkpointing=False, seed=42,
-        )
-        kwargs.update(overrides)
-        if "model_name" not in kwargs and "actor_network" not in kwargs:
-            kwargs["actor_network"] = make_model(model_seed)
-        return SFT(**kwargs)
-
-    return make
-
-
-@pytest.fixture
-def make_gym(tokenizer):
-    """`make_gym(train, test=None, **kwargs)`: an SFTGym on the chat tokenizer (test defaults to train)."""
-
-    def make(train, test=None, tokenizer_=None, **kwargs):
-        kwargs.setdefault("data_batch_size_per_gpu", 4)
-        return SFTGym(train, test if test is not None else train, tokenizer_ or tokenizer, **kwargs)
-
-    return make
-
-
-@pytest.fixture
-def demo_gym(make_gym):
-    return make_gym(demo_dataset(16, seed=0), demo_dataset(8, seed=1))
-
-
-# ----------------------------------------------------------------------- independent references
-def reference_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """(token ids of prompt + response, number of prompt tokens), built by hand: the chat
-    template written out as a string, or plain text followed by eos. Independent of evo_sft.data."""
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    if tokenizer.chat_template:
-        prompt_ids = bos + encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
-        return prompt_ids + encode(f"{response}<|im_end|>\n"), len(prompt_ids)
-    prompt_ids = bos + encode(prompt)
-    return prompt_ids + encode(response) + [tokenizer.eos_token_id], len(prompt_ids)
-
-
-def hand_loss_sum(model, ids: list[int], prompt_len: int) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the response tokens of ONE unpadded row, from the
-    full `model(input_ids).logits` with log_softmax and an explicit loop. Differentiable."""
-    logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-    log_probs = torch.log_softmax(logits, dim=-1)
-    total = logits.new_zeros(())
-    count = 0
-    for t in range(prompt_len - 1, len(ids) - 1):
-        total = total - log_probs[t, ids[t + 1]]
-        count += 1
-    return total, count
-
-
-def token_mean_loss(model, tokenizer, prompts, responses) -> torch.Tensor:
-    """Token-weighted mean CE over all rows (sum over every response token / their number)."""
-    total, count = 0.0, 0
-    for prompt, response in zip(prompts, responses):
-        loss, n = hand_loss_sum(model, *reference_ids(tokenizer, prompt, response))
-        total, count = total + loss, count + n
-    return total / count
-
-
-def step_grads(model, tokenizer, groups) -> dict[str, torch.Tensor]:
-    """Gradient (by parameter name) of the hand-computed loss on a copy of `model`. `groups` is a
-    list of (prompts, responses) micro-batches: one group gives the token mean over the whole
-    step, several give the (wrong) mean of per-micro-batch means."""
-    model = copy.deepcopy(model)
-    losses = [token_mean_loss(model, tokenizer, prompts, responses) for prompts, responses in groups]
-    (sum(losses) / len(losses)).backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture
-def reference():
-    """The independent reference computations: `ids`, `token_mean_loss`, `step_grads`."""
-    return SimpleNamespace(ids=reference_ids, token_mean_loss=token_mean_loss, step_grads=step_grads)
-
-
-@pytest.fixture
-def logits_of():
-    """`logits_of(model_or_agent, input_ids)`: eval-mode logits without gradient."""
-
-    def logits(model, input_ids):
-        model = model.actor if isinstance(model, SFT) else model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = model(input_ids=input_ids).logits
-        model.train(was_training)
-        return out
-
-    return logits
-
-
-@pytest.fixture
-def probe_ids(tokenizer):
-    """A fixed input to compare models on."""
-    return torch.tensor([tokenizer.encode("<|im_start|>user\nreverse: abcd<|im_end|>\n<|im_start|>assistant\ndcba")])
-
-
-def trainable_snapshot(agent) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in agent.trainable_parameters().items()}
-
-
-def optimizer_snapshot(agent) -> dict:
-    return copy.deepcopy(agent.optimizer.state_dict()["state"])
-
-
-@pytest.fixture
-def snapshot():
-    """Namespace: `snapshot.params(agent)`, `snapshot.optimizer(agent)`, `snapshot.grads(agent_or_model)`
-    -> independent copies."""
-
-    class Snapshot:
-        params = staticmethod(trainable_snapshot)
-        optimizer = staticmethod(optimizer_snapshot)
-
-        @staticmethod
-        def grads(model) -> dict[str, torch.Tensor]:
-            """Gradients of the trainable parameters of an agent or a model, by parameter name."""
-            named = model.trainable_parameters().items() if isinstance(model, SFT) else (
-                (n, p) for n, p in model.named_parameters() if p.requires_grad)
-            return {name: p.grad.detach().clone() for name, p in named}
-
-    return Snapshot
-
-
-def assert_tensors_equal(a: dict, b: dict, atol: float = 0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        if isinstance(a[name], dict):
-            assert_tensors_equal(a[name], b[name], atol)
-        elif isinstance(a[name], torch.Tensor):
-            assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
-        else:
-            assert a[name] == b[name], name
-
-
-@pytest.fixture
-def assert_same():
-    """`assert_same(a, b, atol=0)`: nested dicts of tensors are equal (exactly by default)."""
-    return assert_tensors_equal
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "agent", "population", "integration")  # the order the layers run in
+
+
+def _layer(item: pytest.Item) -> str | None:
+    """The folder under tests/ that holds the item's module: "unit", "agent", ..."""
+    try:
+        return Path(item.path).resolve().relative_to(TESTS).parts[0]
+    except ValueError:  # not under tests/
+        return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    layers = {item.nodeid: _layer(item) for item in items}
+    for item in items:
+        if layers[item.nodeid] == "integration":
+            item.add_marker(pytest.mark.integration)
+    # The cheap layers first, so that a broken unit shows before the clusters start. A stable sort:
+    # each module's tests stay together and in their order (module-scoped fixtures set up once).
+    order = {layer: index for index, layer in enumerate(LAYERS)}
+    items.sort(key=lambda item: order.get(layers[item.nodeid], len(LAYERS)))

@@ -9,7 +9,7 @@ from evo_sft import build
 from evo_sft.io.checkpoint import checkpoint_dirs, latest_intact
 from evo_sft.config import config_from_dict
 from evo_sft.population.local import LocalPopulation
-from tests.evolution_run import experiment, make_controller, pieces
+from tests.helpers.evolution_run import experiment, make_controller, pieces
 
 
 class HeldWrites:

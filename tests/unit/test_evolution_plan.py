@@ -1,7 +1,6 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from evo_sft.evolution import (
     apply_plan_to_lineage,
     plan_generation,
 )
+from tests.helpers.paths import REPO
 
 CONFIG = HyperparameterConfig(
     lr=RLParameter(min=1e-5, max=1e-2),
@@ -144,7 +144,7 @@ def test_evolution_with_an_untouched_elite_never_loses_its_best():
 
 def test_evolution_package_imports_neither_torch_nor_ray():
     # Load evo_sft.evolution without running evo_sft/__init__.py, which may import torch.
-    package_dir = Path(__file__).resolve().parents[1] / "evo_sft"
+    package_dir = REPO / "evo_sft"
     code = (
         "import sys, types\n"
         f"pkg = types.ModuleType('evo_sft'); pkg.__path__ = [{str(package_dir)!r}]\n"

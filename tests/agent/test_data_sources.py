@@ -22,8 +22,8 @@ from evo_sft.config import DataConfig
 from evo_sft.data import tokenize_split
 from evo_sft.data.demo import build_tokenizer, write_demo_model
 from evo_sft.data.sources import DataError, load_splits
+from tests.helpers.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load(source, **data) -> tuple:
@@ -254,6 +254,7 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.integration  # a process of the command line each
 @pytest.mark.parametrize("section, key", [
     ({"data": {"source": "data/train.jsonl"}}, "data.source"),
     ({"data": {"source": "./train"}}, "data.source"),
@@ -266,6 +267,7 @@ def test_dry_run_refuses_a_missing_local_path_naming_the_key(tmp_path, section, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment.yaml"]  # nothing started
 
 
+@pytest.mark.integration  # a process of the command line each
 def test_dry_run_accepts_existing_paths_and_hub_ids_without_the_network(tmp_path, demo_model):
     _write_jsonl(tmp_path / "train.jsonl", _rows(4))
     local = {"data": {"source": "train.jsonl"}, "model": {"name": str(demo_model)}, "tokenizer": str(demo_model)}
@@ -275,6 +277,7 @@ def test_dry_run_accepts_existing_paths_and_hub_ids_without_the_network(tmp_path
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.integration  # a process of the command line each
 @pytest.mark.parametrize("name, content, message", [
     ("empty.jsonl", b"", "{path}: the file holds no rows"),
     ("latin1.csv", b"prompt,response\nab,ba\ncaf\xe9,x\n",
@@ -298,6 +301,7 @@ HUB_CASES = {
 }
 
 
+@pytest.mark.integration  # a process of the command line each
 @pytest.mark.parametrize("case", HUB_CASES)
 def test_an_unreachable_hub_is_one_line_at_once(tmp_path, demo_model, case):
     sections, what, local_copy = HUB_CASES[case]
@@ -310,6 +314,7 @@ def test_an_unreachable_hub_is_one_line_at_once(tmp_path, demo_model, case):
                          "or set HF_HUB_OFFLINE=1 to use the Hugging Face cache")
 
 
+@pytest.mark.integration  # a process of the command line each
 @pytest.mark.parametrize("case", HUB_CASES)
 def test_offline_without_a_cached_copy_is_one_line(tmp_path, demo_model, case):
     sections, what, local_copy = HUB_CASES[case]
@@ -333,6 +338,7 @@ for load in (lambda: load_splits(DataConfig(source="someorg/some-data"), 0), lam
 """
 
 
+@pytest.mark.integration  # a process of the command line each
 @pytest.mark.parametrize("offline", [False, True], ids=["closed-port", "HF_HUB_OFFLINE"])
 def test_an_unreachable_hub_fails_within_seconds(tmp_path, offline):
     """The hub's clients retry a refused connection five times (about 25 s) before they give up."""

@@ -8,36 +8,21 @@ Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` pac
 """
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "demo.yaml"
-BIN = Path(sys.executable).parent
+from tests.helpers.paths import BIN, DEMO, REPO
+from tests.helpers.processes import free_port, subprocess_env
+
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 UI_TIMEOUT_MS = 60_000
-
-
-def _env() -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +32,7 @@ def demo_run(tmp_path_factory) -> Path:
             "evolution.steps_per_generation=2"]
     result = subprocess.run([str(BIN / "evo-sft"), "run", str(DEMO), "--run-dir", str(run_dir),
                              *[x for s in sets for x in ("--set", s)]],
-                            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+                            capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -55,12 +40,12 @@ def demo_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_server(demo_run):
     """`mlflow server` over the run's sqlite store; stopped by its PID (its own process group)."""
-    port = _free_port()
+    port = free_port()
     log = (demo_run.parent / "mlflow-server.log").open("wb")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{demo_run / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env={**_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=demo_run.parent,
+        env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=demo_run.parent,
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

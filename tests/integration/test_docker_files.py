@@ -18,7 +18,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
+
 DOCKER = REPO / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 
@@ -255,7 +256,7 @@ def kube_docs() -> dict:
 def test_rayjob_runs_the_sweep(kube_docs):
     job = kube_docs["RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"] == "evo-sft run /app/experiments/qwen2.5-0.5b.yaml --run-dir /runs/qwen05b"
+    assert job["spec"]["entrypoint"] == "evo-sft run /app/configs/qwen2.5-0.5b.yaml --run-dir /runs/qwen05b"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 

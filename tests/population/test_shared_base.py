@@ -1,20 +1,11 @@
 """Several members on one base model (issue 9), in this process: one frozen copy of the weights,
 and members that behave exactly as they would on agents of their own."""
-import pytest
 import torch
 import torch._dynamo
-from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
 from evo_sft.config import config_from_dict
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same float reductions in every run
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.evolution_run import assert_same_run, experiment, pieces, run_local
 
 
 def base_weights(host) -> set[int]:

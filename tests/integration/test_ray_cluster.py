@@ -17,14 +17,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from evolution_run import make_controller  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from evo_sft import build
+from evo_sft import build  # noqa: E402
 from evo_sft.data.sources import load_tokenizer  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.population.local import LocalPopulation  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation  # noqa: E402
+from tests.helpers.evolution_run import make_controller  # noqa: E402
 
 GENERATIONS = 3
 CPUS_PER_NODE = 2

@@ -6,24 +6,16 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from evolution_run import assert_same_run, experiment, pieces, run_local
 
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from evo_sft.population.local import LocalPopulation
 from evo_sft.sft import step
+from tests.helpers.evolution_run import assert_same_run, experiment, pieces, run_local
 
 # Per slot: the batch size (micro-batches of 4 rows, so slots 1 and 2 need two rounds, slot 2's
 # second one short) and the learning rate.
 HYPERPARAMETERS = {0: {"batch_size": 4, "lr": 3e-3}, 1: {"batch_size": 8, "lr": 1e-3}, 2: {"batch_size": 6, "lr": 2e-2}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hosts_of(tmp_path, config_dict: dict) -> list:

@@ -19,9 +19,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,13 +27,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import BIN, DEMO, EVO_SFT, REPO
+from tests.helpers.processes import free_ports, subprocess_env
+
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "demo.yaml"
-BIN = Path(sys.executable).parent
-EVO_SFT, RAY = BIN / "evo-sft", BIN / "ray"
+RAY = BIN / "ray"
 CPUS_PER_NODE = 2
 MEMBERS = 4
 WORKER_RESOURCE = "evo_sft_test_worker"
@@ -47,30 +45,14 @@ START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 420
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that were free a moment ago (all held open at once, so distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def node_env(temp_root: str) -> dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": temp_root, "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           # on SIGTERM, a node stops its processes at once instead of first draining for up to a minute
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           # the venv is the cluster's Python, as if activated: the job's entrypoint is `python -m evo_sft.cli`
-           "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    return env
+    return subprocess_env(
+        drop=("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"),
+        RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp_root, RAY_USAGE_STATS_ENABLED="0",
+        # on SIGTERM, a node stops its processes at once instead of first draining for up to a minute
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        # the venv is the cluster's Python, as if activated: the job's entrypoint is `python -m evo_sft.cli`
+        PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
 
 
 def start_node(args: list, temp_dir: str, env: dict, log: Path) -> subprocess.Popen:

@@ -1,13 +1,11 @@
 """The `evo-sft` command line as a user meets it, through a subprocess (issue 6):
 `--dry-run`, every validation error (exit code 2, one line naming the key, nothing started),
-every config in experiments/, and the demo end to end on a local Ray cluster."""
+every config in configs/, and the demo end to end on a local Ray cluster."""
 import ast
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,24 +14,16 @@ import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = REPO / "experiments"
-DEMO = EXPERIMENTS / "demo.yaml"
-EVO_SFT = Path(sys.executable).with_name("evo-sft")
-CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
+from tests.helpers.paths import CONFIGS, DEMO, EVO_SFT, REPO
+from tests.helpers.processes import subprocess_env
+
+CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 QUICK_TIMEOUT_S = 120
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def evo(args, cwd: Path, timeout: float = QUICK_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(), cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True,
+                          env=subprocess_env(RAY_AUTH_MODE="disabled"), cwd=cwd, timeout=timeout)
 
 
 def _demo_with(old: str, new: str) -> str:
@@ -94,7 +84,7 @@ def _quick_commands(root: Path) -> dict:
                        ("dry-run-default-run-dir", [])):
         (root / name).mkdir()
         commands[name] = (["run", DEMO, "--dry-run", *args], root / name)
-    for config in CONFIGS:
+    for config in CONFIG_FILES:
         cwd = root / f"config-{config.stem}"
         cwd.mkdir()
         commands[cwd.name] = (["run", config, "--dry-run"], cwd)
@@ -160,7 +150,7 @@ def test_dry_run_without_run_dir_creates_no_runs_folder(quick):
     assert sorted(p.name for p in cwd.iterdir()) == before == []
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIG_FILES, ids=[c.name for c in CONFIG_FILES])
 def test_every_experiment_config_validates_with_dry_run(quick, config):
     result, cwd, before = quick[f"config-{config.stem}"]
     assert result.returncode == 0, result.stderr
@@ -173,7 +163,7 @@ def test_experiments_include_the_documented_qwen_setups():
     from evo_sft.config import load_config
 
     for stem, model in (("qwen2.5-3b", "Qwen/Qwen2.5-3B"), ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B")):
-        config = load_config(EXPERIMENTS / f"{stem}.yaml")
+        config = load_config(CONFIGS / f"{stem}.yaml")
         assert config.model.name == model and config.model.dtype == "bfloat16"
         assert config.data.source == "HumanLLMs/Human-Like-DPO-Dataset"
         assert (config.data.prompt_column, config.data.response_column) == ("prompt", "chosen")
@@ -181,17 +171,17 @@ def test_experiments_include_the_documented_qwen_setups():
         assert sorted(config.lora.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"]
         assert config.population.size == 4 and config.population.backend == "ray"
         assert config.population.num_gpus > 0
-    assert load_config(EXPERIMENTS / "qwen2.5-3b.yaml").population.num_gpus == 1
+    assert load_config(CONFIGS / "qwen2.5-3b.yaml").population.num_gpus == 1
 
 
 def test_the_config_the_kuberay_job_runs_fits_its_gpu_worker():
-    """docker/kuberay-rayjob.yaml runs experiments/qwen2.5-0.5b.yaml on one worker group: every
+    """docker/kuberay-rayjob.yaml runs configs/qwen2.5-0.5b.yaml on one worker group: every
     member must fit at once, or the sweep waits forever for actors that cannot be placed."""
     from evo_sft.config import load_config
 
     manifest = REPO / "docker" / "kuberay-rayjob.yaml"
     job = next(d for d in yaml.safe_load_all(manifest.read_text()) if d and d.get("kind") == "RayJob")
-    config_path = re.search(r"/app/(experiments/\S+\.yaml)", job["spec"]["entrypoint"]).group(1)
+    config_path = re.search(r"/app/(configs/\S+\.yaml)", job["spec"]["entrypoint"]).group(1)
     population = load_config(REPO / config_path).population
     gpus = cpus = 0.0
     for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:

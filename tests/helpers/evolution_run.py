@@ -1,5 +1,6 @@
 """A tiny evolution run shared by the population tests: its config, its pieces, the controller
-as `run.start` builds it, and what two runs must agree on."""
+as `run.start` builds it, and what two runs must agree on; and the controller as
+`finetune_llm_sft` builds it over agents made by hand."""
 import json
 import warnings
 from pathlib import Path
@@ -11,7 +12,9 @@ from evo_sft.data.sources import load_tokenizer
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs
 from evo_sft.config import config_from_dict
 from evo_sft.controller import Controller
+from evo_sft.evolution import HyperparameterConfig
 from evo_sft.population.local import LocalPopulation
+from evo_sft.population.member import MemberHost
 
 GENERATIONS = 3
 
@@ -64,6 +67,21 @@ def make_controller(config, population, run_dir: Path | None = None) -> Controll
     return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
                       selection=selection, mutations=mutations,
                       micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
+
+
+def controller_over(agents, gym, steps, selection=None, mutations=None, observers=(), save_elite=None, seed=0,
+                    member_seed=None) -> Controller:
+    """The controller exactly as `finetune_llm_sft` builds it (a test compares the two), over a
+    LocalPopulation of `agents` on one `gym`: every member's data stream seeded from `member_seed`
+    (`seed` unless given), the controller from `mutations.rand_seed` if set, else from `seed`."""
+    member_seed = seed if member_seed is None else member_seed
+    population = LocalPopulation([MemberHost(slot, agent, gym, member_seed) for slot, agent in enumerate(agents)])
+    return Controller(
+        population, agents[0].hp_config or HyperparameterConfig(), steps,
+        seed=mutations.rand_seed if mutations is not None and mutations.rand_seed is not None else seed,
+        selection=selection, mutations=mutations, micro_batch_size=agents[0].micro_batch_size_per_gpu,
+        observers=observers, save_elite=save_elite,
+    )
 
 
 def run_local(config_dict: dict, run_dir: Path):

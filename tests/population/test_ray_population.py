@@ -19,13 +19,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from evolution_run import (  # noqa: E402
-    GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces, run_local,
-)
-
 from evo_sft import build, run  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation, from_portable  # noqa: E402
+from tests.helpers.evolution_run import (  # noqa: E402
+    GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces, run_local,
+)
+
+pytestmark = pytest.mark.integration  # a Ray session and actors killed mid-run: about a minute
 
 
 @pytest.fixture(scope="module")

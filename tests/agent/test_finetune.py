@@ -22,16 +22,13 @@ from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
 from evo_sft.finetune import _ElitePerStep, finetune_llm_sft
 from evo_sft.population.local import LocalPopulation
 from evo_sft.population.member import MemberHost, stream_seed
+from tests.helpers.evolution_run import controller_over
+from tests.helpers.reference import hand_loss_sum, reference_ids
 
 TRAIN_ROWS, TEST_ROWS = 48, 12
 SEED = 0
 HP = HyperparameterConfig(lr=RLParameter(min=1e-6, max=1e-1), batch_size=RLParameter(min=4, max=8, dtype=int))
 HP_LR = HyperparameterConfig(lr=RLParameter(min=1e-6, max=1e-1))
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)  # the same float reductions in every run of a test
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +74,6 @@ def make_agents(tok):
     return make
 
 
-def make_controller(agents, gym, steps, tournament=None, mutation=None, observers=(), save_elite=None, seed=SEED):
-    """The controller exactly as `finetune_llm_sft` builds it (a test compares the two)."""
-    population = LocalPopulation([MemberHost(slot, agent, gym, seed) for slot, agent in enumerate(agents)])
-    return Controller(
-        population, agents[0].hp_config or HyperparameterConfig(), steps,
-        seed=mutation.rand_seed if mutation is not None and mutation.rand_seed is not None else seed,
-        selection=tournament, mutations=mutation, micro_batch_size=agents[0].micro_batch_size_per_gpu,
-        observers=observers, save_elite=save_elite,
-    )
-
-
 def founder_of(controller, member_id) -> int:
     return controller.lineage.ancestry(member_id)[-1]
 
@@ -98,26 +84,13 @@ def consumed(stream) -> int:
 
 
 # ----------------------------------------------------------------------- independent references
-def chat_ids(tok, prompt: str, response: str) -> tuple[list[int], int]:
-    """The demo chat template written out by hand: (ids of prompt + response, prompt length)."""
-    prompt_ids = tok.encode(f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-    return prompt_ids + tok.encode(f"{response}<|im_end|>\n", add_special_tokens=False), len(prompt_ids)
-
-
-def hand_loss_sum(model, ids: list[int], prompt_len: int) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the response tokens of one unpadded row."""
-    log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-    positions = range(prompt_len - 1, len(ids) - 1)
-    return -sum(log_probs[t, ids[t + 1]] for t in positions), len(positions)
-
-
 @torch.no_grad()
 def hand_test_loss(agent, tok, dataset) -> float:
     """Token-weighted mean response cross-entropy over every row of `dataset`."""
     model = copy.deepcopy(agent.actor).eval()
     total, count = 0.0, 0
     for prompt, response in zip(dataset["prompt"], dataset["response"]):
-        loss, n = hand_loss_sum(model, *chat_ids(tok, prompt, response))
+        loss, n = hand_loss_sum(model, *reference_ids(tok, prompt, response))
         total, count = total + float(loss), count + n
     return total / count
 
@@ -134,7 +107,7 @@ def test_population_keeps_the_better_learning_rates(make_agents, make_gym):
     assert len(agents) == 4 and all(len(h) == generations for h in histories)
 
     # The same run through the controller, for its lineage: same decisions, same numbers.
-    controller = make_controller(make_agents(lrs), make_gym(), steps, tournament(), mutation())
+    controller = controller_over(make_agents(lrs), make_gym(), steps, tournament(), mutation())
     controller.run(generations)
     assert [controller.fitness[m] for m in controller.slot_ids] == histories
     assert [host.agent.lr for host in controller.population.hosts] == [a.lr for a in agents]
@@ -164,7 +137,7 @@ def test_population_keeps_the_better_learning_rates(make_agents, make_gym):
 
 def test_same_seed_same_fitness_and_lineage(make_agents, make_gym):
     def run():
-        controller = make_controller(make_agents([1e-4, 1e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
+        controller = controller_over(make_agents([1e-4, 1e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
                                      Mutations(no_mutation=0.2, rl_hp=0.8, rand_seed=7))
         controller.run(4)
         return controller
@@ -174,7 +147,7 @@ def test_same_seed_same_fitness_and_lineage(make_agents, make_gym):
     assert first.lineage.to_dict() == second.lineage.to_dict()
     assert first.slot_ids == second.slot_ids
     assert sum(e["kind"] in ("clone", "mutate") for e in first.lineage.events) > 0  # decisions were taken
-    other = make_controller(make_agents([1e-4, 1e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
+    other = controller_over(make_agents([1e-4, 1e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
                             Mutations(no_mutation=0.2, rl_hp=0.8, rand_seed=8))
     other.run(4)
     assert other.lineage.to_dict() != first.lineage.to_dict()  # the seed matters, so the comparison can fail
@@ -192,7 +165,7 @@ def test_fitness_is_the_whole_test_set_loss_just_before_selection(make_agents, m
             checked.append((controller.generation, slot))
         assert elite_slot == int(np.argmax([controller.fitness[m][-1] for m in controller.slot_ids]))
 
-    controller = make_controller(make_agents([1e-3, 3e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
+    controller = controller_over(make_agents([1e-3, 3e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
                                  Mutations(no_mutation=0.5, rl_hp=0.5, rand_seed=3), save_elite=check_before_selection)
     controller.run(3)
     assert checked == [(g, s) for g in range(3) for s in range(3)]
@@ -225,7 +198,7 @@ def test_each_member_draws_its_own_stream_and_skips_no_rows(make_agents, make_gy
             expected[slot] += steps * record.hyperparameters[slot]["batch_size"]
             assert consumed(host.stream) == expected[slot]
 
-    controller = make_controller(make_agents([1e-3, 3e-3, 1e-2]), gym, steps, TournamentSelection(2, True, 3),
+    controller = controller_over(make_agents([1e-3, 3e-3, 1e-2]), gym, steps, TournamentSelection(2, True, 3),
                                  Mutations(no_mutation=0.0, rl_hp=1.0, rand_seed=5), observers=[count_rows])
     controller.run(generations)
     assert any(e["kind"] in ("clone", "mutate") and e["mutation"] == "batch_size" for e in controller.lineage.events)
@@ -257,7 +230,7 @@ def test_a_nan_member_gets_minus_inf_and_is_replaced(make_agents, make_gym):
         poisoned.update(slot=2, member=controller.slot_ids[2])
 
     records = []
-    controller = make_controller(make_agents([1e-3, 3e-3, 1e-2, 5e-3]), make_gym(), 3, TournamentSelection(2, True, 4),
+    controller = controller_over(make_agents([1e-3, 3e-3, 1e-2, 5e-3]), make_gym(), 3, TournamentSelection(2, True, 4),
                                  Mutations(no_mutation=0.5, rl_hp=0.5, rand_seed=2),
                                  observers=[poison_after_generation_0, lambda c, r: records.append(r)])
     with warnings.catch_warnings(record=True) as caught:
@@ -293,7 +266,7 @@ def test_checkpoint_steps_save_the_elite_as_evaluated_under_step_paths(make_agen
                          after=host.hyperparameters(), weights=adapter_weights(host.agent)))
 
     steps = 5
-    controller = make_controller(
+    controller = controller_over(
         make_agents([1e-3, 3e-3, 1e-2], hp_config=HP_LR), make_gym(), steps, TournamentSelection(2, True, 3),
         Mutations(no_mutation=0.0, rl_hp=1.0, mutate_elite=True, rand_seed=4),
         observers=[remember_elite], save_elite=_ElitePerStep(steps, tmp_path / "elite"))

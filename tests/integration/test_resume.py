@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,9 @@ import pytest
 import torch
 
 from evo_sft.cli import status_dict
+from tests.helpers.paths import DEMO, EVO_SFT, REPO
+from tests.helpers.processes import subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "experiments" / "demo.yaml"
-EVO_SFT = Path(sys.executable).with_name("evo-sft")
 GENERATIONS = 4
 SMALL = ["population.backend=local", "data.num_rows=160", "evolution.steps_per_generation=2"]
 CLI_TIMEOUT_S = 300
@@ -36,10 +34,7 @@ CLI_TIMEOUT_S = 300
 def _env() -> dict:
     # One intra-op thread per process: the runs overlap on 2 cores, and oversubscribed OpenMP threads
     # double the CPU time. Every run here uses the same setting, so their numbers stay comparable.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store, whatever the caller's shell says
-    return env
+    return subprocess_env(MKL_NUM_THREADS="1")
 
 
 def evo(*args, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,163 @@
+"""What the MLflow tracking tests share: a tiny real evolution in this process (three members, each
+on a tiny model of its own, three steps a generation), a tracker on a given store, and what MLflow
+must hold afterwards, read back through MlflowClient."""
+import copy
+import json
+
+import pytest
+from peft import LoraConfig
+
+from evo_sft import SFT, HyperparameterConfig, Mutations, RLParameter, SFTGym, TournamentSelection
+from evo_sft.config import flatten_config
+from evo_sft.controller import Controller
+from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
+from evo_sft.tracking import HTTP_ENVIRONMENT, MLflowTracker
+from tests.helpers.evolution_run import controller_over
+
+CONFIG = {"name": "tracking-test", "seed": 1, "agent": {"lr": 1e-3, "batch_size": 8}, "lora": {"r": 4}}
+HYPERPARAMETER_NAMES = ("lr", "batch_size", "max_grad_norm", "weight_decay")
+MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", *HYPERPARAMETER_NAMES)
+GENERATION_METRICS = ("best_fitness", "mean_fitness", "worst_fitness", "nonfinite_members",
+                      *(f"best_{name}" for name in HYPERPARAMETER_NAMES))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def restore_http_settings(monkeypatch):
+    """The tracker sets MLflow's HTTP settings for the process; undo that after each test."""
+    for name in HTTP_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+# ----------------------------------------------------------------------- a tiny evolution
+def make_agents_and_gym() -> tuple[list[SFT], SFTGym]:
+    tokenizer = build_tokenizer()
+    split = demo_dataset(150, seed=0).train_test_split(test_size=0.1, seed=0)
+    gym = SFTGym(split["train"], split["test"], tokenizer, data_batch_size_per_gpu=8, max_length=48)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    agents = [SFT(tokenizer.pad_token_id, tokenizer.pad_token, actor_network=build_model(len(tokenizer), hidden_size=32),
+                  lora_config=copy.deepcopy(lora), lr=lr, batch_size=8, hp_config=hp_config(), index=slot,
+                  gradient_checkpointing=False)
+              for slot, lr in enumerate([1e-4, 1e-3, 1e-2])]
+    return agents, gym
+
+
+def hp_config() -> HyperparameterConfig:
+    return HyperparameterConfig(lr=RLParameter(min=1e-5, max=1e-1), batch_size=RLParameter(min=4, max=16, dtype=int))
+
+
+def make_controller(tmp_path, observers) -> Controller:
+    """Three members (lr 1e-4, 1e-3, 1e-2) of 3 steps a generation; each generation's elite saved under
+    tmp_path/elite. Data streams from seed 0, evolution decisions from seed 1."""
+    agents, gym = make_agents_and_gym()
+    return controller_over(agents, gym, 3, TournamentSelection(2, True, 3), Mutations(no_mutation=0.3, rl_hp=0.7),
+                           observers=observers, seed=1, member_seed=0,
+                           save_elite=lambda c, slot: c.population.export_adapter(slot, tmp_path / "elite" / f"g{c.generation}"))
+
+
+def make_tracker(uri, tmp_path, **kwargs) -> MLflowTracker:
+    return MLflowTracker(uri, "evolution", CONFIG, run_name="tiny", queue_dir=tmp_path / "queue", **kwargs)
+
+
+class Recorder:
+    """An observer that keeps every GenerationRecord: what the tracker was given."""
+
+    def __init__(self):
+        self.records = []
+
+    def __call__(self, controller, record):
+        self.records.append(record)
+
+
+# ----------------------------------------------------------------------- what should be in MLflow
+def expected_member_metrics(records) -> dict:
+    """{member id: {metric: [(step, value), ...]}} computed from the records."""
+    expected = {}
+    for record in records:
+        for slot, member_id in enumerate(record.member_ids):
+            train, fitness = record.train[slot], record.fitness[slot]
+            values = {"train_loss": train.train_loss, "test_loss": -fitness, "fitness": fitness,
+                      "tokens_per_second": train.tokens_per_second, **record.hyperparameters[slot]}
+            for name, value in values.items():
+                expected.setdefault(member_id, {}).setdefault(name, []).append((train.optimizer_step, value))
+    return expected
+
+
+def expected_generation_metrics(records) -> dict:
+    expected = {name: [] for name in GENERATION_METRICS}
+    for record in records:
+        best = max(range(len(record.fitness)), key=lambda slot: record.fitness[slot])
+        values = {"best_fitness": max(record.fitness), "worst_fitness": min(record.fitness),
+                  "mean_fitness": sum(record.fitness) / len(record.fitness), "nonfinite_members": 0,
+                  **{f"best_{name}": record.hyperparameters[best][name] for name in HYPERPARAMETER_NAMES}}
+        for name, value in values.items():
+            expected[name].append((record.generation, value))
+    return expected
+
+
+def logged_metrics(client, run_id, names) -> dict:
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in names}
+
+
+def assert_metrics_equal(logged: dict, expected: dict) -> None:
+    assert logged.keys() == expected.keys()
+    for name, points in expected.items():
+        assert [step for step, _ in logged[name]] == [step for step, _ in points], name
+        assert [value for _, value in logged[name]] == pytest.approx([value for _, value in points], rel=1e-12), name
+
+
+def parent_and_members(client, experiment_name):
+    experiment = client.get_experiment_by_name(experiment_name)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`evo_sft.role` = 'evolution'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    members = {int(run.data.tags["evo_sft.member_id"]): run for run in children}
+    assert len(members) == len(children), "a member has two MLflow runs"
+    return parent, members
+
+
+def assert_everything_logged(client, controller, records) -> None:
+    """One finished parent run with every generation's metrics; one child per member with
+    its tags, parent links and every metric step."""
+    parent, members = parent_and_members(client, "evolution")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params == flatten_config(CONFIG)
+    assert_metrics_equal(logged_metrics(client, parent.info.run_id, GENERATION_METRICS),
+                         expected_generation_metrics(records))
+    assert members.keys() == controller.lineage.members.keys()
+    expected = expected_member_metrics(records)
+    for member_id, run in members.items():
+        info, tags = controller.lineage.members[member_id], run.data.tags
+        assert run.info.run_name == f"member-{member_id}"
+        assert tags["evo_sft.generation_born"] == str(info.generation_born)
+        assert tags["evo_sft.mutation"] == info.mutation
+        if info.parent_id is None:
+            assert tags["evo_sft.parent_member_id"] == "" and tags["evo_sft.parent_run_id"] == ""
+        else:
+            assert tags["evo_sft.parent_member_id"] == str(info.parent_id)
+            assert tags["evo_sft.parent_run_id"] == members[info.parent_id].info.run_id
+        alive = member_id in controller.slot_ids
+        assert tags["evo_sft.status"] == ("alive" if alive else "retired")
+        assert run.info.status == "FINISHED"
+        if member_id in expected:
+            assert_metrics_equal(logged_metrics(client, run.info.run_id, MEMBER_METRICS), expected[member_id])
+        else:  # born in the last generation: not trained yet
+            assert not run.data.metrics
+
+
+def assert_artifacts(client, run_id, controller, tmp_path) -> None:
+    folder = tmp_path / "downloaded"
+    client.download_artifacts(run_id, "", str(folder))
+    assert json.loads((folder / "lineage.json").read_text()) == controller.lineage.to_dict()
+    for picture in ("family_tree.png", "fitness_curves.png"):
+        data = (folder / picture).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), picture
+    for generation in range(controller.generation):
+        elite = folder / "elite" / f"generation_{generation:05d}"
+        assert (elite / "adapter_model.safetensors").stat().st_size > 0
+        assert json.loads((elite / "adapter_config.json").read_text())["r"] == 4
+
+
+def has_clones(controller) -> bool:
+    return any(m.parent_id is not None for m in controller.lineage.members.values())
+
+
