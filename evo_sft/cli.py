@@ -50,7 +50,10 @@ def _latest(run_dir: Path):
 
 
 def status_dict(run_dir: Path) -> dict:
-    from evo_sft.evolution import Lineage
+    """The newest checkpoint's population: the members as they were last scored, with the
+    hyperparameters they were scored with."""
+    from evo_sft.evolution import Lineage, elite, score
+    from evo_sft.run import config_of
 
     _, saved = _latest(run_dir)
     state = saved["controller"]
@@ -61,9 +64,8 @@ def status_dict(run_dir: Path) -> dict:
         info = lineage.members[member_id]
         members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
                          "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
-    from evo_sft.run import best_slot
-
-    best = members[best_slot(state["slot_ids"], fitness, lineage, state["generation"])]
+    eval_loop = config_of(run_dir).evolution.eval_loop
+    best = members[elite([score(fitness[member_id], eval_loop) for member_id in state["slot_ids"]])]
     tracking = saved.get("tracking") or {}
     return {
         "generation": state["generation"],

@@ -1,5 +1,10 @@
 """The generation loop, written once for every population backend:
-train -> evaluate -> select -> clone -> mutate -> record -> checkpoint."""
+(select -> clone -> mutate, from the previous generation's scores) -> train -> evaluate -> record
+-> checkpoint.
+
+Generations are numbered from 1. Selection opens a generation rather than closing one, so the
+population a run ends with, and every checkpoint, holds exactly the members that were scored,
+with the hyperparameters they were scored with."""
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -8,7 +13,7 @@ import numpy as np
 
 from evo_sft.evolution import (
     HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, apply_plan_to_lineage, elite,
-    plan_generation,
+    plan_generation, score,
 )
 from evo_sft.population.protocol import Population, TrainResult
 
@@ -25,17 +30,16 @@ class GenerationRecord:
     elite_slot: int
     elite_id: int
     elite_adapter: str | None = None
-    decisions: list = field(default_factory=list)
-    next_member_ids: list[int] = field(default_factory=list)
-    next_hyperparameters: list[dict] = field(default_factory=list)
+    decisions: list = field(default_factory=list)  # the clones and mutations this generation opened with
+    retired_ids: list[int] = field(default_factory=list)  # members whose slots those clones took
 
 
 class Controller:
     """Owns the evolution's state: generation, random generator, lineage and fitness histories.
 
     `selection`/`mutations` None means no evolution: members only train and are scored.
-    `save_elite(controller, slot)` runs after scoring and before selection, so what it saves is
-    the elite exactly as it was evaluated; it may return the saved path.
+    `save_elite(controller, slot)` runs after scoring; it may return the saved path.
+    `generation` counts the generations completed.
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
@@ -49,7 +53,7 @@ class Controller:
         self.rng = np.random.default_rng(seed)
         self.generation = 0
         self.lineage = Lineage()
-        self.slot_ids = [self.lineage.found(hp) for hp in population.hyperparameters()]
+        self.slot_ids = [self.lineage.found(hp, generation=1) for hp in population.hyperparameters()]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
         population.on_failure = self._record_failure
 
@@ -70,16 +74,19 @@ class Controller:
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
 
-    def member_states(self, hyperparameters: list[dict]) -> list[MemberState]:
-        score = self.selection.score if self.selection else (lambda h: h[-1] if h else -math.inf)
-        return [MemberState(member_id, hyperparameters[slot], score(self.fitness[member_id]))
-                for slot, member_id in enumerate(self.slot_ids)]
+    def scores(self) -> list[float]:
+        """Each slot's score: its recent fitness (`selection.eval_loop` evaluations), -inf if none."""
+        eval_loop = self.selection.eval_loop if self.selection else 1
+        return [score(self.fitness[member_id], eval_loop) for member_id in self.slot_ids]
+
+    def best_slot(self) -> int:
+        return elite(self.scores())
 
     def _record_failure(self, kind: str, slot: int, error: str) -> None:
         """A lineage event for a member whose worker died: "restart" (rebuilt as it was) or
         "lost" (it scores -inf this generation and a clone of the elite takes its slot)."""
         message = str(error).strip()
-        self.lineage.record(kind, self.generation, slot=slot, member_id=self.slot_ids[slot],
+        self.lineage.record(kind, self.generation + 1, slot=slot, member_id=self.slot_ids[slot],
                             error=message.splitlines()[0][:500] if message else "")
 
     # ----------------------------------------------------------------- the loop
@@ -94,6 +101,10 @@ class Controller:
                 self.checkpointer.settle(self)
 
     def run_generation(self) -> GenerationRecord:
+        generation = self.generation + 1
+        decisions, retired = [], []
+        if generation > 1 and self.selection is not None and self.mutations is not None:
+            decisions, retired = self._evolve(generation)
         train = self.population.train(self.steps_per_generation)
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
@@ -103,37 +114,37 @@ class Controller:
                 warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss; "
                               "its fitness is -inf and it will be replaced")
                 fitness[slot] = -math.inf
-                self.lineage.record("nonfinite", self.generation, member_id=self.slot_ids[slot], slot=slot)
+                self.lineage.record("nonfinite", generation, member_id=self.slot_ids[slot], slot=slot)
             self.fitness[self.slot_ids[slot]].append(fitness[slot])
-        hyperparameters = self.population.hyperparameters()
-        members = self.member_states(hyperparameters)
-        elite_slot = elite([member.fitness for member in members])
-        record = GenerationRecord(self.generation, list(self.slot_ids), train, fitness, hyperparameters,
-                                  elite_slot, self.slot_ids[elite_slot])
+        self.generation = generation
+        elite_slot = self.best_slot()
+        record = GenerationRecord(generation, list(self.slot_ids), train, fitness, self.population.hyperparameters(),
+                                  elite_slot, self.slot_ids[elite_slot], decisions=decisions, retired_ids=retired)
         if self.save_elite is not None:
             record.elite_adapter = self.save_elite(self, elite_slot)
-        if self.selection is not None and self.mutations is not None:
-            self._evolve(members, record)
-        record.next_member_ids = list(self.slot_ids)
-        record.next_hyperparameters = self.population.hyperparameters()
-        self.generation += 1
         self._notify(record)
         if self.checkpointer is not None:
             self.checkpointer.maybe_save(self)
         return record
 
-    def _evolve(self, members: list[MemberState], record: GenerationRecord) -> None:
+    def _evolve(self, generation: int) -> tuple[list, list[int]]:
+        """Select, clone and mutate from the scores so far: (the plan's decisions, the ids of the
+        members whose slots clones took)."""
+        scores = self.scores()
+        members = [MemberState(member_id, hyperparameters, scores[slot]) for slot, (member_id, hyperparameters)
+                   in enumerate(zip(self.slot_ids, self.population.hyperparameters()))]
         decisions = plan_generation(members, self.selection, self.mutations, self.hp_config, self.rng,
                                     self.multiple_of)
         slot_of = {member_id: slot for slot, member_id in enumerate(self.slot_ids)}
         self.population.clone([(d.slot, slot_of[d.parent_id]) for d in decisions if d.clone])
         self.population.set_hyperparameters(
             {d.slot: d.hyperparameters for d in decisions if d.clone or d.hyperparameters != members[d.slot].hyperparameters})
-        self.slot_ids = apply_plan_to_lineage(self.lineage, decisions, members, self.generation)
+        before = self.slot_ids
+        self.slot_ids = apply_plan_to_lineage(self.lineage, decisions, members, generation)
         for d, member_id in zip(decisions, self.slot_ids):
             if d.clone:
                 self.fitness[member_id] = list(self.fitness[d.parent_id])
-        record.decisions = decisions
+        return decisions, sorted(set(before) - set(self.slot_ids))
 
     def _notify(self, record: GenerationRecord) -> None:
         """Observers never stop training: a failing observer costs a warning."""

@@ -67,7 +67,7 @@ class _ElitePerStep:
         self.every, self.directory, self.saved_until = every, directory, 0
 
     def __call__(self, controller: Controller, elite_slot: int) -> str | None:
-        step = (controller.generation + 1) * controller.steps_per_generation
+        step = controller.generation * controller.steps_per_generation
         if step // self.every == self.saved_until // self.every:
             return None
         path = self.directory / f"step_{step}"

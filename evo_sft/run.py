@@ -1,5 +1,4 @@
 """Start, resume and summarise an evolution described by an experiment config."""
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -134,23 +133,9 @@ def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None, fitnes
                          run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
 
 
-def best_slot(slot_ids: list[int], fitness: dict, lineage, generation: int) -> int:
-    """The slot of the member with the best last fitness. A clone made after the last evaluation
-    only inherited its parent's history (same weights, hyperparameters never tried), so on a tie
-    the member that earned the score wins; then the lowest slot."""
-    def key(slot: int):
-        member = lineage.members[slot_ids[slot]]
-        history = fitness[slot_ids[slot]]
-        inherited = member.parent_id is not None and member.generation_born >= generation - 1
-        return (history[-1] if history else -math.inf, not inherited, -slot)
-
-    return max(range(len(slot_ids)), key=key)
-
-
 def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool) -> RunResult:
     """Export the best member of the last evaluation as a PEFT folder with the tokenizer."""
-    fitness = [controller.fitness[m][-1] if controller.fitness[m] else -math.inf for m in controller.slot_ids]
-    best = best_slot(controller.slot_ids, controller.fitness, controller.lineage, controller.generation)
+    best = controller.best_slot()
     target = run_dir / "best_adapter"
     if not interrupted:
         staging = run_dir / ".best_adapter"
@@ -160,7 +145,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool)
         shutil.rmtree(target, ignore_errors=True)
         exported.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
-    return RunResult(run_dir, controller.slot_ids[best], fitness[best], target, interrupted)
+    return RunResult(run_dir, controller.slot_ids[best], controller.scores()[best], target, interrupted)
 
 
 def progress_printer(fitness: Fitness):
@@ -169,7 +154,7 @@ def progress_printer(fitness: Fitness):
     def print_progress(controller: Controller, record: GenerationRecord) -> None:
         step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
-        print(f"generation {record.generation + 1}  (optimizer step {step} per member)")
+        print(f"generation {record.generation}  (optimizer step {step} per member)")
         print(f"  {'member':>6} " + " ".join(f"{name:>10}" for name in names)
               + f" {'train_loss':>10} {fitness.metric:>10} {'tok/s':>8}")
         for slot, member_id in enumerate(record.member_ids):
@@ -189,7 +174,7 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
     best = result.best_member
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
-    scored_with = controller.lineage.hyperparameters_at(best, controller.generation - 1)
+    scored_with = controller.lineage.hyperparameters_at(best, controller.generation)
     print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f}  "
           f"hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))

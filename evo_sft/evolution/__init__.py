@@ -4,7 +4,7 @@ from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLParameter
 from evo_sft.evolution.lineage import Lineage, MemberInfo
 from evo_sft.evolution.mutation import Mutations
 from evo_sft.evolution.plan import MemberState, SlotDecision, apply_plan_to_lineage, plan_generation
-from evo_sft.evolution.selection import TournamentSelection, elite
+from evo_sft.evolution.selection import TournamentSelection, elite, score
 
 __all__ = [
     "HyperparameterConfig",
@@ -17,5 +17,6 @@ __all__ = [
     "TournamentSelection",
     "apply_plan_to_lineage",
     "elite",
+    "score",
     "plan_generation",
 ]

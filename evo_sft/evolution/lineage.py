@@ -33,7 +33,7 @@ class Lineage:
         self.events: list[dict] = []
         self._next_id = 0
 
-    def found(self, hyperparameters: dict, generation: int = 0) -> int:
+    def found(self, hyperparameters: dict, generation: int = 1) -> int:
         """Add a founder (no parent); return its id."""
         return self._add(None, generation, hyperparameters, "none", "found")
 
@@ -67,14 +67,14 @@ class Lineage:
     def hyperparameters_at(self, member_id: int, generation: int) -> dict:
         """The hyperparameters `member_id` trained and was scored with in `generation`.
 
-        A clone or mutation recorded at generation g takes effect from generation g + 1; a
+        A clone or mutation recorded at generation g opens it: it takes effect in generation g. A
         member born after `generation` answers with its parent's (whose weights it copied)."""
         member = self.members[member_id]
-        if member.parent_id is not None and member.generation_born >= generation:
+        if member.parent_id is not None and member.generation_born > generation:
             return self.hyperparameters_at(member.parent_id, generation)
         settings = [e["hyperparameters"] for e in self.events
                     if e.get("member_id") == member_id and e["kind"] in ("found", "clone", "mutate")
-                    and (e["kind"] == "found" or e["generation"] < generation)]
+                    and (e["kind"] == "found" or e["generation"] <= generation)]
         return _json_copy(settings[-1])
 
     def to_dict(self) -> dict:

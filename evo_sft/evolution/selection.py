@@ -24,11 +24,7 @@ class TournamentSelection:
         self.eval_loop = eval_loop
 
     def score(self, fitness_history: list[float]) -> float:
-        """Mean of the last `eval_loop` fitness values; -inf if empty or any is non-finite."""
-        recent = list(fitness_history)[-self.eval_loop :]
-        if not recent or not all(math.isfinite(f) for f in recent):
-            return -math.inf
-        return float(np.mean(recent))
+        return score(fitness_history, self.eval_loop)
 
     def select(self, fitnesses: list[float], rng: np.random.Generator) -> tuple[int, list[int]]:
         """Return (elite_slot, parents): parents[i] is the slot whose member slot i receives."""
@@ -46,6 +42,14 @@ class TournamentSelection:
             contestants = rng.choice(self.population_size, size=self.tournament_size, replace=False)
             parents.append(elite(fitness, contestants))
         return elite_slot, parents
+
+
+def score(fitness_history: list[float], eval_loop: int = 1) -> float:
+    """Mean of the last `eval_loop` fitness values; -inf if empty or any is non-finite."""
+    recent = list(fitness_history)[-eval_loop:]
+    if not recent or not all(math.isfinite(f) for f in recent):
+        return -math.inf
+    return float(np.mean(recent))
 
 
 def elite(fitness, slots=None) -> int:

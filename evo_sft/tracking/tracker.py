@@ -100,18 +100,16 @@ class MLflowTracker:
     def __call__(self, controller, record) -> None:
         self._controller = controller
         self.flush()
+        for member_id in record.retired_ids:
+            self._retire(member_id, record.generation)
         for slot, member_id in enumerate(record.member_ids):
             self._ensure_member(controller.lineage, member_id, slot, record.hyperparameters[slot])
             self._log_member(member_id, record, slot)
         self._log_generation(record)
-        for slot, member_id in enumerate(record.next_member_ids):
-            self._ensure_member(controller.lineage, member_id, slot, record.next_hyperparameters[slot])
-        for member_id in sorted(set(record.member_ids) - set(record.next_member_ids)):
-            self._retire(member_id, record.generation)
         if record.elite_adapter is not None:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
-                          "artifact_path": f"elite/generation_{record.generation:05d}"})
-        if (record.generation + 1) % self.artifact_every == 0:
+                                "artifact_path": f"elite/generation_{record.generation:05d}"})
+        if record.generation % self.artifact_every == 0:
             self._refresh_artifacts(controller)
 
     def flush(self) -> bool:
@@ -200,7 +198,7 @@ class MLflowTracker:
     def _retire(self, member_id: int, generation: int) -> None:
         key = member_key(member_id)
         self.outbox.submit({"kind": "log", "key": key,
-                      "tags": {"evo_sft.status": "retired", "evo_sft.generation_retired": str(generation)}})
+                            "tags": {"evo_sft.status": "retired", "evo_sft.generation_retired": str(generation)}})
         self.outbox.submit({"kind": "terminate", "key": key, "status": "FINISHED"})
         self._live.discard(member_id)
 

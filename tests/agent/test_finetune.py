@@ -168,7 +168,7 @@ def test_fitness_is_the_whole_test_set_loss_just_before_selection(make_agents, m
     controller = controller_over(make_agents([1e-3, 3e-3, 1e-2]), make_gym(), 3, TournamentSelection(2, True, 3),
                                  Mutations(no_mutation=0.5, rl_hp=0.5, rand_seed=3), save_elite=check_before_selection)
     controller.run(3)
-    assert checked == [(g, s) for g in range(3) for s in range(3)]
+    assert checked == [(g, s) for g in range(1, 4) for s in range(3)]
     # the fitness moved between generations: never a stale score
     assert all(len(set(history)) == len(history) for history in (controller.fitness[m] for m in controller.slot_ids))
 
@@ -220,19 +220,23 @@ def test_each_member_draws_its_own_stream_and_skips_no_rows(make_agents, make_gy
 def test_a_nan_member_gets_minus_inf_and_is_replaced(make_agents, make_gym):
     poisoned = {}
 
-    def poison_after_generation_0(controller, record):
-        if record.generation != 0:
-            return
-        host = controller.population.hosts[2]
-        name, weight = next((n, p) for n, p in host.agent.trainable_parameters().items() if "lora_B" in n)
-        with torch.no_grad():
-            weight.fill_(float("nan"))
-        poisoned.update(slot=2, member=controller.slot_ids[2])
-
     records = []
     controller = controller_over(make_agents([1e-3, 3e-3, 1e-2, 5e-3]), make_gym(), 3, TournamentSelection(2, True, 4),
                                  Mutations(no_mutation=0.5, rl_hp=0.5, rand_seed=2),
-                                 observers=[poison_after_generation_0, lambda c, r: records.append(r)])
+                                 observers=[lambda c, r: records.append(r)])
+    train = controller.population.train
+
+    def diverge_in_generation_2(steps):
+        """Slot 2's weights turn NaN as generation 2 starts training (after its clones)."""
+        if controller.generation == 1:
+            host = controller.population.hosts[2]
+            name, weight = next((n, p) for n, p in host.agent.trainable_parameters().items() if "lora_B" in n)
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+            poisoned.update(slot=2, member=controller.slot_ids[2])
+        return train(steps)
+
+    controller.population.train = diverge_in_generation_2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         controller.run(3)
@@ -240,13 +244,14 @@ def test_a_nan_member_gets_minus_inf_and_is_replaced(make_agents, make_gym):
     member = poisoned["member"]
     named = [str(w.message) for w in caught if f"member {member} " in str(w.message)]
     assert named and "non-finite" in named[0], [str(w.message) for w in caught]
-    generation_1 = records[1]
-    assert generation_1.member_ids[2] == member
-    assert generation_1.fitness[2] == -math.inf
-    assert all(math.isfinite(f) for s, f in enumerate(generation_1.fitness) if s != 2)
-    decision = generation_1.decisions[2]
+    generation_2, generation_3 = records[1], records[2]
+    assert generation_2.member_ids[2] == member
+    assert generation_2.fitness[2] == -math.inf
+    assert all(math.isfinite(f) for s, f in enumerate(generation_2.fitness) if s != 2)
+    decision = generation_3.decisions[2]  # generation 3 opens with the selection on generation 2's scores
     assert decision.clone and decision.parent_id != member  # replaced by a clone of a finite member
-    assert {"kind": "nonfinite", "generation": 1, "member_id": member, "slot": 2} in controller.lineage.events
+    assert member in generation_3.retired_ids
+    assert {"kind": "nonfinite", "generation": 2, "member_id": member, "slot": 2} in controller.lineage.events
     # the run went on: the clone in slot 2 trains normally
     assert len(records) == 3 and all(math.isfinite(f) for f in records[2].fitness)
     assert all(torch.isfinite(p).all() for p in controller.population.hosts[2].agent.trainable_parameters().values())
@@ -258,12 +263,13 @@ def adapter_weights(agent) -> dict:
 
 
 def test_checkpoint_steps_save_the_elite_as_evaluated_under_step_paths(make_agents, make_gym, tmp_path):
-    seen = []
+    seen, records = [], []
 
     def remember_elite(controller, record):
         host = controller.population.hosts[record.elite_slot]
-        seen.append(dict(path=record.elite_adapter, evaluated=record.hyperparameters[record.elite_slot],
-                         after=host.hyperparameters(), weights=adapter_weights(host.agent)))
+        records.append(record)
+        seen.append(dict(path=record.elite_adapter, slot=record.elite_slot,
+                         evaluated=record.hyperparameters[record.elite_slot], weights=adapter_weights(host.agent)))
 
     steps = 5
     controller = controller_over(
@@ -278,7 +284,8 @@ def test_checkpoint_steps_save_the_elite_as_evaluated_under_step_paths(make_agen
         assert elite["path"] == str(path)
         attributes = json.loads((path / "attributes.json").read_text())["attributes"]
         assert attributes["lr"] == elite["evaluated"]["lr"]
-        assert attributes["lr"] != elite["after"]["lr"]  # the elite was mutated after it was saved
+        if generation + 1 < len(records):  # the elite was mutated after it was saved, opening the next generation
+            assert attributes["lr"] != records[generation + 1].hyperparameters[elite["slot"]]["lr"]
         saved = load_file(path / "actor" / "adapter_model.safetensors")
         assert saved.keys() == elite["weights"].keys()
         assert all(torch.equal(saved[k], elite["weights"][k]) for k in saved)

@@ -58,27 +58,40 @@ def test_resumed_tracker_continues_the_same_runs(tmp_path):
 
 
 def test_member_runs_made_after_the_checkpoint_are_deleted_on_resume(tmp_path):
-    """The run dies one generation after its checkpoint, without close(): the clones it made
-    in that generation have RUNNING runs the checkpoint's state does not name. The resumed
-    tracker deletes them and makes one run per member again; every run ends FINISHED."""
+    """The run dies one generation after its checkpoint, without close(): the clones that opened
+    that generation have RUNNING runs the checkpoint's state does not name. Resumed from the
+    checkpoint (controller, members and tracker state), the tracker deletes those runs and makes
+    one run per member again; every run ends FINISHED. The resumed generation repeats the dead
+    one exactly, so the points the dead run left in the runs the state names are duplicates."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first, recorder, states = make_tracker(uri, tmp_path), Recorder(), []
-    controller = make_controller(tmp_path, [first, recorder, lambda c, r: states.append(json.loads(json.dumps(first.state_dict())))])
+    first, recorder, saved = make_tracker(uri, tmp_path), Recorder(), {}
+
+    def checkpoint(controller, record):
+        if record.generation == 2:
+            saved.update(tracker=json.loads(json.dumps(first.state_dict())),
+                         controller=json.loads(json.dumps(controller.state_dict())))
+            controller.population.save(tmp_path / "members").wait()
+
+    controller = make_controller(tmp_path, [first, recorder, checkpoint])
     controller.run(3)
-    checkpoint_state = states[1]
+    assert recorder.records[2].decisions and any(d.clone for d in recorder.records[2].decisions)
     client = MlflowClient(uri)
     parent, members = parent_and_members(client, "evolution")
-    assert parent.info.run_id == checkpoint_state["parent_run_id"]
-    made_later = [r for r in members.values() if r.info.run_id not in checkpoint_state["member_runs"].values()]
+    assert parent.info.run_id == saved["tracker"]["parent_run_id"]
+    made_later = [r for r in members.values() if r.info.run_id not in saved["tracker"]["member_runs"].values()]
     assert made_later and {r.info.status for r in made_later} == {"RUNNING"}
 
     with pytest.warns(TrackingWarning, match=f"deleted {len(made_later)} MLflow member runs"):
-        second = make_tracker(uri, tmp_path, state=checkpoint_state)
-    controller.observers = [second, recorder]
-    controller.run(4)
+        second = make_tracker(uri, tmp_path, state=saved["tracker"])
+    controller.load_state_dict(saved["controller"])
+    controller.population.load(tmp_path / "members")
+    records = recorder.records[:2]
+    controller.observers = [second, lambda c, r: records.append(r)]
+    controller.run(3)
     second.close()
+    assert [r.member_ids for r in records] == [r.member_ids for r in recorder.records]
     assert {client.get_run(r.info.run_id).info.lifecycle_stage for r in made_later} == {"deleted"}
-    assert_everything_logged(client, controller, recorder.records)
+    assert_everything_logged(client, controller, records, repeated=True)
 
 
 def test_records_queued_before_a_crash_are_sent_by_the_resumed_tracker(tmp_path, monkeypatch):
@@ -109,8 +122,7 @@ def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     ids, hyperparameters = controller.slot_ids, controller.population.hyperparameters()
     train = [TrainResult(slot, loss, math.isfinite(loss), 30, 3.0, 10.0, 3)
              for slot, loss in enumerate((1.0, math.nan, 3.0))]
-    record = GenerationRecord(0, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0],
-                              next_member_ids=ids, next_hyperparameters=hyperparameters)
+    record = GenerationRecord(1, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0])
     controller.fitness = {member_id: [f] for member_id, f in zip(ids, record.fitness)}
     controller.generation = 1
     tracker = make_tracker(uri, tmp_path)

@@ -95,15 +95,18 @@ def test_non_serialisable_event_fails_early():
 
 
 def test_hyperparameters_at_a_generation_are_those_trained_with_not_the_latest():
+    """Generations count from 1; a mutation or clone recorded at generation g opens g (it is
+    made from the scores of g - 1) and is what the member trains and is scored with in g."""
     lineage = Lineage()
     a = lineage.found({"lr": 1e-3})
-    lineage.mutate(a, 0, {"lr": 2e-3}, "lr")  # after generation 0's evaluation: used from generation 1
-    lineage.mutate(a, 2, {"lr": 4e-3}, "lr")  # after generation 2's evaluation: never trained with yet
-    child = lineage.clone(a, 2, {"lr": 8e-3}, "lr")
-    assert lineage.hyperparameters_at(a, 0) == {"lr": 1e-3}
-    assert lineage.hyperparameters_at(a, 1) == {"lr": 2e-3}
+    assert lineage.members[a].generation_born == 1
+    lineage.mutate(a, 2, {"lr": 2e-3}, "lr")  # opens generation 2
+    lineage.mutate(a, 4, {"lr": 4e-3}, "lr")  # opens generation 4
+    child = lineage.clone(a, 4, {"lr": 8e-3}, "lr")
+    assert lineage.hyperparameters_at(a, 1) == {"lr": 1e-3}
     assert lineage.hyperparameters_at(a, 2) == {"lr": 2e-3}
-    assert lineage.hyperparameters_at(a, 3) == {"lr": 4e-3}
+    assert lineage.hyperparameters_at(a, 3) == {"lr": 2e-3}
+    assert lineage.hyperparameters_at(a, 4) == {"lr": 4e-3}
     assert lineage.members[a].hyperparameters == {"lr": 4e-3}
-    assert lineage.hyperparameters_at(child, 2) == {"lr": 2e-3}, "a clone made after the evaluation answers for its parent"
-    assert lineage.hyperparameters_at(child, 3) == {"lr": 8e-3}
+    assert lineage.hyperparameters_at(child, 3) == {"lr": 2e-3}, "before its birth a clone answers for its parent"
+    assert lineage.hyperparameters_at(child, 4) == {"lr": 8e-3}
