@@ -61,7 +61,7 @@ def status_dict(run_dir: Path) -> dict:
         info = lineage.members[member_id]
         members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
                          "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
-    from evo_sft.run import best_slot
+    from evo_sft.run import best_slot, saved_tracking_uri
 
     best = members[best_slot(state["slot_ids"], fitness, lineage, state["generation"])]
     tracking = saved.get("tracking") or {}
@@ -69,7 +69,8 @@ def status_dict(run_dir: Path) -> dict:
         "generation": state["generation"],
         "best_member": best["id"],
         "members": members,
-        "mlflow": {key: tracking.get(key) for key in ("tracking_uri", "experiment_id", "parent_run_id")},
+        "mlflow": {"tracking_uri": saved_tracking_uri(saved, run_dir.resolve()),
+                   **{key: tracking.get(key) for key in ("experiment_id", "parent_run_id")}},
     }
 
 

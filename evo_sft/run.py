@@ -46,6 +46,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
         raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
     overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
+    config.run_dir = str(run_dir)  # the folder given, wherever the run was before
     checkpoint = latest_intact(run_dir)
     print(f"resuming {run_dir} from {checkpoint[0].name}")
     return _run(config, run_dir, checkpoint=checkpoint)
@@ -60,14 +61,15 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     population = _population(config, run_dir, model_path, prepared, founders)
     saved = checkpoint[1] if checkpoint else {}
     fitness = FITNESSES[config.evolution.fitness]()
-    tracker = _tracker(config, run_dir, saved.get("tracking"), fitness)
+    tracker = _tracker(config, run_dir, saved, fitness)
     selection, mutations = build.selection_and_mutations(config)
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
         observers=[progress_printer(fitness), tracker],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
-                                           extra_state=lambda: {"tracking": tracker.state_dict()}),
+                                           extra_state=lambda: {"tracking": tracker.state_dict(),
+                                                                "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
     )
     if checkpoint:
@@ -126,12 +128,27 @@ def _shutdown_ray(config: ExperimentConfig) -> None:
         ray.shutdown()
 
 
-def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None, fitness: Fitness):
+def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):
+    """The tracker, resumed from the checkpoint `saved` if any. A sqlite store that moved with the
+    run folder since that checkpoint is pointed at the artifacts next to it first."""
     from evo_sft.tracking import MLflowTracker
+    from evo_sft.tracking.store import move_artifact_root
 
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+    state = saved.get("tracking")
+    if state and state["tracking_uri"] != uri == saved_tracking_uri(saved, run_dir):
+        move_artifact_root(uri, state["tracking_uri"])
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
                          run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
+
+
+def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
+    """The tracking URI of the checkpoint `saved`, now that its run folder is `run_dir`: a sqlite
+    store inside the folder moved with it."""
+    from evo_sft.tracking.store import moved
+
+    uri = (saved.get("tracking") or {}).get("tracking_uri")
+    return uri and moved(uri, Path(saved.get("run_dir", run_dir)), run_dir)
 
 
 def best_slot(slot_ids: list[int], fitness: dict, lineage, generation: int) -> int:

@@ -3,7 +3,8 @@ is unreachable, kept in a local queue and sent in order when it is back.
 
 A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
 `timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (queued artifacts
-are copied under `queue_dir/files/`) with one warning per outage, and so is every later record
+are copied under `queue_dir/files/` and named relative to `queue_dir`, so the queue moves with
+its folder) with one warning per outage, and so is every later record
 until `flush()` empties the queue: an outage costs one failed request per flush. Runs are
 created when their `create_run` record is sent, so the MLflow ids of local keys are known only
 here (`run_ids`). The only records dropped are those the store refuses as invalid (HTTP 400, or
@@ -76,7 +77,7 @@ class Outbox:
                     return False
                 _warn_rejected(record, error)
             self.pending.pop(0)
-            _remove_snapshot(record)
+            self._remove_snapshot(record)
             sent += 1
             if record["kind"] in ("experiment", "create_run"):
                 self._write_queue()  # a crash must not create the same run twice
@@ -112,7 +113,15 @@ class Outbox:
         except OSError as error:
             warnings.warn(f"could not keep artifact {source} for MLflow: {error}", TrackingWarning, stacklevel=4)
             return None
-        return {**record, "local_path": str(target), "snapshot": True}
+        return {**record, "local_path": str(target.relative_to(self.queue_dir)), "snapshot": True}
+
+    def _local_path(self, record: dict) -> Path:
+        """An artifact's files: a snapshot's path is relative to the queue folder, any other absolute."""
+        return self.queue_dir / record["local_path"] if record.get("snapshot") else Path(record["local_path"])
+
+    def _remove_snapshot(self, record: dict) -> None:
+        if record.get("snapshot"):
+            shutil.rmtree(self._local_path(record).parent, ignore_errors=True)
 
     def _read_queue(self) -> list[dict]:
         if not self.queue_file.exists():
@@ -165,8 +174,9 @@ class Outbox:
             tags = [RunTag(name, value) for name, value in record.get("tags", {}).items()]
             client.log_batch(self._run_id(record["key"]), metrics=metrics, params=params, tags=tags, synchronous=True)
         elif kind == "artifact":
-            log = client.log_artifacts if Path(record["local_path"]).is_dir() else client.log_artifact
-            log(self._run_id(record["key"]), record["local_path"], record["artifact_path"])
+            local_path = self._local_path(record)
+            log = client.log_artifacts if local_path.is_dir() else client.log_artifact
+            log(self._run_id(record["key"]), str(local_path), record["artifact_path"])
         elif kind == "update_run":
             client.update_run(self._run_id(record["key"]), status=record["status"])
         elif kind == "terminate":
@@ -214,11 +224,6 @@ def _rejected(error: Exception) -> bool:
 def _warn_rejected(record: dict, error: Exception) -> None:
     warnings.warn(f"MLflow refused a {record['kind']} record for {record.get('key', record.get('name'))}: "
                   f"{_first_line(error)}", TrackingWarning, stacklevel=4)
-
-
-def _remove_snapshot(record: dict) -> None:
-    if record.get("snapshot"):
-        shutil.rmtree(Path(record["local_path"]).parent, ignore_errors=True)
 
 
 def _first_line(error: Exception) -> str:

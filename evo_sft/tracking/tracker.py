@@ -41,6 +41,7 @@ from evo_sft.evolution import elite
 from evo_sft.fitness import Fitness, NegativeTestLoss
 from evo_sft.tracking.outbox import Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves
+from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 # Short HTTP retries and timeouts so an outage costs seconds per generation, not minutes
@@ -145,7 +146,8 @@ class MLflowTracker:
     # ----------------------------------------------------------------- what is logged
     def _start_parent(self, params: dict, run_name: str | None) -> None:
         if self.outbox.experiment_id is None:
-            self.outbox.submit({"kind": "experiment", "name": self.experiment, "artifact_location": self._artifact_root()})
+            self.outbox.submit({"kind": "experiment", "name": self.experiment,
+                                "artifact_location": artifact_root(self.tracking_uri)})
         self._create_run("parent", run_name, {"evo_sft.role": "evolution"}, {})
         items = sorted(params.items())
         for start in range(0, len(items), PARAMS_PER_BATCH):
@@ -221,13 +223,6 @@ class MLflowTracker:
         """`run_tags` map a tag to the local key of a run whose id is its value once known."""
         self._known_runs.add(key)
         self.outbox.submit({"kind": "create_run", "key": key, "run_name": run_name, "tags": tags, "run_tags": run_tags})
-
-    def _artifact_root(self) -> str | None:
-        """Artifacts of a local sqlite store go next to the database, not into the working directory."""
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None
-        database = Path(self.tracking_uri[len("sqlite:///"):])
-        return (database.parent / "mlartifacts").absolute().as_uri()
 
 
 def _numbers(hyperparameters: dict) -> dict:

@@ -10,6 +10,7 @@ Every run here is the demo config shrunk to seconds on the in-process ("local") 
   - `status --json` has exactly the documented shape; `export` writes a PEFT folder whose
     logits are those of the member's adapter in the checkpoint (loaded two other ways).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -326,6 +327,52 @@ def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
     for generation in (2, 3, 4):
         assert f"generation_{generation:05d}" in result.stderr
     assert "controller.json" in result.stderr and "no intact checkpoint" in result.stderr
+
+
+# ----------------------------------------------------------------------- a run folder moves
+def tree_state(folder: Path) -> dict:
+    """Every path under `folder`, the folder itself included, with its modification time and,
+    for a file, the sha256 of its content."""
+    return {str(path.relative_to(folder)): (path.lstat().st_mtime_ns,
+                                            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None)
+            for path in [folder, *sorted(folder.rglob("*"))]}
+
+
+def test_a_copied_or_moved_run_resumes_where_it_is_and_leaves_the_original_alone(tmp_path, full_run):
+    """Issue 20, item 1: the MLflow store inside the run folder holds absolute artifact locations
+    and config.yaml an absolute run_dir; a copy, then the copy renamed, resume in their own folder."""
+    from mlflow.tracking import MlflowClient
+
+    original = tree_state(full_run)
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy, symlinks=True)
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert status_json(copy)["mlflow"]["tracking_uri"] == uri
+    assert f"MLflow: {uri} " in evo("status", copy).stdout
+    resumed = evo("resume", copy, "--generations", GENERATIONS + 1)
+    assert tree_state(full_run) == original, "resuming the copy changed the original run folder"
+    assert str(full_run) not in resumed.stdout + resumed.stderr
+
+    moved = tmp_path / "moved"
+    copy.rename(moved)  # nothing is at the copy's old path now: a write there would make it again
+    evo("resume", moved, "--generations", GENERATIONS + 2)
+    assert not copy.exists()
+    assert tree_state(full_run) == original
+
+    status = status_json(moved)
+    assert status["generation"] == GENERATIONS + 2
+    assert status["mlflow"]["tracking_uri"] == f"sqlite:///{moved / 'mlflow.db'}"
+    client = MlflowClient(status["mlflow"]["tracking_uri"])
+    root = (moved / "mlartifacts").as_uri()
+    experiment = client.get_experiment(status["mlflow"]["experiment_id"])
+    assert experiment.artifact_location == root
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert runs and all(run.info.artifact_uri.startswith(root + "/") for run in runs)
+    parent = status["mlflow"]["parent_run_id"]
+    assert [a.path for a in client.list_artifacts(parent, "elite")] == \
+        [f"elite/generation_{g:05d}" for g in range(GENERATIONS + 2)]
+    lineage = Path(client.download_artifacts(parent, "lineage.json", str(tmp_path)))
+    assert json.loads(lineage.read_text()) == controller_state(moved, GENERATIONS + 2)["lineage"]
 
 
 # ----------------------------------------------------------------------- status

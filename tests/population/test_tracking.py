@@ -102,6 +102,32 @@ def test_records_queued_before_a_crash_are_sent_by_the_resumed_tracker(tmp_path,
     assert not (tmp_path / "queue" / QUEUE_FILE).exists()
 
 
+def test_a_queue_moved_with_its_folder_is_sent_from_where_it_is(tmp_path, monkeypatch):
+    """Records queued while no server answers, artifacts among them, in a folder that is then
+    renamed: the resumed tracker sends them from the new place and leaves nothing at the old one."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    before, after = tmp_path / "before", tmp_path / "after"
+    with pytest.warns(TrackingWarning, match="unreachable"):
+        offline, recorder = make_tracker(f"http://127.0.0.1:{free_port()}", before), Recorder()
+    controller = make_controller(tmp_path, [offline, recorder])
+    controller.run(1)
+    queue = [json.loads(line) for line in (before / "queue" / QUEUE_FILE).read_text().splitlines()]
+    assert any(record["kind"] == "artifact" for record in queue)
+    state = json.loads(json.dumps(offline.state_dict()))
+    before.rename(after)
+    uri = f"sqlite:///{after / 'mlflow.db'}"
+    resumed = make_tracker(uri, after, state=state)
+    controller.observers = [resumed, recorder]
+    controller.run(2)
+    resumed.close()
+    assert not before.exists()
+    assert not (after / "queue" / QUEUE_FILE).exists() and not any((after / "queue" / "files").iterdir())
+    assert_everything_logged(MlflowClient(uri), controller, recorder.records)
+    parent, _ = parent_and_members(MlflowClient(uri), "evolution")
+    assert_artifacts(MlflowClient(uri), parent.info.run_id, controller, tmp_path)
+
+
 def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     """A generation where member 1 diverged, written by hand for a real controller."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
