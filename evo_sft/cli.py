@@ -1,6 +1,7 @@
 """The `evo-sft` command line: run, resume, status, export, submit, logs, stop."""
 import argparse
 import json
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ from evo_sft.config import ConfigError, load_config
 from evo_sft.data.sources import DataError, check_paths
 
 EXIT_CONFIG_ERROR = 2
+
+
+class UsageError(Exception):
+    """A command asked for something it cannot do as asked; one line, exit code 2."""
 
 
 def _resources(config) -> str:
@@ -93,21 +98,32 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """Written beside OUT first, then put in its place: OUT never mixes old and new files."""
     from evo_sft.data.sources import load_tokenizer
+    from evo_sft.io.storage import replace_directory
     from evo_sft.run import config_of
 
     run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file; export into a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
+        raise UsageError(f"{out_dir} is not empty; pass --force to replace it, or choose a new folder")
     checkpoint, saved = _latest(run_dir)
     slot_ids = saved["controller"]["slot_ids"]
     member = status_dict(run_dir)["best_member"] if args.member == "best" else int(args.member)
     if member not in slot_ids:
-        print(f"error: member {member} is not in the latest checkpoint (members: {slot_ids})", file=sys.stderr)
-        return 1
+        raise UsageError(f"member {member} is not in the latest checkpoint (members: {slot_ids})")
     adapter = checkpoint / "members" / f"slot_{slot_ids.index(member)}" / "actor"
-    shutil.copytree(adapter, out_dir, dirs_exist_ok=True)
     config = config_of(run_dir)
     tokenizer_name = config.tokenizer or (str(run_dir / "base_model") if config.model.name == "demo" else config.model.name)
-    load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(out_dir)
+    staging = out_dir.parent / f".tmp-{out_dir.name}-{secrets.token_hex(4)}"
+    try:
+        shutil.copytree(adapter, staging)
+        load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, out_dir)
     print(f"member {member} exported to {out_dir} (load with PeftModel.from_pretrained(base_model, '{out_dir}'))")
     return 0
 
@@ -157,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("out_dir")
     export.add_argument("--member", default="best", help="member id or 'best'")
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it is not empty")
     export.set_defaults(func=cmd_export)
 
     submit = sub.add_parser("submit", help="submit the controller to a Ray cluster as a Ray Job")
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as error:  # noqa: BLE001 - only the user's mistakes become one line, the rest re-raises

@@ -14,7 +14,7 @@ from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.population.local import LocalPopulation
-from evo_sft.io.storage import CheckpointError
+from evo_sft.io.storage import CheckpointError, replace_directory
 
 CONFIG_FILE = "config.yaml"
 
@@ -174,8 +174,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool)
         shutil.rmtree(staging, ignore_errors=True)
         exported = Path(controller.population.export_adapter(best, staging))
         tokenizer.save_pretrained(exported)
-        shutil.rmtree(target, ignore_errors=True)
-        exported.rename(target)
+        replace_directory(exported, target)
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(run_dir, controller.slot_ids[best], fitness[best], target, interrupted)
 

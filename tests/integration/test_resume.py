@@ -462,9 +462,39 @@ def test_export_loads_with_peft_and_matches_the_checkpoint(tmp_path, full_run, f
 def test_export_of_a_member_not_in_the_checkpoint_fails(tmp_path, full_run, full_status):
     missing = max(m["id"] for m in full_status["members"]) + 100
     result = evo("export", full_run, tmp_path / "nothing", "--member", missing, check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"member {missing} is not in the latest checkpoint" in result.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_export_refuses_a_folder_with_files_and_replaces_it_whole_with_force(tmp_path, full_run):
+    """Issue 20, item 2: export wrote over whatever OUT held, old files staying beside the new."""
+    def files(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()  # an empty folder is fine
+    evo("export", full_run, fresh)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused = evo("export", full_run, out, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == f"error: {out} is not empty; pass --force to replace it, or choose a new folder\n"
+    assert files(out) == {"notes.txt": b"mine"}
+
+    (out / "adapter_model.safetensors").write_bytes(b"an older export")
+    forced = evo("export", full_run, out, "--force")
+    assert str(out) in forced.stdout
+    assert files(out) == files(fresh), "old files left beside the new ones"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"], "a staging folder was left"
+
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    for args in ([], ["--force"]):
+        result = evo("export", full_run, a_file, *args, check=False)
+        assert (result.returncode, result.stderr) == (2, f"error: {a_file} is a file; export into a folder\n")
+    assert a_file.read_text() == "mine"
 
 
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
