@@ -10,13 +10,16 @@ import yaml
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import FITNESSES, Fitness
-from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
+from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.population.local import LocalPopulation
 from evo_sft.io.storage import CheckpointError, replace_directory
 
 CONFIG_FILE = "config.yaml"
+# What a run writes into its folder besides the config and the tracking store and queue
+# (checkpoints/ holds only an unfinished write when there is no checkpoint yet).
+ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
 
 
 @dataclass
@@ -29,9 +32,17 @@ class RunResult:
 
 
 def start(config: ExperimentConfig) -> RunResult:
+    """Start the run in its folder. A folder whose run stopped before its first checkpoint is
+    taken over: what that attempt wrote is removed (its MLflow runs are deleted by the tracker)."""
     run_dir = config.resolved_run_dir().resolve()
-    if (run_dir / "checkpoints").exists():
+    if checkpoint_dirs(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; continue it with `evo-sft resume {run_dir}`")
+    if (run_dir / "best_adapter").exists():
+        raise FileExistsError(f"{run_dir} holds a finished run that kept no checkpoint; choose another --run-dir")
+    if (run_dir / CONFIG_FILE).exists():
+        print(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again")
+        for leftover in ATTEMPT_OUTPUTS:
+            shutil.rmtree(run_dir / leftover, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(run_dir)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -47,6 +58,12 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
     overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
     config.run_dir = str(run_dir)  # the folder given, wherever the run was before
+    if not checkpoint_dirs(run_dir):
+        every = config.checkpoint.every
+        raise CheckpointError(
+            f"no checkpoint yet in {run_dir}: the run stopped before its first one, written after "
+            f"{every} generation{'s' if every > 1 else ''}; start it again with "
+            f"`evo-sft run {run_dir / CONFIG_FILE} --run-dir {run_dir}`")
     checkpoint = latest_intact(run_dir)
     print(f"resuming {run_dir} from {checkpoint[0].name}")
     return _run(config, run_dir, checkpoint=checkpoint)

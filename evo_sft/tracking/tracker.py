@@ -20,6 +20,11 @@ Outages
 Every MLflow call goes through `evo_sft.tracking.outbox`, which queues records while the server is
 unreachable and sends them, in order, at the start of the next generation and in `close()`.
 
+Starting again
+A tracker made without `state` in a queue folder where an earlier tracker made runs (a run killed
+before its first checkpoint, started again in the same folder) deletes those runs, ending any
+still RUNNING as KILLED, and drops that tracker's queued records, with a warning.
+
 Resume
 A tracker made from a checkpoint's `state` reopens the parent and member runs it names. Member
 runs of the parent that the state does not name were made after that checkpoint by a run that
@@ -89,6 +94,8 @@ class MLflowTracker:
         if state.get("parent_run_id"):
             run_ids["parent"] = state["parent_run_id"]
         self.outbox = Outbox(tracking_uri, queue_dir, state.get("experiment_id"), run_ids)
+        if not state:
+            self._delete_earlier_attempt()
         self.member_slots = {int(m): slot for m, slot in state.get("member_slots", {}).items()}
         self._known_runs = self.outbox.keys_created()
         if "parent" in self._known_runs:
@@ -144,6 +151,21 @@ class MLflowTracker:
         }
 
     # ----------------------------------------------------------------- what is logged
+    def _delete_earlier_attempt(self) -> None:
+        """A tracker started afresh where an earlier one worked (a run stopped before its first
+        checkpoint, started again in the same folder): the earlier runs are deleted and its
+        queued records dropped, so the folder ends with one parent run."""
+        made, dropped = self.outbox.forget_earlier_attempt()
+        done = []
+        if made:
+            self.outbox.submit({"kind": "delete_runs", "run_ids": list(made.values())})
+            done.append(f"its {len(made)} MLflow runs are deleted (parent run {made.get('parent')})")
+        if dropped:
+            done.append(f"its {dropped} queued MLflow records are dropped")
+        if done:
+            warnings.warn(f"an earlier attempt in this folder stopped before its first checkpoint: {' and '.join(done)}",
+                          TrackingWarning, stacklevel=3)
+
     def _start_parent(self, params: dict, run_name: str | None) -> None:
         if self.outbox.experiment_id is None:
             self.outbox.submit({"kind": "experiment", "name": self.experiment,

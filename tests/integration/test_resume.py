@@ -301,6 +301,51 @@ def test_controller_killed_mid_generation_resumes_to_the_end(runs, full_run):
     assert len(members) == len(set(members)), f"a member has two MLflow runs: {sorted(members)}"
 
 
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_does(tmp_path):
+    """Issue 20, item 3: killed after its first generation (checkpoint.every=2), a run has MLflow
+    runs but no checkpoint. `resume` names the command that starts it again; that command takes
+    the folder over: the earlier attempt's runs deleted (the RUNNING ones ended KILLED), one parent."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from evo_sft.io.checkpoint import checkpoint_dirs
+
+    run_dir = tmp_path / "run"
+    sets = [*SMALL, "evolution.steps_per_generation=8", "evolution.generations=2", "checkpoint.every=2"]
+    job = Job(tmp_path, "killed", "run", DEMO, "--run-dir", run_dir, *[x for s in sets for x in ("--set", s)])
+    runs_file = run_dir / "tracking_queue" / "mlflow_runs.json"
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not (runs_file.exists() and "member:" in runs_file.read_text()):
+            assert job.process.poll() is None, job.wait(check=False)
+            assert time.monotonic() < deadline, "the first generation made no member runs"
+            time.sleep(0.05)
+    finally:
+        job.kill()
+    assert not checkpoint_dirs(run_dir), "the run was killed after its first checkpoint"
+    earlier = json.loads(runs_file.read_text())
+
+    resumed = evo("resume", run_dir, check=False)
+    assert (resumed.returncode, resumed.stdout) == (1, "")
+    command = f"evo-sft run {run_dir / 'config.yaml'} --run-dir {run_dir}"
+    assert resumed.stderr == (f"error: no checkpoint yet in {run_dir}: the run stopped before its first one, "
+                              f"written after 2 generations; start it again with `{command}`\n")
+
+    again = evo(*command.split()[1:])
+    assert f"{run_dir} holds a run that stopped before its first checkpoint: starting it again" in again.stdout
+    assert f"its {len(earlier)} MLflow runs are deleted (parent run {earlier['parent']})" in again.stderr
+    assert status_dict(run_dir)["generation"] == 2
+    runs = _mlflow_runs(run_dir)
+    assert len([r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert not set(earlier.values()) & {r.info.run_id for r in runs}
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    deleted = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                                 run_view_type=ViewType.DELETED_ONLY, max_results=1000)
+    assert {r.info.run_id for r in deleted} == set(earlier.values())
+    assert client.get_run(earlier["parent"]).info.status == "KILLED"
+
+
 # ----------------------------------------------------------------------- damaged checkpoint
 def test_damaged_checkpoint_is_named_and_resume_falls_back(runs, full_run, full_status):
     status = runs.damaged_status
