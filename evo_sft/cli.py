@@ -45,7 +45,8 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from evo_sft.run import resume
 
-    return 130 if resume(Path(args.run_dir), args.generations, args.set).interrupted else 0
+    result = resume(Path(args.run_dir), args.generations, args.set)
+    return 130 if result is not None and result.interrupted else 0
 
 
 def _latest(run_dir: Path):

@@ -49,9 +49,11 @@ def start(config: ExperimentConfig) -> RunResult:
     return _run(config, run_dir, checkpoint=None)
 
 
-def resume(run_dir: Path, generations: int | None = None, overrides: list[str] = ()) -> RunResult:
-    """Continue the run in `run_dir`; `overrides` (KEY=VALUE) change its saved config for this
-    session only, e.g. where its Ray cluster or MLflow server now is."""
+def resume(run_dir: Path, generations: int | None = None, overrides: list[str] = ()) -> RunResult | None:
+    """Continue the run in `run_dir` until `generations` (default: its config's) are complete;
+    `overrides` (KEY=VALUE) change its saved config for this session only, e.g. where its Ray
+    cluster or MLflow server now is. None, having said so and started nothing, when the run
+    already has that many generations."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
@@ -65,6 +67,12 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
             f"{every} generation{'s' if every > 1 else ''}; start it again with "
             f"`evo-sft run {run_dir / CONFIG_FILE} --run-dir {run_dir}`")
     checkpoint = latest_intact(run_dir)
+    done, wanted = checkpoint[1]["controller"]["generation"], config.evolution.generations
+    if wanted <= done:
+        source = "--generations" if generations is not None else "evolution.generations in its config"
+        print(f"nothing to do: {run_dir} is at generation {done}, and {wanted} generations are asked for "
+              f"({source}); to go on, ask for more, e.g. `evo-sft resume {run_dir} --generations {done + 1}`")
+        return None
     print(f"resuming {run_dir} from {checkpoint[0].name}")
     return _run(config, run_dir, checkpoint=checkpoint)
 

@@ -420,6 +420,23 @@ def test_a_copied_or_moved_run_resumes_where_it_is_and_leaves_the_original_alone
     assert json.loads(lineage.read_text()) == controller_state(moved, GENERATIONS + 2)["lineage"]
 
 
+def test_resume_to_no_more_generations_says_so_and_starts_nothing(full_run):
+    """Issue 20, item 15: `resume --generations N` with N at or below the run's generation started
+    Ray, rewrote the run's outputs and exited 0 without a word. Now: one line, exit code 0 (the
+    run has what was asked for), nothing written; the Ray backend shows no cluster was started."""
+    before = tree_state(full_run)
+    for args, wanted, source in (
+            (["--generations", GENERATIONS], GENERATIONS, "--generations"),
+            (["--generations", 2, "--set", "population.backend=ray"], 2, "--generations"),
+            ([], GENERATIONS, "evolution.generations in its config")):
+        result = evo("resume", full_run, *args)
+        assert result.stdout == (f"nothing to do: {full_run} is at generation {GENERATIONS}, and {wanted} generations "
+                                 f"are asked for ({source}); to go on, ask for more, e.g. "
+                                 f"`evo-sft resume {full_run} --generations {GENERATIONS + 1}`\n"), args
+        assert "Traceback" not in result.stderr
+    assert tree_state(full_run) == before
+
+
 # ----------------------------------------------------------------------- status
 def test_status_json_shape(full_run, full_status):
     from mlflow.tracking import MlflowClient
