@@ -62,6 +62,9 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
     config.run_dir = str(run_dir)  # the folder given, wherever the run was before
     if not checkpoint_dirs(run_dir):
         every = config.checkpoint.every
+        if (run_dir / "best_adapter").exists():
+            raise CheckpointError(f"{run_dir} holds a finished run that kept no checkpoint (checkpoint.every "
+                                  f"{every} is more than its generations), so it cannot be resumed")
         raise CheckpointError(
             f"no checkpoint yet in {run_dir}: the run stopped before its first one, written after "
             f"{every} generation{'s' if every > 1 else ''}; start it again with "

@@ -346,6 +346,22 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_do
     assert client.get_run(earlier["parent"]).info.status == "KILLED"
 
 
+def test_a_finished_run_that_kept_no_checkpoint_is_neither_taken_over_nor_resumed(tmp_path):
+    """One generation with checkpoint.every=2: the run finishes without a checkpoint. Starting
+    it again in its folder must not take it over (deleting its MLflow runs)."""
+    run_dir = tmp_path / "run"
+    evo(*run_args(run_dir, 1), "--set", "checkpoint.every=2")
+    before = tree_state(run_dir)
+    again = evo(*run_args(run_dir, 1), check=False)
+    assert (again.returncode, again.stdout) == (1, "")
+    assert again.stderr == f"error: {run_dir} holds a finished run that kept no checkpoint; choose another --run-dir\n"
+    resumed = evo("resume", run_dir, check=False)
+    assert (resumed.returncode, resumed.stdout) == (1, "")
+    assert resumed.stderr == (f"error: {run_dir} holds a finished run that kept no checkpoint (checkpoint.every 2 "
+                              "is more than its generations), so it cannot be resumed\n")
+    assert tree_state(run_dir) == before
+
+
 # ----------------------------------------------------------------------- damaged checkpoint
 def test_damaged_checkpoint_is_named_and_resume_falls_back(runs, full_run, full_status):
     status = runs.damaged_status
