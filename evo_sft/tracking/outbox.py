@@ -4,13 +4,13 @@ is unreachable, kept in a local queue and sent in order when it is back.
 A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
 `timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (queued artifacts
 are copied under `queue_dir/files/` and named relative to `queue_dir`, so the queue moves with
-its folder) with one warning per outage, and so is every later record
-until `flush()` empties the queue: an outage costs one failed request per flush. Runs are
-created when their `create_run` record is sent, so the MLflow ids of local keys are known only
-here (`run_ids`), which are also kept in `queue_dir/mlflow_runs.json` as each run is made: a
-tracker that starts afresh where an earlier one stopped before any checkpoint named its runs
-(`forget_earlier_attempt`) finds them there. The only records dropped are those the store refuses as invalid (HTTP 400, or
-404 for a run that does not exist), which no retry could fix; each costs a warning.
+its folder) with one warning per outage, and so is every later record until `flush()` empties
+the queue: an outage costs one failed request per flush. Runs are created when their
+`create_run` record is sent, so the MLflow ids of local keys are known only here (`run_ids`);
+they are also kept in `queue_dir/mlflow_runs.json` as each run is made, where a tracker that
+starts afresh after an earlier one stopped before any checkpoint named its runs finds them
+(`forget_earlier_attempt`). The only records dropped are those the store refuses as invalid
+(HTTP 400, or 404 for a run that does not exist), which no retry could fix; each costs a warning.
 """
 import json
 import shutil
