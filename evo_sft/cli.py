@@ -1,6 +1,7 @@
 """The `evo-sft` command line: run, resume, status, export, submit, logs, stop."""
 import argparse
 import json
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,10 @@ from evo_sft.config import ConfigError, load_config
 from evo_sft.data.sources import DataError, check_paths
 
 EXIT_CONFIG_ERROR = 2
+
+
+class UsageError(Exception):
+    """A command asked for something it cannot do as asked; one line, exit code 2."""
 
 
 def _resources(config) -> str:
@@ -40,7 +45,8 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from evo_sft.run import resume
 
-    return 130 if resume(Path(args.run_dir), args.generations, args.set).interrupted else 0
+    result = resume(Path(args.run_dir), args.generations, args.set)
+    return 130 if result is not None and result.interrupted else 0
 
 
 def _latest(run_dir: Path):
@@ -53,7 +59,7 @@ def status_dict(run_dir: Path) -> dict:
     """The newest checkpoint's population: the members as they were last scored, with the
     hyperparameters they were scored with."""
     from evo_sft.evolution import Lineage, elite, score
-    from evo_sft.run import config_of
+    from evo_sft.run import config_of, saved_tracking_uri
 
     _, saved = _latest(run_dir)
     state = saved["controller"]
@@ -71,7 +77,8 @@ def status_dict(run_dir: Path) -> dict:
         "generation": state["generation"],
         "best_member": best["id"],
         "members": members,
-        "mlflow": {key: tracking.get(key) for key in ("tracking_uri", "experiment_id", "parent_run_id")},
+        "mlflow": {"tracking_uri": saved_tracking_uri(saved, run_dir.resolve()),
+                   **{key: tracking.get(key) for key in ("experiment_id", "parent_run_id")}},
     }
 
 
@@ -94,21 +101,32 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """Written beside OUT first, then put in its place: OUT never mixes old and new files."""
     from evo_sft.data.sources import load_tokenizer
+    from evo_sft.io.storage import replace_directory
     from evo_sft.run import config_of
 
     run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file; export into a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
+        raise UsageError(f"{out_dir} is not empty; pass --force to replace it, or choose a new folder")
     checkpoint, saved = _latest(run_dir)
     slot_ids = saved["controller"]["slot_ids"]
-    member = status_dict(run_dir)["best_member"] if args.member == "best" else int(args.member)
+    member = status_dict(run_dir)["best_member"] if args.member == "best" else args.member
     if member not in slot_ids:
-        print(f"error: member {member} is not in the latest checkpoint (members: {slot_ids})", file=sys.stderr)
-        return 1
+        raise UsageError(f"member {member} is not in the latest checkpoint (members: {slot_ids})")
     adapter = checkpoint / "members" / f"slot_{slot_ids.index(member)}" / "actor"
-    shutil.copytree(adapter, out_dir, dirs_exist_ok=True)
     config = config_of(run_dir)
     tokenizer_name = config.tokenizer or (str(run_dir / "base_model") if config.model.name == "demo" else config.model.name)
-    load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(out_dir)
+    staging = out_dir.parent / f".tmp-{out_dir.name}-{secrets.token_hex(4)}"
+    try:
+        shutil.copytree(adapter, staging)
+        load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, out_dir)
     print(f"member {member} exported to {out_dir} (load with PeftModel.from_pretrained(base_model, '{out_dir}'))")
     return 0
 
@@ -131,49 +149,89 @@ def cmd_stop(args) -> int:
     return stop(args.address, args.job_id)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument mistake is one line like every other error: `error: ...`, exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_CONFIG_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _member(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a member id (an integer) or 'best', got {text!r}") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"evo-sft {version('evo-sft')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "evo-sft (version unknown: not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evo-sft", description="Evolutionary hyperparameter search for LoRA SFT.")
-    sub = p.add_subparsers(dest="command", required=True)
+    """Every argument has a description; every option says its default (or that it is required)."""
+    p = _Parser(prog="evo-sft", description="Evolutionary hyperparameter search for LoRA SFT.")
+    p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of the commands below; `evo-sft COMMAND --help` describes it")
 
-    run = sub.add_parser("run", help="start an evolution from a YAML config")
-    run.add_argument("config")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--run-dir")
-    run.add_argument("--dry-run", action="store_true", help="print the resolved config and resources, then exit")
-    run.set_defaults(func=cmd_run)
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        cmd.set_defaults(func=func)
+        return cmd
 
-    resume = sub.add_parser("resume", help="continue a run from its newest intact checkpoint")
-    resume.add_argument("run_dir")
-    resume.add_argument("--generations", type=int, help="run until this many generations in total")
-    resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the run's saved config for this session, e.g. ray.address=HEAD:6379")
-    resume.set_defaults(func=cmd_resume)
+    def overrides(cmd: argparse.ArgumentParser, what: str, example: str = "evolution.generations=5") -> None:
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"override a key of {what}, e.g. {example}; repeatable (default: no overrides)")
 
-    status = sub.add_parser("status", help="generation, members and best member of a run")
-    status.add_argument("run_dir")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    run = command("run", cmd_run, "start an evolution from a YAML config")
+    run.add_argument("config", metavar="CONFIG", help="the experiment's YAML file; an empty file runs the defaults")
+    overrides(run, "the config")
+    run.add_argument("--run-dir", metavar="DIR",
+                     help="the run folder (default: the config's run_dir, else runs/NAME in this folder)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved config and resources, then exit (default: off)")
 
-    export = sub.add_parser("export", help="write a member's adapter as a PEFT folder with the tokenizer")
-    export.add_argument("run_dir")
-    export.add_argument("out_dir")
-    export.add_argument("--member", default="best", help="member id or 'best'")
-    export.set_defaults(func=cmd_export)
+    resume = command("resume", cmd_resume, "continue a run from its newest intact checkpoint")
+    resume.add_argument("run_dir", metavar="RUN_DIR", help="the run folder, wherever it is now")
+    resume.add_argument("--generations", type=int, metavar="N",
+                        help="run until N generations are complete in all; at or below the run's generation "
+                             "there is nothing to do, which is said and exits 0 "
+                             "(default: the config's evolution.generations)")
+    overrides(resume, "the run's saved config for this session", "ray.address=HEAD:6379")
 
-    submit = sub.add_parser("submit", help="submit the controller to a Ray cluster as a Ray Job")
-    submit.add_argument("config")
-    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
-    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    submit.add_argument("--run-dir")
-    submit.add_argument("--wait", action="store_true", help="stream the logs until the job ends")
-    submit.set_defaults(func=cmd_submit)
+    status = command("status", cmd_status, "generation, members and best member of a run")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
+
+    export = command("export", cmd_export, "write a member's adapter as a PEFT folder with the tokenizer")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write; new or empty unless --force")
+    export.add_argument("--member", type=_member, default="best", metavar="ID",
+                        help="a member id of the latest checkpoint, or 'best' (default: best)")
+    export.add_argument("--force", action="store_true",
+                        help="replace OUT_DIR whole if it holds files (default: off, refuse)")
+
+    submit = command("submit", cmd_submit, "submit the controller to a Ray cluster as a Ray Job")
+    submit.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265 (required)")
+    overrides(submit, "the config")
+    submit.add_argument("--run-dir", metavar="DIR",
+                        help="the run folder, on storage every node reaches "
+                             "(default: the config's run_dir, else runs/NAME in this folder)")
+    submit.add_argument("--wait", action="store_true", help="stream the logs until the job ends (default: off)")
 
     for name, func, help_text in (("logs", cmd_logs, "follow a submitted job's logs"),
                                   ("stop", cmd_stop, "stop a submitted job")):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("job_id")
-        cmd.add_argument("--address", required=True)
-        cmd.set_defaults(func=func)
+        cmd = command(name, func, help_text)
+        cmd.add_argument("job_id", metavar="JOB_ID", help="the id `evo-sft submit` printed")
+        cmd.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265 (required)")
     return p
 
 
@@ -181,7 +239,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as error:  # noqa: BLE001 - only the user's mistakes become one line, the rest re-raises

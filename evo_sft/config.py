@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -421,6 +422,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
 
     Override values are parsed with yaml.safe_load. Setting a key inside a section
     that is null (e.g. `lora.r=4` with `lora: null`) starts that section from its defaults.
+    An empty file (nothing but comments, or nothing) is the defaults; stderr says so.
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -430,13 +432,18 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
-    if d is None:
+    empty = d is None
+    if empty:
         d = {}
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
     for override in overrides:
         _apply_override(d, override)
-    return config_from_dict(d)
+    config = config_from_dict(d)
+    if empty:
+        print(f"{path} is empty: running the defaults{' with the --set overrides' if overrides else ''} "
+              f"(experiment {config.name!r})", file=sys.stderr)
+    return config
 
 
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -9,13 +9,16 @@ import yaml
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import FITNESSES, Fitness
-from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
+from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.population.local import LocalPopulation
-from evo_sft.io.storage import CheckpointError
+from evo_sft.io.storage import CheckpointError, replace_directory
 
 CONFIG_FILE = "config.yaml"
+# What a run writes into its folder besides the config and the tracking store and queue
+# (checkpoints/ holds only an unfinished write when there is no checkpoint yet).
+ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
 
 
 @dataclass
@@ -28,24 +31,50 @@ class RunResult:
 
 
 def start(config: ExperimentConfig) -> RunResult:
+    """Start the run in its folder. A folder whose run stopped before its first checkpoint is
+    taken over: what that attempt wrote is removed (its MLflow runs are deleted by the tracker)."""
     run_dir = config.resolved_run_dir().resolve()
-    if (run_dir / "checkpoints").exists():
+    if checkpoint_dirs(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; continue it with `evo-sft resume {run_dir}`")
+    if (run_dir / "best_adapter").exists():
+        raise FileExistsError(f"{run_dir} holds a finished run that kept no checkpoint; choose another --run-dir")
+    if (run_dir / CONFIG_FILE).exists():
+        print(f"{run_dir} holds a run that stopped before its first checkpoint: starting it again")
+        for leftover in ATTEMPT_OUTPUTS:
+            shutil.rmtree(run_dir / leftover, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(run_dir)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return _run(config, run_dir, checkpoint=None)
 
 
-def resume(run_dir: Path, generations: int | None = None, overrides: list[str] = ()) -> RunResult:
-    """Continue the run in `run_dir`; `overrides` (KEY=VALUE) change its saved config for this
-    session only, e.g. where its Ray cluster or MLflow server now is."""
+def resume(run_dir: Path, generations: int | None = None, overrides: list[str] = ()) -> RunResult | None:
+    """Continue the run in `run_dir` until `generations` (default: its config's) are complete;
+    `overrides` (KEY=VALUE) change its saved config for this session only, e.g. where its Ray
+    cluster or MLflow server now is. None, having said so and started nothing, when the run
+    already has that many generations."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
     overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
+    config.run_dir = str(run_dir)  # the folder given, wherever the run was before
+    if not checkpoint_dirs(run_dir):
+        every = config.checkpoint.every
+        if (run_dir / "best_adapter").exists():
+            raise CheckpointError(f"{run_dir} holds a finished run that kept no checkpoint (checkpoint.every "
+                                  f"{every} is more than its generations), so it cannot be resumed")
+        raise CheckpointError(
+            f"no checkpoint yet in {run_dir}: the run stopped before its first one, written after "
+            f"{every} generation{'s' if every > 1 else ''}; start it again with "
+            f"`evo-sft run {run_dir / CONFIG_FILE} --run-dir {run_dir}`")
     checkpoint = latest_intact(run_dir)
+    done, wanted = checkpoint[1]["controller"]["generation"], config.evolution.generations
+    if wanted <= done:
+        source = "--generations" if generations is not None else "evolution.generations in its config"
+        print(f"nothing to do: {run_dir} is at generation {done}, and {wanted} generations are asked for "
+              f"({source}); to go on, ask for more, e.g. `evo-sft resume {run_dir} --generations {done + 1}`")
+        return None
     print(f"resuming {run_dir} from {checkpoint[0].name}")
     return _run(config, run_dir, checkpoint=checkpoint)
 
@@ -59,14 +88,15 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     population = _population(config, run_dir, model_path, prepared, founders)
     saved = checkpoint[1] if checkpoint else {}
     fitness = FITNESSES[config.evolution.fitness]()
-    tracker = _tracker(config, run_dir, saved.get("tracking"), fitness)
+    tracker = _tracker(config, run_dir, saved, fitness)
     selection, mutations = build.selection_and_mutations(config)
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
         observers=[progress_printer(fitness), tracker],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
-                                           extra_state=lambda: {"tracking": tracker.state_dict()}),
+                                           extra_state=lambda: {"tracking": tracker.state_dict(),
+                                                                "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
     )
     if checkpoint:
@@ -125,12 +155,27 @@ def _shutdown_ray(config: ExperimentConfig) -> None:
         ray.shutdown()
 
 
-def _tracker(config: ExperimentConfig, run_dir: Path, state: dict | None, fitness: Fitness):
+def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):
+    """The tracker, resumed from the checkpoint `saved` if any. A sqlite store that moved with the
+    run folder since that checkpoint is pointed at the artifacts next to it first."""
     from evo_sft.tracking import MLflowTracker
+    from evo_sft.tracking.store import move_artifact_root
 
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+    state = saved.get("tracking")
+    if state and state["tracking_uri"] != uri == saved_tracking_uri(saved, run_dir):
+        move_artifact_root(uri, state["tracking_uri"])
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
                          run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
+
+
+def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
+    """The tracking URI of the checkpoint `saved`, now that its run folder is `run_dir`: a sqlite
+    store inside the folder moved with it."""
+    from evo_sft.tracking.store import moved
+
+    uri = (saved.get("tracking") or {}).get("tracking_uri")
+    return uri and moved(uri, Path(saved.get("run_dir", run_dir)), run_dir)
 
 
 def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool) -> RunResult:
@@ -142,8 +187,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool)
         shutil.rmtree(staging, ignore_errors=True)
         exported = Path(controller.population.export_adapter(best, staging))
         tokenizer.save_pretrained(exported)
-        shutil.rmtree(target, ignore_errors=True)
-        exported.rename(target)
+        replace_directory(exported, target)
         shutil.rmtree(staging, ignore_errors=True)
     return RunResult(run_dir, controller.slot_ids[best], controller.scores()[best], target, interrupted)
 

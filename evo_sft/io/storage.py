@@ -329,6 +329,22 @@ def recover_directory(final_path: str | os.PathLike) -> bool:
     return True
 
 
+def replace_directory(new: Path, final: Path) -> Path:
+    """Put the finished folder `new` (on the same file system) at `final`: an existing `final` is
+    renamed to `.old-<name>-<8 hex>`, `new` renamed into place, then the old one deleted. `final`
+    never holds a mix of old and new files."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(new, final)
+        _fsync(final.parent)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, final)
+        _fsync(final.parent)
+    return final
+
+
 class AtomicDirectory:
     """A fresh temporary directory, `tmp`, that `commit()` swaps in for `final_path` atomically
     and `abort()` deletes; `atomic_directory` is its context manager, and documents the rules.
@@ -349,17 +365,7 @@ class AtomicDirectory:
         except BaseException:
             self.abort()
             raise
-        final = self.final
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, old)
-            os.rename(self.tmp, final)
-            _fsync(final.parent)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.tmp, final)
-            _fsync(final.parent)
-        return final
+        return replace_directory(self.tmp, self.final)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -3,11 +3,14 @@ is unreachable, kept in a local queue and sent in order when it is back.
 
 A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
 `timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (queued artifacts
-are copied under `queue_dir/files/`) with one warning per outage, and so is every later record
-until `flush()` empties the queue: an outage costs one failed request per flush. Runs are
-created when their `create_run` record is sent, so the MLflow ids of local keys are known only
-here (`run_ids`). The only records dropped are those the store refuses as invalid (HTTP 400, or
-404 for a run that does not exist), which no retry could fix; each costs a warning.
+are copied under `queue_dir/files/` and named relative to `queue_dir`, so the queue moves with
+its folder) with one warning per outage, and so is every later record until `flush()` empties
+the queue: an outage costs one failed request per flush. Runs are created when their
+`create_run` record is sent, so the MLflow ids of local keys are known only here (`run_ids`);
+they are also kept in `queue_dir/mlflow_runs.json` as each run is made, where a tracker that
+starts afresh after an earlier one stopped before any checkpoint named its runs finds them
+(`forget_earlier_attempt`). The only records dropped are those the store refuses as invalid
+(HTTP 400, or 404 for a run that does not exist), which no retry could fix; each costs a warning.
 """
 import json
 import shutil
@@ -22,6 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 QUEUE_FILE = "mlflow_queue.jsonl"
+RUNS_FILE = "mlflow_runs.json"
 
 
 class TrackingWarning(UserWarning):
@@ -40,6 +44,7 @@ class Outbox:
         self.tracking_uri = tracking_uri
         self.queue_dir = Path(queue_dir)
         self.queue_file = self.queue_dir / QUEUE_FILE
+        self.runs_file = self.queue_dir / RUNS_FILE
         self.experiment_id, self.run_ids = experiment_id, dict(run_ids)
         self._client = None
         self._in_outage = False
@@ -48,6 +53,19 @@ class Outbox:
     def keys_created(self) -> set[str]:
         """Local keys of the runs that exist or whose creation is queued."""
         return set(self.run_ids) | {r["key"] for r in self.pending if r["kind"] == "create_run"}
+
+    def forget_earlier_attempt(self) -> tuple[dict[str, str], int]:
+        """For a tracker that starts afresh in a folder an earlier tracker used: drop that
+        tracker's queued records and return the runs it made (local key -> run id) and how many
+        records were dropped. The runs file stays until this tracker makes its first run, so a
+        start that dies before then finds the earlier runs again."""
+        dropped = len(self.pending)
+        for record in self.pending:
+            self._remove_snapshot(record)
+        self.pending = []
+        self._write_queue()
+        made = json.loads(self.runs_file.read_text(encoding="utf-8")) if self.runs_file.exists() else {}
+        return made, dropped
 
     def submit(self, record: dict) -> None:
         record.setdefault("timestamp", now_ms())
@@ -76,7 +94,7 @@ class Outbox:
                     return False
                 _warn_rejected(record, error)
             self.pending.pop(0)
-            _remove_snapshot(record)
+            self._remove_snapshot(record)
             sent += 1
             if record["kind"] in ("experiment", "create_run"):
                 self._write_queue()  # a crash must not create the same run twice
@@ -112,7 +130,21 @@ class Outbox:
         except OSError as error:
             warnings.warn(f"could not keep artifact {source} for MLflow: {error}", TrackingWarning, stacklevel=4)
             return None
-        return {**record, "local_path": str(target), "snapshot": True}
+        return {**record, "local_path": str(target.relative_to(self.queue_dir)), "snapshot": True}
+
+    def _local_path(self, record: dict) -> Path:
+        """An artifact's files: a snapshot's path is relative to the queue folder, any other absolute."""
+        return self.queue_dir / record["local_path"] if record.get("snapshot") else Path(record["local_path"])
+
+    def _remove_snapshot(self, record: dict) -> None:
+        if record.get("snapshot"):
+            shutil.rmtree(self._local_path(record).parent, ignore_errors=True)
+
+    def _write_runs(self) -> None:
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.runs_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(self.run_ids), encoding="utf-8")
+        partial.replace(self.runs_file)
 
     def _read_queue(self) -> list[dict]:
         if not self.queue_file.exists():
@@ -159,22 +191,37 @@ class Outbox:
             run = client.create_run(self.experiment_id, start_time=record["timestamp"], tags=tags,
                                     run_name=record["run_name"])
             self.run_ids[record["key"]] = run.info.run_id
+            self._write_runs()
         elif kind == "log":
             metrics = [Metric(name, value, record["timestamp"], step) for name, value, step in record.get("metrics", [])]
             params = [Param(name, value) for name, value in record.get("params", {}).items()]
             tags = [RunTag(name, value) for name, value in record.get("tags", {}).items()]
             client.log_batch(self._run_id(record["key"]), metrics=metrics, params=params, tags=tags, synchronous=True)
         elif kind == "artifact":
-            log = client.log_artifacts if Path(record["local_path"]).is_dir() else client.log_artifact
-            log(self._run_id(record["key"]), record["local_path"], record["artifact_path"])
+            local_path = self._local_path(record)
+            log = client.log_artifacts if local_path.is_dir() else client.log_artifact
+            log(self._run_id(record["key"]), str(local_path), record["artifact_path"])
         elif kind == "update_run":
             client.update_run(self._run_id(record["key"]), status=record["status"])
         elif kind == "terminate":
             client.set_terminated(self._run_id(record["key"]), status=record["status"], end_time=record["timestamp"])
         elif kind == "delete_lost_member_runs":
             self._delete_lost_member_runs(client)
+        elif kind == "delete_runs":
+            self._delete_runs(client, record["run_ids"], record["timestamp"])
         else:
             raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    @staticmethod
+    def _delete_runs(client: MlflowClient, run_ids: list[str], end_time: int) -> None:
+        """Soft-delete the runs; one still RUNNING (its process was killed) ends KILLED first."""
+        for run_id in run_ids:
+            info = client.get_run(run_id).info
+            if info.lifecycle_stage != "active":
+                continue
+            if info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED", end_time=end_time)
+            client.delete_run(run_id)
 
     def _delete_lost_member_runs(self, client: MlflowClient) -> None:
         known = set(self.run_ids.values())
@@ -214,11 +261,6 @@ def _rejected(error: Exception) -> bool:
 def _warn_rejected(record: dict, error: Exception) -> None:
     warnings.warn(f"MLflow refused a {record['kind']} record for {record.get('key', record.get('name'))}: "
                   f"{_first_line(error)}", TrackingWarning, stacklevel=4)
-
-
-def _remove_snapshot(record: dict) -> None:
-    if record.get("snapshot"):
-        shutil.rmtree(Path(record["local_path"]).parent, ignore_errors=True)
 
 
 def _first_line(error: Exception) -> str:

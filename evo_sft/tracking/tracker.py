@@ -20,6 +20,11 @@ Outages
 Every MLflow call goes through `evo_sft.tracking.outbox`, which queues records while the server is
 unreachable and sends them, in order, at the start of the next generation and in `close()`.
 
+Starting again
+A tracker made without `state` in a queue folder where an earlier tracker made runs (a run killed
+before its first checkpoint, started again in the same folder) deletes those runs, ending any
+still RUNNING as KILLED, and drops that tracker's queued records, with a warning.
+
 Resume
 A tracker made from a checkpoint's `state` reopens the parent and member runs it names. Member
 runs of the parent that the state does not name were made after that checkpoint by a run that
@@ -41,6 +46,7 @@ from evo_sft.evolution import elite
 from evo_sft.fitness import Fitness, NegativeTestLoss
 from evo_sft.tracking.outbox import Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves
+from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 # Short HTTP retries and timeouts so an outage costs seconds per generation, not minutes
@@ -88,6 +94,8 @@ class MLflowTracker:
         if state.get("parent_run_id"):
             run_ids["parent"] = state["parent_run_id"]
         self.outbox = Outbox(tracking_uri, queue_dir, state.get("experiment_id"), run_ids)
+        if not state:
+            self._delete_earlier_attempt()
         self.member_slots = {int(m): slot for m, slot in state.get("member_slots", {}).items()}
         self._known_runs = self.outbox.keys_created()
         if "parent" in self._known_runs:
@@ -141,9 +149,25 @@ class MLflowTracker:
         }
 
     # ----------------------------------------------------------------- what is logged
+    def _delete_earlier_attempt(self) -> None:
+        """A tracker started afresh where an earlier one worked (a run stopped before its first
+        checkpoint, started again in the same folder): the earlier runs are deleted and its
+        queued records dropped, so the folder ends with one parent run."""
+        made, dropped = self.outbox.forget_earlier_attempt()
+        done = []
+        if made:
+            self.outbox.submit({"kind": "delete_runs", "run_ids": list(made.values())})
+            done.append(f"its {len(made)} MLflow runs are deleted (parent run {made.get('parent')})")
+        if dropped:
+            done.append(f"its {dropped} queued MLflow records are dropped")
+        if done:
+            warnings.warn(f"an earlier attempt in this folder stopped before its first checkpoint: {' and '.join(done)}",
+                          TrackingWarning, stacklevel=3)
+
     def _start_parent(self, params: dict, run_name: str | None) -> None:
         if self.outbox.experiment_id is None:
-            self.outbox.submit({"kind": "experiment", "name": self.experiment, "artifact_location": self._artifact_root()})
+            self.outbox.submit({"kind": "experiment", "name": self.experiment,
+                                "artifact_location": artifact_root(self.tracking_uri)})
         self._create_run("parent", run_name, {"evo_sft.role": "evolution"}, {})
         items = sorted(params.items())
         for start in range(0, len(items), PARAMS_PER_BATCH):
@@ -219,13 +243,6 @@ class MLflowTracker:
         """`run_tags` map a tag to the local key of a run whose id is its value once known."""
         self._known_runs.add(key)
         self.outbox.submit({"kind": "create_run", "key": key, "run_name": run_name, "tags": tags, "run_tags": run_tags})
-
-    def _artifact_root(self) -> str | None:
-        """Artifacts of a local sqlite store go next to the database, not into the working directory."""
-        if not self.tracking_uri.startswith("sqlite:///"):
-            return None
-        database = Path(self.tracking_uri[len("sqlite:///"):])
-        return (database.parent / "mlartifacts").absolute().as_uri()
 
 
 def _numbers(hyperparameters: dict) -> dict:

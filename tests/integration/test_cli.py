@@ -1,6 +1,8 @@
 """The `evo-sft` command line as a user meets it, through a subprocess (issue 6):
 `--dry-run`, every validation error (exit code 2, one line naming the key, nothing started),
-every config in configs/, and the demo end to end on a local Ray cluster."""
+every config in configs/, `--version`, help that describes every argument, argument mistakes in
+one line, an empty config, and the demo end to end on a local Ray cluster."""
+import argparse
 import ast
 import json
 import re
@@ -88,6 +90,12 @@ def _quick_commands(root: Path) -> dict:
         cwd = root / f"config-{config.stem}"
         cwd.mkdir()
         commands[cwd.name] = (["run", config, "--dry-run"], cwd)
+    for name, argv in (("help", ["--help"]),
+                       ("member-not-a-number", ["export", "run", "out", "--member", "abc"]),
+                       ("no-config", ["run"]), ("empty-config", ["run", "empty.yaml", "--dry-run"])):
+        (root / name).mkdir()
+        commands[name] = (argv, root / name)
+    (root / "empty-config" / "empty.yaml").write_text("# nothing set yet\n")
     return commands
 
 
@@ -117,6 +125,60 @@ def test_validation_error_is_one_line_naming_the_key_with_exit_code_2(quick, cas
     # nothing started: no run folder, nothing written where the command ran
     assert not (cwd / "run").exists()
     assert sorted(p.name for p in cwd.iterdir()) == before
+
+
+# ----------------------------------------------------------------------- the command line itself (issue 20, item 16)
+def test_version():
+    from importlib.metadata import version
+
+    result = evo(["--version"], cwd=REPO)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"evo-sft {version('evo-sft')}\n", "")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("member-not-a-number", "error: argument --member: expected a member id (an integer) or 'best', got 'abc' "
+                            "(see `evo-sft export --help`)"),
+    ("no-config", "error: the following arguments are required: CONFIG (see `evo-sft run --help`)"),
+])
+def test_argument_mistakes_are_one_line_with_exit_code_2(quick, case, message):
+    result, cwd, before = quick[case]
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", message + "\n")
+    assert sorted(p.name for p in cwd.iterdir()) == before
+
+
+def test_every_argument_is_described_and_every_option_says_its_default(quick):
+    from evo_sft.cli import parser
+
+    def commands(p):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for cmd in action.choices.values():
+                    yield from commands(cmd)
+
+    undescribed = []
+    for cmd in commands(parser()):
+        assert cmd.description, cmd.prog
+        for action in cmd._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            says_default = "(default: " in (action.help or "") or action.required and "(required)" in action.help
+            if not action.help or (action.option_strings and not says_default):
+                undescribed.append(f"{cmd.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert undescribed == []
+    result, _, _ = quick["help"]
+    assert result.returncode == 0 and "--version" in result.stdout
+    for name in ("run", "resume", "status", "export", "submit", "logs", "stop"):
+        assert re.search(rf"^\s+{name}\s+\S", result.stdout, re.M), name
+
+
+def test_an_empty_config_runs_the_defaults_and_says_so(quick):
+    from evo_sft.config import ExperimentConfig
+
+    result, cwd, _ = quick["empty-config"]
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "empty.yaml is empty: running the defaults (experiment 'evo-sft')\n"
+    assert _split_dry_run(result.stdout)[0] == ExperimentConfig().to_dict()
 
 
 # ----------------------------------------------------------------------- dry run

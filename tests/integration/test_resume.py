@@ -10,6 +10,7 @@ Every run here is the demo config shrunk to seconds on the in-process ("local") 
   - `status --json` has exactly the documented shape; `export` writes a PEFT folder whose
     logits are those of the member's adapter in the checkpoint (loaded two other ways).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -300,6 +301,67 @@ def test_controller_killed_mid_generation_resumes_to_the_end(runs, full_run):
     assert len(members) == len(set(members)), f"a member has two MLflow runs: {sorted(members)}"
 
 
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_does(tmp_path):
+    """Issue 20, item 3: killed after its first generation (checkpoint.every=2), a run has MLflow
+    runs but no checkpoint. `resume` names the command that starts it again; that command takes
+    the folder over: the earlier attempt's runs deleted (the RUNNING ones ended KILLED), one parent."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from evo_sft.io.checkpoint import checkpoint_dirs
+
+    run_dir = tmp_path / "run"
+    sets = [*SMALL, "evolution.steps_per_generation=8", "evolution.generations=2", "checkpoint.every=2"]
+    job = Job(tmp_path, "killed", "run", DEMO, "--run-dir", run_dir, *[x for s in sets for x in ("--set", s)])
+    runs_file = run_dir / "tracking_queue" / "mlflow_runs.json"
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not (runs_file.exists() and "member:" in runs_file.read_text()):
+            assert job.process.poll() is None, job.wait(check=False)
+            assert time.monotonic() < deadline, "the first generation made no member runs"
+            time.sleep(0.05)
+    finally:
+        job.kill()
+    assert not checkpoint_dirs(run_dir), "the run was killed after its first checkpoint"
+    earlier = json.loads(runs_file.read_text())
+
+    resumed = evo("resume", run_dir, check=False)
+    assert (resumed.returncode, resumed.stdout) == (1, "")
+    command = f"evo-sft run {run_dir / 'config.yaml'} --run-dir {run_dir}"
+    assert resumed.stderr == (f"error: no checkpoint yet in {run_dir}: the run stopped before its first one, "
+                              f"written after 2 generations; start it again with `{command}`\n")
+
+    again = evo(*command.split()[1:])
+    assert f"{run_dir} holds a run that stopped before its first checkpoint: starting it again" in again.stdout
+    assert f"its {len(earlier)} MLflow runs are deleted (parent run {earlier['parent']})" in again.stderr
+    assert status_dict(run_dir)["generation"] == 2
+    runs = _mlflow_runs(run_dir)
+    assert len([r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert not set(earlier.values()) & {r.info.run_id for r in runs}
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    deleted = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                                 run_view_type=ViewType.DELETED_ONLY, max_results=1000)
+    assert {r.info.run_id for r in deleted} == set(earlier.values())
+    assert client.get_run(earlier["parent"]).info.status == "KILLED"
+
+
+def test_a_finished_run_that_kept_no_checkpoint_is_neither_taken_over_nor_resumed(tmp_path):
+    """One generation with checkpoint.every=2: the run finishes without a checkpoint. Starting
+    it again in its folder must not take it over (deleting its MLflow runs)."""
+    run_dir = tmp_path / "run"
+    evo(*run_args(run_dir, 1), "--set", "checkpoint.every=2")
+    before = tree_state(run_dir)
+    again = evo(*run_args(run_dir, 1), check=False)
+    assert (again.returncode, again.stdout) == (1, "")
+    assert again.stderr == f"error: {run_dir} holds a finished run that kept no checkpoint; choose another --run-dir\n"
+    resumed = evo("resume", run_dir, check=False)
+    assert (resumed.returncode, resumed.stdout) == (1, "")
+    assert resumed.stderr == (f"error: {run_dir} holds a finished run that kept no checkpoint (checkpoint.every 2 "
+                              "is more than its generations), so it cannot be resumed\n")
+    assert tree_state(run_dir) == before
+
+
 # ----------------------------------------------------------------------- damaged checkpoint
 def test_damaged_checkpoint_is_named_and_resume_falls_back(runs, full_run, full_status):
     status = runs.damaged_status
@@ -326,6 +388,69 @@ def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
     for generation in (2, 3, 4):
         assert f"generation_{generation:05d}" in result.stderr
     assert "controller.json" in result.stderr and "no intact checkpoint" in result.stderr
+
+
+# ----------------------------------------------------------------------- a run folder moves
+def tree_state(folder: Path) -> dict:
+    """Every path under `folder`, the folder itself included, with its modification time and,
+    for a file, the sha256 of its content."""
+    return {str(path.relative_to(folder)): (path.lstat().st_mtime_ns,
+                                            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None)
+            for path in [folder, *sorted(folder.rglob("*"))]}
+
+
+def test_a_copied_or_moved_run_resumes_where_it_is_and_leaves_the_original_alone(tmp_path, full_run):
+    """Issue 20, item 1: the MLflow store inside the run folder holds absolute artifact locations
+    and config.yaml an absolute run_dir; a copy, then the copy renamed, resume in their own folder."""
+    from mlflow.tracking import MlflowClient
+
+    original = tree_state(full_run)
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy, symlinks=True)
+    uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert status_json(copy)["mlflow"]["tracking_uri"] == uri
+    assert f"MLflow: {uri} " in evo("status", copy).stdout
+    resumed = evo("resume", copy, "--generations", GENERATIONS + 1)
+    assert tree_state(full_run) == original, "resuming the copy changed the original run folder"
+    assert str(full_run) not in resumed.stdout + resumed.stderr
+
+    moved = tmp_path / "moved"
+    copy.rename(moved)  # nothing is at the copy's old path now: a write there would make it again
+    evo("resume", moved, "--generations", GENERATIONS + 2)
+    assert not copy.exists()
+    assert tree_state(full_run) == original
+
+    status = status_json(moved)
+    assert status["generation"] == GENERATIONS + 2
+    assert status["mlflow"]["tracking_uri"] == f"sqlite:///{moved / 'mlflow.db'}"
+    client = MlflowClient(status["mlflow"]["tracking_uri"])
+    root = (moved / "mlartifacts").as_uri()
+    experiment = client.get_experiment(status["mlflow"]["experiment_id"])
+    assert experiment.artifact_location == root
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    assert runs and all(run.info.artifact_uri.startswith(root + "/") for run in runs)
+    parent = status["mlflow"]["parent_run_id"]
+    assert [a.path for a in client.list_artifacts(parent, "elite")] == \
+        [f"elite/generation_{g:05d}" for g in range(GENERATIONS + 2)]
+    lineage = Path(client.download_artifacts(parent, "lineage.json", str(tmp_path)))
+    assert json.loads(lineage.read_text()) == controller_state(moved, GENERATIONS + 2)["lineage"]
+
+
+def test_resume_to_no_more_generations_says_so_and_starts_nothing(full_run):
+    """Issue 20, item 15: `resume --generations N` with N at or below the run's generation started
+    Ray, rewrote the run's outputs and exited 0 without a word. Now: one line, exit code 0 (the
+    run has what was asked for), nothing written; the Ray backend shows no cluster was started."""
+    before = tree_state(full_run)
+    for args, wanted, source in (
+            (["--generations", GENERATIONS], GENERATIONS, "--generations"),
+            (["--generations", 2, "--set", "population.backend=ray"], 2, "--generations"),
+            ([], GENERATIONS, "evolution.generations in its config")):
+        result = evo("resume", full_run, *args)
+        assert result.stdout == (f"nothing to do: {full_run} is at generation {GENERATIONS}, and {wanted} generations "
+                                 f"are asked for ({source}); to go on, ask for more, e.g. "
+                                 f"`evo-sft resume {full_run} --generations {GENERATIONS + 1}`\n"), args
+        assert "Traceback" not in result.stderr
+    assert tree_state(full_run) == before
 
 
 # ----------------------------------------------------------------------- status
@@ -415,9 +540,39 @@ def test_export_loads_with_peft_and_matches_the_checkpoint(tmp_path, full_run, f
 def test_export_of_a_member_not_in_the_checkpoint_fails(tmp_path, full_run, full_status):
     missing = max(m["id"] for m in full_status["members"]) + 100
     result = evo("export", full_run, tmp_path / "nothing", "--member", missing, check=False)
-    assert result.returncode == 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"member {missing} is not in the latest checkpoint" in result.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_export_refuses_a_folder_with_files_and_replaces_it_whole_with_force(tmp_path, full_run):
+    """Issue 20, item 2: export wrote over whatever OUT held, old files staying beside the new."""
+    def files(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()  # an empty folder is fine
+    evo("export", full_run, fresh)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused = evo("export", full_run, out, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == f"error: {out} is not empty; pass --force to replace it, or choose a new folder\n"
+    assert files(out) == {"notes.txt": b"mine"}
+
+    (out / "adapter_model.safetensors").write_bytes(b"an older export")
+    forced = evo("export", full_run, out, "--force")
+    assert str(out) in forced.stdout
+    assert files(out) == files(fresh), "old files left beside the new ones"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"], "a staging folder was left"
+
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    for args in ([], ["--force"]):
+        result = evo("export", full_run, a_file, *args, check=False)
+        assert (result.returncode, result.stderr) == (2, f"error: {a_file} is a file; export into a folder\n")
+    assert a_file.read_text() == "mine"
 
 
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):

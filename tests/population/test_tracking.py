@@ -115,6 +115,67 @@ def test_records_queued_before_a_crash_are_sent_by_the_resumed_tracker(tmp_path,
     assert not (tmp_path / "queue" / QUEUE_FILE).exists()
 
 
+def test_a_queue_moved_with_its_folder_is_sent_from_where_it_is(tmp_path, monkeypatch):
+    """Records queued while no server answers, artifacts among them, in a folder that is then
+    renamed: the resumed tracker sends them from the new place and leaves nothing at the old one."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    before, after = tmp_path / "before", tmp_path / "after"
+    with pytest.warns(TrackingWarning, match="unreachable"):
+        offline, recorder = make_tracker(f"http://127.0.0.1:{free_port()}", before), Recorder()
+    controller = make_controller(tmp_path, [offline, recorder])
+    controller.run(1)
+    queue = [json.loads(line) for line in (before / "queue" / QUEUE_FILE).read_text().splitlines()]
+    assert any(record["kind"] == "artifact" for record in queue)
+    state = json.loads(json.dumps(offline.state_dict()))
+    before.rename(after)
+    uri = f"sqlite:///{after / 'mlflow.db'}"
+    resumed = make_tracker(uri, after, state=state)
+    controller.observers = [resumed, recorder]
+    controller.run(2)
+    resumed.close()
+    assert not before.exists()
+    assert not (after / "queue" / QUEUE_FILE).exists() and not any((after / "queue" / "files").iterdir())
+    assert_everything_logged(MlflowClient(uri), controller, recorder.records)
+    parent, _ = parent_and_members(MlflowClient(uri), "evolution")
+    assert_artifacts(MlflowClient(uri), parent.info.run_id, controller, tmp_path)
+
+
+def test_a_tracker_started_afresh_deletes_the_runs_of_an_earlier_attempt(tmp_path, monkeypatch):
+    """Issue 20, item 3. Attempt 1 makes a parent and member runs and dies before any checkpoint;
+    attempt 2 starts afresh while no server answers (its deletions and runs only queued) and dies
+    too; attempt 3 deletes attempt 1's runs, drops attempt 2's queue and ends with one parent."""
+    from mlflow.entities import ViewType
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = make_tracker(uri, tmp_path)
+    make_controller(tmp_path, [first]).run(1)
+    client = MlflowClient(uri)
+    first_runs = {run.info.run_id: run.info.status
+                  for run in client.search_runs([client.get_experiment_by_name("evolution").experiment_id])}
+    assert len(first_runs) > 1 and "RUNNING" in first_runs.values()
+
+    with pytest.warns(TrackingWarning, match=rf"earlier attempt .* its {len(first_runs)} MLflow runs are deleted"):
+        offline = make_tracker(f"http://127.0.0.1:{free_port()}", tmp_path)
+    make_controller(tmp_path, [offline]).run(1)
+    assert (tmp_path / "queue" / QUEUE_FILE).exists()
+
+    with pytest.warns(TrackingWarning, match=rf"its {len(first_runs)} MLflow runs are deleted .* and its \d+ queued"):
+        third, recorder = make_tracker(uri, tmp_path), Recorder()
+    controller = make_controller(tmp_path, [third, recorder])
+    controller.run(2)
+    third.close()
+    assert_everything_logged(client, controller, recorder.records)  # one active parent: the third attempt's
+    for run_id, status in first_runs.items():  # a run left RUNNING ends KILLED; a retired member stays FINISHED
+        info = client.get_run(run_id).info
+        assert (info.lifecycle_stage, info.status) == ("deleted", "KILLED" if status == "RUNNING" else status)
+    experiment = client.get_experiment_by_name("evolution").experiment_id
+    assert len(client.search_runs([experiment], run_view_type=ViewType.ALL)) == len(first_runs) + \
+        len(controller.lineage.members) + 1, "the second attempt's queued runs were made"
+
+
 def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     """A generation where member 1 diverged, written by hand for a real controller."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
