@@ -10,6 +10,7 @@ import yaml
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import FITNESSES, Fitness
+from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
@@ -175,7 +176,7 @@ def progress_printer(fitness: Fitness):
         for slot, member_id in enumerate(record.member_ids):
             hp, train = record.hyperparameters[slot], record.train[slot]
             marker = "*" if slot == record.elite_slot else " "
-            print(f" {marker}{member_id:>6} " + " ".join(f"{hp[name]:>10.3g}" for name in names)
+            print(f" {marker}{member_id:>6} " + " ".join(f"{shown(hp[name]):>10}" for name in names)
                   + f" {train.train_loss:>10.4f} {fitness.shown(record.fitness[slot]):>10.4f}"
                   f" {train.tokens_per_second:>8.0f}")
         born = [d for d in record.decisions if d.clone]
