@@ -15,13 +15,6 @@ from evo_sft.data.demo import build_tokenizer, demo_dataset
 GRAD_TOL = dict(atol=1e-6, rtol=1e-5)
 
 
-@pytest.fixture
-def uneven_batch(make_gym, uneven_dataset):
-    """The four rows of very different lengths, in dataset order, as one padded batch."""
-    (batch,) = make_gym(uneven_dataset).test_batches(batch_size=4)
-    return batch
-
-
 # ----------------------------------------------------------------------- loss and fitness
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
