@@ -9,7 +9,9 @@ dW = s * B @ A, and the new (A', B') of rank r' and scaling s' give s' * B' @ A'
   from torch's current generator (the member's own, see MemberHost), and B' is B * s / s' with
   r' - r zero columns, so dW is unchanged;
 - shrinking (r' < r): dW's best rank-r' approximation (truncated SVD, dW = U S V^T), split evenly:
-  B' = U sqrt(S / s'), A' = sqrt(S / s') V^T;
+  B' = U sqrt(S / s'), A' = sqrt(S / s') V^T; where dW has no weight left (a singular value of 0,
+  as in an adapter that has not trained yet, B = 0) the rank is given fresh A rows and zero B
+  columns, as a new adapter has, since zero rows of A and columns of B would never get a gradient;
 - the same rank with another alpha: B' = B * s / s'.
 So alpha does not change what the member computes; it changes how fast the adapter moves from
 there on (under Adam an update of B moves dW in proportion to s').
@@ -115,14 +117,22 @@ def changed_rank(a: torch.Tensor, b: torch.Tensor, old_scaling: float, r: int,
     if r == rank:
         return a.clone(), b * (old_scaling / new_scaling)
     if r > rank:
-        new_rows = torch.empty(r - rank, a.shape[1], dtype=a.dtype, device=a.device)
-        torch.nn.init.kaiming_uniform_(new_rows, a=math.sqrt(5))  # as PEFT initialises lora_A
-        return torch.cat([a, new_rows]), zero_padded(b * (old_scaling / new_scaling), r, 1)
+        return torch.cat([a, fresh_rows(r - rank, a)]), zero_padded(b * (old_scaling / new_scaling), r, 1)
     # dW = s B A = Qb (s Rb Ra^T) Qa^T: the SVD of the small core gives dW's, without forming dW.
     q_b, r_b = torch.linalg.qr(b.double())
     q_a, r_a = torch.linalg.qr(a.double().T)
     u, singular, vh = torch.linalg.svd(old_scaling * r_b @ r_a.T)
     root = (singular[:r] / new_scaling).sqrt()
-    new_b = (q_b @ u[:, :r]) * root
-    new_a = root[:, None] * (vh[:r] @ q_a.T)
-    return new_a.to(a.dtype), new_b.to(b.dtype)
+    new_b = ((q_b @ u[:, :r]) * root).to(b.dtype)
+    new_a = (root[:, None] * (vh[:r] @ q_a.T)).to(a.dtype)
+    unused = singular[:r] <= singular[0] * 1e-9
+    if unused.any():
+        new_a[unused] = fresh_rows(int(unused.sum()), a)
+        new_b[:, unused] = 0
+    return new_a, new_b
+
+
+def fresh_rows(count: int, a: torch.Tensor) -> torch.Tensor:
+    """`count` new rows for A, drawn as PEFT initialises lora_A (kaiming-uniform, a=sqrt(5))."""
+    rows = torch.empty(count, a.shape[1], dtype=a.dtype, device=a.device)
+    return torch.nn.init.kaiming_uniform_(rows, a=math.sqrt(5))

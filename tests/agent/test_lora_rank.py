@@ -141,6 +141,21 @@ def test_a_shrunk_rank_keeps_the_truncated_svd_of_dw_and_resets_the_moments(trai
     assert {state["step"].item() for state in moments(agent).values()} == {1.0}
 
 
+def test_a_shrunk_adapter_that_has_not_trained_is_a_fresh_one_that_learns(make_agent, uneven_batch, logits_of,
+                                                                         probe_ids):
+    """B = 0: dW = 0 has no direction to keep; the rank-2 adapter gets fresh A rows and zero B, like
+    PEFT's, and every one of its rank components trains (none is a dead zero row and column)."""
+    agent = make_agent()
+    before = logits_of(agent, probe_ids)
+    agent.set_hyperparameters(lora_r=2)
+    assert torch.equal(logits_of(agent, probe_ids), before)
+    for a, b in layers(agent).values():
+        assert a.shape[0] == 2 and (a.abs().sum(dim=1) > 0).all() and (b == 0).all()
+    agent.learn(uneven_batch)
+    for a, b in layers(agent).values():
+        assert (b.abs().sum(dim=0) > 0).all()
+
+
 def test_the_same_rank_changes_nothing_and_a_shrink_to_the_rank_of_dw_keeps_it(
         trained, logits_of, probe_ids, snapshot, assert_same):
     agent = trained(lora(4, 8))
