@@ -378,8 +378,11 @@ class SFT:
         self.mutation_hooks = hooks
 
     def copy_attributes(self, agent: "SFT", clone_agent: "SFT") -> "SFT":
+        """Copy `agent`'s attributes onto `clone_agent`, all but the LoRA settings: those describe
+        the adapter weights, which this does not copy (`import_state` copies both)."""
         for name, value in self.inspect_attributes(agent).items():
-            setattr(clone_agent, name, value)
+            if not (name in HYPERPARAMETERS and HYPERPARAMETERS[name].applies_to == "lora"):
+                setattr(clone_agent, name, value)
         return clone_agent
 
     def register_mutation_hook(self, hook) -> None:
