@@ -397,7 +397,8 @@ def _validate_search_range(cfg: ExperimentConfig, name: str, bounds: SearchRange
              f"a log scale needs min > 0, got {bounds.min}")
     steps = {}  # what an integer must be a multiple of, by the key that says so
     if bounds.multiple_of is not None:
-        _require(hyperparameter.type is int, f"{key}.multiple_of", f"applies to integer hyperparameters; {name} is not one")
+        _require(hyperparameter.type is int, f"{key}.multiple_of",
+                 f"applies to integer hyperparameters; {name} is not one")
         _require(bounds.multiple_of >= 1, f"{key}.multiple_of", f"must be >= 1, got {bounds.multiple_of}")
         _require(start % bounds.multiple_of == 0, start_key,
                  f"{start} is not a multiple of {key}.multiple_of {bounds.multiple_of}")
@@ -405,7 +406,8 @@ def _validate_search_range(cfg: ExperimentConfig, name: str, bounds: SearchRange
     if name == "batch_size" and micro is not None:
         steps["agent.micro_batch_size_per_gpu"] = micro
     step = math.lcm(*steps.values()) if steps else 1
-    _require(not steps or -(-bounds.min // step) * step <= bounds.max, key, f"[{bounds.min}, {bounds.max}] contains no multiple of "
+    _require(not steps or -(-bounds.min // step) * step <= bounds.max, key,
+             f"[{bounds.min}, {bounds.max}] contains no multiple of "
              + " and ".join(f"{source} {value}" for source, value in steps.items()))
     _require(bounds.min <= start <= bounds.max, start_key, f"{start} outside {key} [{bounds.min}, {bounds.max}]")
 

@@ -29,7 +29,8 @@ class Explore:
         for factor in factors:
             if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) \
                     or factor <= 0 or factor == 1:
-                raise ValueError(f"Explore: each perturb factor must be a finite number > 0 other than 1, got {factor!r}")
+                raise ValueError(
+                    f"Explore: each perturb factor must be a finite number > 0 other than 1, got {factor!r}")
         p = self.resample_probability
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
             raise ValueError(f"Explore: resample_probability must be in [0, 1], got {p!r}")

@@ -2,8 +2,9 @@
 
 Their micro-batches are packed into one padding-free row. Each LoRA layer runs its frozen base
 layer once for all tokens, and every member's adapter at once: x @ [A_1; ...; A_k]^T gives each
-token every member's rank-r projection, a block mask keeps only the token's own member's block,
-and one matmul with [B_1 ... B_k] adds the deltas. A member's loss is normalised by its own
+token every member's projection (member i's rank r_i rows; members may differ in rank), a block
+mask keeps only the token's own member's block, and one matmul with [s_1 B_1 ... s_k B_k] (each B
+scaled by its member's own LoRA scaling) adds the deltas. A member's loss is normalised by its own
 step's supervised tokens, so the gradient of the summed objective with respect to a member's
 adapter is the gradient of that member's own step, as if it had trained alone.
 
@@ -82,12 +83,14 @@ def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.
 
 
 def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]], batches: list[dict],
-                     micro_sizes: list[int], scalings: list[float]) -> tuple[list[dict | None], torch.Tensor, list[int]]:
+                     micro_sizes: list[int],
+                     scalings: list[float]) -> tuple[list[dict | None], torch.Tensor, list[int]]:
     """One optimizer step's gradients for each member: `weights[i]` is member i's adapter tensors
     by parameter name (of its own rank), `scalings[i]` its LoRA scaling, `batches[i]` its step's
-    host batch, cut into micro-batches of `micro_sizes[i]` rows. The i-th micro-batches of all members go through one forward and
-    backward. Returns each member's gradients by name (None for a step without supervised
-    tokens), the loss sums on the device ([members], float32) and the supervised tokens."""
+    host batch, cut into micro-batches of `micro_sizes[i]` rows. The i-th micro-batches of all
+    members go through one forward and backward. Returns each member's gradients by name (None
+    for a step without supervised tokens), the loss sums on the device ([members], float32) and
+    the supervised tokens."""
     step_tokens = [supervised_token_count(batch["labels"]) for batch in batches]
     leaves = [{name: w.detach().requires_grad_() for name, w in member.items()} if tokens else None
               for member, tokens in zip(weights, step_tokens)]
