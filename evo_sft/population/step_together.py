@@ -15,6 +15,7 @@ parameters besides the adapters. `blocker` names what is missing.
 A NaN or inf in one member would reach the others (0 * NaN is NaN in the stacked matmuls), so
 a step whose losses or gradients are not all finite is redone with each member on its own.
 """
+import itertools
 from contextlib import contextmanager
 
 import torch
@@ -70,7 +71,10 @@ def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.
         scales += [1.0, *scalings]
     cast = cast_scaled(dtype, scales, masters)
     ranks = [member[layers[0][1]].shape[0] for member in weights] if layers else []
-    owner = torch.tensor([i for i, rank in enumerate(ranks) for _ in range(rank)], device=token_part.device)
+    columns = torch.arange(sum(ranks), device=token_part.device)
+    owner = torch.zeros_like(columns)  # the member of each row of the stacked A, made on the device (no copy, no sync)
+    for start in itertools.accumulate(ranks[:-1]):
+        owner += columns >= start
     mask = (owner == token_part[:, None]).to(dtype)
     for index, (module, _, _) in enumerate(layers):
         weight_a, *weights_b = cast[index * (k + 1):(index + 1) * (k + 1)]
