@@ -8,7 +8,8 @@ _EXPORTS = {
     "SFT": "evo_sft.sft", "LRSchedule": "evo_sft.sft", "save_llm_checkpoint": "evo_sft.sft",
     "SFTGym": "evo_sft.data", "finetune_llm_sft": "evo_sft.finetune",
     "HyperparameterConfig": "evo_sft.evolution", "Mutations": "evo_sft.evolution",
-    "RLParameter": "evo_sft.evolution", "TournamentSelection": "evo_sft.evolution",
+    "RLParameter": "evo_sft.evolution", "RLChoice": "evo_sft.evolution", "Explore": "evo_sft.evolution",
+    "TournamentSelection": "evo_sft.evolution",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,13 +1,12 @@
 """From an experiment config to the pieces of a run: base model, tokenised data, the recipe of
 its members, the founders' hyperparameters, selection and mutation, and the population."""
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from evo_sft.config import ExperimentConfig
-from evo_sft.evolution import HyperparameterConfig, Mutations, RLParameter, TournamentSelection
+from evo_sft.config import ExperimentConfig, founder_values
+from evo_sft.evolution import Explore, HyperparameterConfig, Mutations, RLChoice, RLParameter, TournamentSelection
 from evo_sft.hyperparameters import HYPERPARAMETERS
 
 
@@ -45,6 +44,9 @@ def member_recipe(config: ExperimentConfig, model_path: str):
     lora = None
     if config.lora is not None:
         lora = {**asdict(config.lora), "task_type": "CAUSAL_LM"}
+    # A cosine or linear schedule decays over the whole run unless agent.schedule_steps says otherwise.
+    schedule_steps = agent.schedule_steps or (
+        config.evolution.generations * config.evolution.steps_per_generation * agent.update_epochs)
     return MemberRecipe(
         model_path=model_path,
         tokenizer=config.tokenizer or model_path,
@@ -57,7 +59,8 @@ def member_recipe(config: ExperimentConfig, model_path: str):
             "gradient_checkpointing": agent.gradient_checkpointing, "use_liger_loss": agent.use_liger_loss,
             "packing": agent.packing, "compile_layers": agent.compile_layers,
         },
-        lr_schedule=asdict(agent.lr_schedule) if agent.lr_schedule else None,
+        lr_schedule={"total_steps": schedule_steps, "warmup_steps": agent.warmup_steps,
+                     "min_lr_ratio": agent.min_lr_ratio, "kind": agent.scheduler},
         lora=lora,
         gym={"data_batch_size_per_gpu": agent.batch_size, "response_column": config.data.response_column,
              "prompt_column": config.data.prompt_column, "max_length": config.data.max_length, "seed": config.seed},
@@ -69,11 +72,16 @@ def member_recipe(config: ExperimentConfig, model_path: str):
 
 
 def hp_config(config: ExperimentConfig) -> HyperparameterConfig:
-    """The search space: each mutable hyperparameter's range, type and scale."""
-    return HyperparameterConfig(**{
-        name: RLParameter(min=r.min, max=r.max, dtype=HYPERPARAMETERS[name].type,
-                          scale=r.scale or HYPERPARAMETERS[name].scale)
-        for name, r in config.evolution.hyperparameters.items()})
+    """The search space: each mutable hyperparameter's range (type, scale, multiple) or choices
+    (numbers sorted, so that neighbours are the next smaller and larger)."""
+    def parameter(name, r):
+        hyperparameter = HYPERPARAMETERS[name]
+        if r.choices is not None:
+            return RLChoice(tuple(r.choices if hyperparameter.categorical else sorted(r.choices)))
+        return RLParameter(min=r.min, max=r.max, dtype=hyperparameter.type, scale=r.scale or hyperparameter.scale,
+                           multiple_of=r.multiple_of or 1)
+
+    return HyperparameterConfig(**{name: parameter(name, r) for name, r in config.evolution.hyperparameters.items()})
 
 
 def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelection, Mutations]:
@@ -81,7 +89,8 @@ def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelecti
     selection = TournamentSelection(evolution.tournament_size, evolution.elitism, config.population.size,
                                     eval_loop=evolution.eval_loop)
     m = evolution.mutation
-    mutations = Mutations(no_mutation=m.no_mutation, rl_hp=m.rl_hp, mutate_elite=m.mutate_elite)
+    mutations = Mutations(no_mutation=m.no_mutation, rl_hp=m.rl_hp, mutate_elite=m.mutate_elite,
+                          explore=Explore(tuple(m.explore.perturb_factors), m.explore.resample_probability))
     return selection, mutations
 
 
@@ -89,15 +98,12 @@ def founder_hyperparameters(config: ExperimentConfig) -> list[dict]:
     """Every founder starts at the config's `agent.<name>` values. Where the learning rate
     mutates, slot 0 keeps the config's and the others draw theirs uniformly on the range's
     scale (seeded), so the first generation already compares rates."""
-    start = {name: getattr(config.agent, name) for name in HYPERPARAMETERS}
+    start = founder_values(config)
     space = hp_config(config)
     if "lr" not in space:
         return [dict(start) for _ in range(config.population.size)]
     rng = np.random.default_rng([config.seed, 0xF0])
-    lr = space["lr"]
-    transform, inverse = (math.log, math.exp) if lr.scale == "log" else (float, float)
-    low, high = transform(lr.min), transform(lr.max)
-    lrs = [config.agent.lr] + [float(inverse(rng.uniform(low, high))) for _ in range(config.population.size - 1)]
+    lrs = [config.agent.lr] + [space["lr"].sample(rng) for _ in range(config.population.size - 1)]
     return [{**start, "lr": value} for value in lrs]
 
 

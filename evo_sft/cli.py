@@ -83,17 +83,25 @@ def status_dict(run_dir: Path) -> dict:
 
 
 def cmd_status(args) -> int:
-    status = status_dict(Path(args.run_dir))
+    from evo_sft.hyperparameters import shown
+    from evo_sft.run import config_of
+
+    run_dir = Path(args.run_dir)
+    status = status_dict(run_dir)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    names = list(config_of(run_dir).evolution.hyperparameters)  # the run's search space
+    widths = [max(len(name), 10) for name in names]
     print(f"generation {status['generation']}; best member {status['best_member']}")
-    print(f"{'id':>5} {'parent':>6} {'born':>4} {'lr':>10} {'batch':>5} {'fitness':>9}")
+    print(f"{'id':>5} {'parent':>6} {'born':>4} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+          + f" {'fitness':>9}")
     for m in status["members"]:
         hp = m["hyperparameters"]
         parent = "-" if m["parent_id"] is None else m["parent_id"]
         last = m["fitness"][-1] if m["fitness"] else float("nan")
-        print(f"{m['id']:>5} {parent:>6} {m['generation_born']:>4} {hp['lr']:>10.3g} {hp['batch_size']:>5} {last:>9.4f}")
+        print(f"{m['id']:>5} {parent:>6} {m['generation_born']:>4} "
+              + " ".join(f"{shown(hp[n]):>{w}}" for n, w in zip(names, widths)) + f" {last:>9.4f}")
     mlflow = status["mlflow"]
     if mlflow.get("tracking_uri"):
         print(f"MLflow: {mlflow['tracking_uri']} experiment {mlflow['experiment_id']} run {mlflow['parent_run_id']}")

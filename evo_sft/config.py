@@ -50,17 +50,10 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    lora_alpha: int = 16
+    r: int = 8  # the founders' lora_r, lora_alpha and lora_dropout (evo_sft.hyperparameters)
+    lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class LRScheduleConfig:
-    total_steps: int
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -71,12 +64,16 @@ class AgentSettings:
     use_liger_loss: bool = False
     packing: bool | None = None  # padding-free packed micro-batches; None: on with a GPU
     compile_layers: bool | None = None  # torch.compile decoder layers and loss chunks; None: on with packing on a GPU
-    lr_schedule: LRScheduleConfig | None = None
+    # The learning-rate schedule (`scheduler`, `warmup_steps` are hyperparameters): a cosine or
+    # linear one decays to min_lr_ratio * lr over schedule_steps optimizer steps (None: the run's).
+    schedule_steps: int | None = None
+    min_lr_ratio: float = 0.0
 
 
-# `agent.<name>` for every hyperparameter of evo_sft.hyperparameters: the founders' values.
+# `agent.<name>` for every hyperparameter of evo_sft.hyperparameters set there: the founders' values.
 AgentConfig = dataclasses.make_dataclass(
-    "AgentConfig", [(h.name, h.type, field(default=h.default)) for h in HYPERPARAMETERS.values()],
+    "AgentConfig", [(h.name, h.type, field(default=h.default)) for h in HYPERPARAMETERS.values()
+                    if h.key == f"agent.{h.name}"],
     bases=(AgentSettings,))
 
 
@@ -91,20 +88,33 @@ class PopulationConfig:
 
 
 @dataclass
+class ExploreConfig:
+    """PBT's explore step (evo_sft.evolution.Explore): perturb by one of the factors, or with
+    `resample_probability` draw from the range (or choices) anew."""
+
+    perturb_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    resample_probability: float = 0.25
+
+
+@dataclass
 class MutationConfig:
     no_mutation: float = 0.4
     rl_hp: float = 0.6
     mutate_elite: bool = True
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
 
 
 @dataclass
 class SearchRange:
-    """Where a mutable hyperparameter may move; `scale` (default: the hyperparameter's own) is
-    how founders are spread over the range."""
+    """Where a mutable hyperparameter may move: `min` and `max` (numbers; `scale`, default the
+    hyperparameter's own, is how resampled values spread over them; an integer one may keep to
+    multiples of `multiple_of`), or a list of `choices` (a move goes to a neighbouring one)."""
 
-    min: int | float
-    max: int | float
+    min: int | float | None = None
+    max: int | float | None = None
     scale: Literal["linear", "log"] | None = None
+    multiple_of: int | None = None
+    choices: list[int | float | str] | None = None
 
 
 def default_search_space() -> dict[str, SearchRange]:
@@ -286,25 +296,19 @@ def _validate(cfg: ExperimentConfig) -> None:
     _require(data.num_rows >= 1, "data.num_rows", f"must be >= 1, got {data.num_rows}")
 
     if cfg.lora is not None:
-        _require(cfg.lora.r >= 1, "lora.r", f"must be >= 1, got {cfg.lora.r}")
-        _require(cfg.lora.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {cfg.lora.lora_alpha}")
-        _require(0 <= cfg.lora.lora_dropout < 1, "lora.lora_dropout", f"must be in [0, 1), got {cfg.lora.lora_dropout}")
         _require(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
 
     agent = cfg.agent
-    for name, hyperparameter in HYPERPARAMETERS.items():
-        problem = hyperparameter.problem(getattr(agent, name))
-        _require(problem is None, f"agent.{name}", problem)
+    start = founder_values(cfg)
+    for name, value in start.items():
+        problem = HYPERPARAMETERS[name].problem(value)
+        _require(problem is None, HYPERPARAMETERS[name].key, problem)
     _require(agent.update_epochs >= 1, "agent.update_epochs", f"must be >= 1, got {agent.update_epochs}")
-    schedule = agent.lr_schedule
-    if schedule is not None:
-        _require(schedule.total_steps >= 1, "agent.lr_schedule.total_steps", f"must be >= 1, got {schedule.total_steps}")
-        _require(
-            0 <= schedule.warmup_steps <= schedule.total_steps,
-            "agent.lr_schedule.warmup_steps",
-            f"must be in [0, total_steps={schedule.total_steps}], got {schedule.warmup_steps}",
-        )
-        _require(0 <= schedule.min_lr_ratio <= 1, "agent.lr_schedule.min_lr_ratio", f"must be in [0, 1], got {schedule.min_lr_ratio}")
+    if agent.schedule_steps is not None:
+        _require(agent.schedule_steps >= 1, "agent.schedule_steps", f"must be >= 1, got {agent.schedule_steps}")
+        _require(agent.warmup_steps <= agent.schedule_steps, "agent.warmup_steps",
+                 f"{agent.warmup_steps} exceeds agent.schedule_steps {agent.schedule_steps}")
+    _require(0 <= agent.min_lr_ratio <= 1, "agent.min_lr_ratio", f"must be in [0, 1], got {agent.min_lr_ratio}")
 
     population = cfg.population
     _require(population.size >= 1, "population.size", f"must be >= 1, got {population.size}")
@@ -330,11 +334,24 @@ def _validate(cfg: ExperimentConfig) -> None:
         _require(value >= 0, f"evolution.mutation.{name}", f"must be >= 0, got {value}")
     _require(mutation.no_mutation + mutation.rl_hp > 0, "evolution.mutation", "no_mutation + rl_hp must be > 0")
 
+    explore = mutation.explore
+    _require(len(explore.perturb_factors) > 0, "evolution.mutation.explore.perturb_factors", "must not be empty")
+    for i, factor in enumerate(explore.perturb_factors):
+        _require(factor > 0 and factor != 1, f"evolution.mutation.explore.perturb_factors[{i}]",
+                 f"must be > 0 and other than 1, got {factor}")
+    _require(0 <= explore.resample_probability <= 1, "evolution.mutation.explore.resample_probability",
+             f"must be in [0, 1], got {explore.resample_probability}")
+
     micro = agent.micro_batch_size_per_gpu
     if micro is not None:
         _require(micro >= 1, "agent.micro_batch_size_per_gpu", f"must be >= 1, got {micro}")
     for name, bounds in evolution.hyperparameters.items():
-        _validate_search_range(name, bounds, getattr(agent, name, None), micro)
+        _validate_search_range(cfg, name, bounds)
+    dropout = evolution.hyperparameters.get("lora_dropout")
+    if dropout is not None and population.step_together and population.members_per_actor > 1:
+        _require(max(dropout.choices or [dropout.max]) == 0, "evolution.hyperparameters.lora_dropout",
+                 "members stepped together (population.step_together, members_per_actor > 1) train without "
+                 "LoRA dropout; set population.step_together: false to search it")
     _require(
         micro is None or agent.batch_size % micro == 0,
         "agent.batch_size",
@@ -345,26 +362,88 @@ def _validate(cfg: ExperimentConfig) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
 
 
-def _validate_search_range(name: str, bounds: SearchRange, start, micro: int | None) -> None:
+def _validate_search_range(cfg: ExperimentConfig, name: str, bounds: SearchRange) -> None:
     key = f"evolution.hyperparameters.{name}"
     if name not in HYPERPARAMETERS:
         close = difflib.get_close_matches(name, list(HYPERPARAMETERS), n=1)
         raise ConfigError(f"{key}: {unknown(name)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     hyperparameter = HYPERPARAMETERS[name]
+    _require(hyperparameter.key.split(".")[0] != "lora" or cfg.lora is not None, key,
+             f"{name} is a LoRA setting and lora is null (full fine-tuning)")
+    start, start_key = founder_values(cfg)[name], hyperparameter.key
+    micro = cfg.agent.micro_batch_size_per_gpu
+    if bounds.choices is not None:
+        _require(bounds.min is None and bounds.max is None and bounds.scale is None and bounds.multiple_of is None,
+                 key, "give either choices or min and max (with scale, multiple_of), not both")
+        _require(len(bounds.choices) > 0, f"{key}.choices", "must not be empty")
+        _require(len(set(bounds.choices)) == len(bounds.choices), f"{key}.choices",
+                 f"must be distinct, got {bounds.choices}")
+        for i, choice in enumerate(bounds.choices):
+            problem = hyperparameter.problem(choice)
+            _require(problem is None, f"{key}.choices[{i}]", problem)
+            _require(name != "batch_size" or micro is None or choice % micro == 0, f"{key}.choices[{i}]",
+                     f"{choice} is not divisible by agent.micro_batch_size_per_gpu {micro}")
+        _require(start in bounds.choices, start_key, f"{start} is not one of {key}.choices {bounds.choices}")
+        return
+    _require(not hyperparameter.categorical, key,
+             f"{name} takes one of {', '.join(hyperparameter.choices)}: give choices")
     for side in ("min", "max"):
         value = getattr(bounds, side)
-        _require(hyperparameter.type is float or float(value).is_integer(), f"{key}.{side}",
-                 f"{name} is an integer, got {value}")
+        if value is None:
+            raise ConfigError(f"missing key '{key}.{side}' (give min and max, or choices)")
         problem = hyperparameter.problem(value)
         _require(problem is None, f"{key}.{side}", problem)
     _require(bounds.min <= bounds.max, key, f"min {bounds.min} > max {bounds.max}")
     _require((bounds.scale or hyperparameter.scale) != "log" or bounds.min > 0, f"{key}.min",
              f"a log scale needs min > 0, got {bounds.min}")
+    steps = {}  # what an integer must be a multiple of, by the key that says so
+    if bounds.multiple_of is not None:
+        _require(hyperparameter.type is int, f"{key}.multiple_of",
+                 f"applies to integer hyperparameters; {name} is not one")
+        _require(bounds.multiple_of >= 1, f"{key}.multiple_of", f"must be >= 1, got {bounds.multiple_of}")
+        _require(start % bounds.multiple_of == 0, start_key,
+                 f"{start} is not a multiple of {key}.multiple_of {bounds.multiple_of}")
+        steps[f"{key}.multiple_of"] = bounds.multiple_of
     if name == "batch_size" and micro is not None:
-        _require(-(-bounds.min // micro) * micro <= bounds.max, key,
-                 f"[{bounds.min}, {bounds.max}] contains no multiple of agent.micro_batch_size_per_gpu {micro}")
-    _require(bounds.min <= start <= bounds.max, f"agent.{name}",
-             f"{start} outside {key} [{bounds.min}, {bounds.max}]")
+        steps["agent.micro_batch_size_per_gpu"] = micro
+    step = math.lcm(*steps.values()) if steps else 1
+    _require(not steps or -(-bounds.min // step) * step <= bounds.max, key,
+             f"[{bounds.min}, {bounds.max}] contains no multiple of "
+             + " and ".join(f"{source} {value}" for source, value in steps.items()))
+    _require(bounds.min <= start <= bounds.max, start_key, f"{start} outside {key} [{bounds.min}, {bounds.max}]")
+
+
+def founder_values(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The founders' value of each hyperparameter, read at its config key (`agent.lr`,
+    `lora.r`, ...); the LoRA ones only where the run has LoRA."""
+    values = {}
+    for name, hyperparameter in HYPERPARAMETERS.items():
+        section, attribute = hyperparameter.key.split(".")
+        holder = getattr(cfg, section)
+        if holder is not None:
+            values[name] = getattr(holder, attribute)
+    return values
+
+
+def _renamed_lr_schedule(d: dict[str, Any]) -> None:
+    """`agent.lr_schedule` (before 0.3: warm-up then cosine decay, where given) is
+    `agent.scheduler: cosine`, `agent.warmup_steps`, `agent.schedule_steps` (its total_steps) and
+    `agent.min_lr_ratio` now; configs saved in older run folders still load."""
+    agent = d.get("agent")
+    if not isinstance(agent, dict) or "lr_schedule" not in agent:
+        return
+    agent = d["agent"] = dict(agent)
+    schedule = agent.pop("lr_schedule")
+    if schedule is None:
+        return
+    if not isinstance(schedule, dict):
+        raise ConfigError(f"agent.lr_schedule: expected mapping, got {_show(schedule)}")
+    renamed = {"scheduler": "cosine", **{"schedule_steps" if k == "total_steps" else k: v for k, v in schedule.items()}}
+    for name in renamed:
+        if name in agent:
+            raise ConfigError(f"agent.lr_schedule: renamed to agent.scheduler, agent.warmup_steps, "
+                              f"agent.schedule_steps and agent.min_lr_ratio; agent.{name} is given too")
+    agent.update(renamed)
 
 
 def _renamed_bounds(d: dict[str, Any]) -> None:
@@ -392,6 +471,7 @@ def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
     if isinstance(d.get("evolution"), dict):
         d["evolution"] = dict(d["evolution"])
     _renamed_bounds(d)
+    _renamed_lr_schedule(d)
     cfg = _build(ExperimentConfig, d, "")
     _validate(cfg)
     return cfg

@@ -9,6 +9,7 @@ import yaml
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import FITNESSES, Fitness
+from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
@@ -199,12 +200,12 @@ def progress_printer(fitness: Fitness):
         step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
         print(f"generation {record.generation}  (optimizer step {step} per member)")
-        print(f"  {'member':>6} " + " ".join(f"{name:>10}" for name in names)
+        print(f"  {'member':>6} " + " ".join(f"{name:>{max(10, len(name))}}" for name in names)
               + f" {'train_loss':>10} {fitness.metric:>10} {'tok/s':>8}")
         for slot, member_id in enumerate(record.member_ids):
             hp, train = record.hyperparameters[slot], record.train[slot]
             marker = "*" if slot == record.elite_slot else " "
-            print(f" {marker}{member_id:>6} " + " ".join(f"{hp[name]:>10.3g}" for name in names)
+            print(f" {marker}{member_id:>6} " + " ".join(f"{shown(hp[name]):>{max(10, len(name))}}" for name in names)
                   + f" {train.train_loss:>10.4f} {fitness.shown(record.fitness[slot]):>10.4f}"
                   f" {train.tokens_per_second:>8.0f}")
         born = [d for d in record.decisions if d.clone]

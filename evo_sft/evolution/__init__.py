@@ -1,17 +1,19 @@
 """Pure evolution logic: hyperparameters, selection, mutation, lineage and the generation plan."""
 
-from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLParameter
+from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLChoice, RLParameter
 from evo_sft.evolution.lineage import Lineage, MemberInfo
-from evo_sft.evolution.mutation import Mutations
+from evo_sft.evolution.mutation import Explore, Mutations
 from evo_sft.evolution.plan import MemberState, SlotDecision, apply_plan_to_lineage, plan_generation
 from evo_sft.evolution.selection import TournamentSelection, elite, score
 
 __all__ = [
+    "Explore",
     "HyperparameterConfig",
     "Lineage",
     "MemberInfo",
     "MemberState",
     "Mutations",
+    "RLChoice",
     "RLParameter",
     "SlotDecision",
     "TournamentSelection",

@@ -1,18 +1,56 @@
-"""Hyperparameter mutation with AgileRL's Mutations interface."""
+"""Hyperparameter mutation with AgileRL's Mutations interface, and PBT's explore step."""
 
 import copy
+import math
+import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
-from evo_sft.evolution.hyperparameters import HyperparameterConfig
+from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLChoice, RLParameter
 
 _RL_ONLY = ("architecture", "new_layer_prob", "parameters", "activation")
+
+
+@dataclass(frozen=True)
+class Explore:
+    """PBT's explore step for one hyperparameter: with `resample_probability` a new value drawn
+    from its prior (its range on its scale, or a uniform choice); otherwise the value perturbed:
+    multiplied by one of `perturb_factors` (each equally likely), or for a choice a move to a
+    neighbouring one. Integers never stick and stay multiples of their step."""
+
+    perturb_factors: tuple = (0.8, 1.2)
+    resample_probability: float = 0.25
+
+    def __post_init__(self):
+        factors = tuple(self.perturb_factors)
+        if not factors:
+            raise ValueError("Explore: perturb_factors must not be empty")
+        for factor in factors:
+            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) \
+                    or factor <= 0 or factor == 1:
+                raise ValueError(
+                    f"Explore: each perturb factor must be a finite number > 0 other than 1, got {factor!r}")
+        p = self.resample_probability
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+            raise ValueError(f"Explore: resample_probability must be in [0, 1], got {p!r}")
+        object.__setattr__(self, "perturb_factors", tuple(float(f) for f in factors))
+        object.__setattr__(self, "resample_probability", float(p))
+
+    def apply(self, param: RLParameter | RLChoice, value, rng: np.random.Generator, multiple_of: int = 1):
+        if rng.random() < self.resample_probability:
+            return param.sample(rng, multiple_of)
+        return param.perturb(value, rng, self.perturb_factors, multiple_of)
 
 
 class Mutations:
     """Mutation probabilities, with AgileRL's signature. For LLM agents only hyperparameter
     mutation (`rl_hp`) applies: the network mutations must be 0, and `mutation_sd`,
-    `activation_selection`, `device` and `accelerator` are accepted for compatibility and unused."""
+    `activation_selection`, `device` and `accelerator` are accepted for compatibility and unused.
+
+    A mutation changes one hyperparameter, chosen uniformly: with `explore` (an `Explore`) by
+    PBT's perturb-or-resample, without it as AgileRL does (grow or shrink by the parameter's own
+    factors, or a neighbouring choice)."""
 
     def __init__(
         self,
@@ -28,6 +66,7 @@ class Mutations:
         rand_seed=None,
         device="cpu",
         accelerator=None,
+        explore: Explore | None = None,
     ):
         probabilities = dict(
             no_mutation=no_mutation,
@@ -52,6 +91,7 @@ class Mutations:
         self.rl_hp = rl_hp
         self.mutate_elite = mutate_elite
         self.rand_seed = rand_seed
+        self.explore = explore
 
     def mutate(
         self,
@@ -67,5 +107,6 @@ class Mutations:
             return new, "none"
         name = names[rng.integers(len(names))]
         step = (multiple_of or {}).get(name, 1)
-        new[name] = hp_config[name].mutate(hyperparameters[name], rng, step)
+        param, value = hp_config[name], hyperparameters[name]
+        new[name] = self.explore.apply(param, value, rng, step) if self.explore else param.mutate(value, rng, step)
         return new, name

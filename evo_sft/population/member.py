@@ -64,7 +64,9 @@ class MemberHost:
         return self.agent.hyperparameters
 
     def set_hyperparameters(self, hyperparameters: dict) -> None:
-        self.agent.set_hyperparameters(**hyperparameters)
+        """With this member's generator: a grown LoRA rank draws its new rows from it."""
+        with self.own_rng():
+            self.agent.set_hyperparameters(**hyperparameters)
 
     def export_state(self, on_device: bool = False):
         """The member as tensors + JSON: on the CPU to travel to another process, or on the

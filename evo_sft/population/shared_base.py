@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from evo_sft.sft import SFT
+from evo_sft.sft import SFT, lora
 from evo_sft.data import SFTGym
 from evo_sft.fitness import Fitness
 from evo_sft.population import step_together
@@ -37,12 +37,13 @@ class SharedBase:
         self.params = agent.trainable_parameters()
         self.fast_layers = step_together.lora_layers(agent)
         initial = {name: p.detach().clone() for name, p in self.params.items()}
+        initial_attributes = agent.inspect_attributes()
         for slot, hyperparameters in founders.items():
             # what SFT(index=slot, lr=..., batch_size=...) on this base would start as
             for name, p in self.params.items():
                 p.data = initial[name].clone()
-            agent.index = slot
             agent.reinit_optimizers()
+            agent.set_attributes({**initial_attributes, "index": slot})
             agent.set_hyperparameters(**hyperparameters)
             self.parked[slot] = self._live_member()
         self.members = {slot: SharedMember(self, MemberHost(slot, agent, gym, seed, fitness)) for slot in founders}
@@ -90,15 +91,16 @@ class SharedBase:
         for step in range(steps):
             micro_sizes = [self.parked[slot]["attributes"]["micro_batch_size_per_gpu"] or len(batch["input_ids"])
                            for slot, batch in zip(slots, batches)]
+            scalings = [self._scaling(slot) for slot in slots]
             for epoch in range(epochs):
                 weights = [self.parked[slot]["weights"] for slot in slots]
                 grads, step_sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
-                                                                               micro_sizes)
+                                                                               micro_sizes, scalings)
                 finite = step_together.all_finite(grads, step_sums)
                 upcoming = self._next_batches(slots) if epoch == epochs - 1 and step + 1 < steps else batches
                 if not bool(finite):  # the one sync of a step, after the host has prepared the next one
-                    alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m])
-                             for w, b, m in zip(weights, batches, micro_sizes)]
+                    alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m], [s])
+                             for w, b, m, s in zip(weights, batches, micro_sizes, scalings)]
                     grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
                 loss_sums += step_sums
                 for i, slot in enumerate(slots):
@@ -116,6 +118,11 @@ class SharedBase:
         return {slot: train_result(slot, float(loss_sum), tokens[i], seconds,
                                    self.parked[slot]["attributes"]["optimizer_steps"])
                 for i, (slot, loss_sum) in enumerate(zip(slots, loss_sums.tolist()))}
+
+    def _scaling(self, slot: int) -> float:
+        """The LoRA scaling of a parked member (members may differ in rank and alpha)."""
+        attributes = self.parked[slot]["attributes"]
+        return lora.scaling(attributes["lora_r"], attributes["lora_alpha"], self.agent.lora_config.use_rslora)
 
     def _next_batches(self, slots: list[int]) -> list[dict]:
         """Each member's next optimizer step of `batch_size` rows from its own stream."""

@@ -2,8 +2,9 @@
 
 Their micro-batches are packed into one padding-free row. Each LoRA layer runs its frozen base
 layer once for all tokens, and every member's adapter at once: x @ [A_1; ...; A_k]^T gives each
-token every member's rank-r projection, a block mask keeps only the token's own member's block,
-and one matmul with [B_1 ... B_k] adds the deltas. A member's loss is normalised by its own
+token every member's projection (member i's rank r_i rows; members may differ in rank), a block
+mask keeps only the token's own member's block, and one matmul with [s_1 B_1 ... s_k B_k] (each B
+scaled by its member's own LoRA scaling) adds the deltas. A member's loss is normalised by its own
 step's supervised tokens, so the gradient of the summed objective with respect to a member's
 adapter is the gradient of that member's own step, as if it had trained alone.
 
@@ -14,6 +15,7 @@ parameters besides the adapters. `blocker` names what is missing.
 A NaN or inf in one member would reach the others (0 * NaN is NaN in the stacked matmuls), so
 a step whose losses or gradients are not all finite is redone with each member on its own.
 """
+import itertools
 from contextlib import contextmanager
 
 import torch
@@ -54,24 +56,29 @@ def blocker(agent: SFT) -> str | None:
 
 
 @contextmanager
-def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.Tensor]], token_part: torch.Tensor):
+def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.Tensor]], token_part: torch.Tensor,
+                      scalings: list[float]):
     """For the forward and backward inside the block, every LoRA layer holds the adapters of all
-    members in `weights`, stacked and cast to the compute dtype (gradients flow back to each
-    member's tensors), and the block mask that gives token t only the adapter of member
-    `token_part[t]`."""
+    members in `weights`, stacked and cast to the compute dtype (each B scaled by its member's
+    `scalings[i]`; gradients flow back to each member's tensors), and the block mask that gives
+    token t only the adapter of member `token_part[t]`. Members may differ in rank: member i owns
+    the next `rank_i` rows of the stacked A (the same in every layer)."""
+    k = len(weights)
     masters, scales = [], []
     for module, a_name, b_name in layers:
-        masters += [torch.cat([member[a_name] for member in weights]),
-                    torch.cat([member[b_name] for member in weights], dim=1)]
-        scales += [1.0, float(module.scaling[ACTOR])]
+        masters.append(torch.cat([member[a_name] for member in weights]))
+        masters += [member[b_name] for member in weights]
+        scales += [1.0, *scalings]
     cast = cast_scaled(dtype, scales, masters)
-    k, masks = len(weights), {}
+    ranks = [member[layers[0][1]].shape[0] for member in weights] if layers else []
+    columns = torch.arange(sum(ranks), device=token_part.device)
+    owner = torch.zeros_like(columns)  # the member of each row of the stacked A, made on the device (no copy, no sync)
+    for start in itertools.accumulate(ranks[:-1]):
+        owner += columns >= start
+    mask = (owner == token_part[:, None]).to(dtype)
     for index, (module, _, _) in enumerate(layers):
-        weight_a, weight_b = cast[2 * index], cast[2 * index + 1]
-        rank = weight_a.shape[0] // k
-        if rank not in masks:
-            masks[rank] = (torch.arange(k * rank, device=token_part.device) // rank == token_part[:, None]).to(dtype)
-        module._joint = (weight_a, weight_b, masks[rank])
+        weight_a, *weights_b = cast[index * (k + 1):(index + 1) * (k + 1)]
+        module._joint = (weight_a, torch.cat(weights_b, dim=1), mask)
     try:
         yield
     finally:
@@ -80,12 +87,14 @@ def members_in_layers(layers, dtype: torch.dtype, weights: list[dict[str, torch.
 
 
 def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]], batches: list[dict],
-                     micro_sizes: list[int]) -> tuple[list[dict | None], torch.Tensor, list[int]]:
+                     micro_sizes: list[int],
+                     scalings: list[float]) -> tuple[list[dict | None], torch.Tensor, list[int]]:
     """One optimizer step's gradients for each member: `weights[i]` is member i's adapter tensors
-    by parameter name, `batches[i]` its step's host batch, cut into micro-batches of
-    `micro_sizes[i]` rows. The i-th micro-batches of all members go through one forward and
-    backward. Returns each member's gradients by name (None for a step without supervised
-    tokens), the loss sums on the device ([members], float32) and the supervised tokens."""
+    by parameter name (of its own rank), `scalings[i]` its LoRA scaling, `batches[i]` its step's
+    host batch, cut into micro-batches of `micro_sizes[i]` rows. The i-th micro-batches of all
+    members go through one forward and backward. Returns each member's gradients by name (None
+    for a step without supervised tokens), the loss sums on the device ([members], float32) and
+    the supervised tokens."""
     step_tokens = [supervised_token_count(batch["labels"]) for batch in batches]
     leaves = [{name: w.detach().requires_grad_() for name, w in member.items()} if tokens else None
               for member, tokens in zip(weights, step_tokens)]
@@ -99,7 +108,8 @@ def forward_backward(agent: SFT, layers, weights: list[dict[str, torch.Tensor]],
         packed["row_member"] = torch.tensor(present)[packed["row_part"]]
         packed["row_weight"] = torch.tensor([1.0 / step_tokens[i] for i in present])[packed["row_part"]]
         packed = packing.packed_to_device(packed, agent.device)
-        with members_in_layers(layers, head.weight.dtype, [leaves[i] for i in present], packed["token_part"]):
+        with members_in_layers(layers, head.weight.dtype, [leaves[i] for i in present], packed["token_part"],
+                               [scalings[i] for i in present]):
             losses = frozen_head_losses(step.packed_rows(agent, packed), head, packed["targets"], agent.compile_layers)
             (losses * packed["row_weight"]).sum().backward()
         loss_sums.index_add_(0, packed["row_member"], losses.detach())

@@ -8,22 +8,23 @@ import copy
 import math
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
 from evo_sft.kernels.loss import supervised_token_count
-from evo_sft.sft import state, step
+from evo_sft.sft import lora, state, step
 from evo_sft.sft.lora import ACTOR, REFERENCE, config_kwargs, copy_adapter
-from evo_sft.sft.schedule import LRSchedule, constant
+from evo_sft.sft.schedule import CONSTANT, LRSchedule
 
+# The parts of the learning-rate schedule that are not hyperparameters (scheduler, warmup_steps are).
+SCHEDULE_ATTRIBUTES = ("schedule_steps", "min_lr_ratio")
 # Attributes that define an agent and travel with it in checkpoints and clones.
 INIT_ATTRIBUTES = (
     "pad_token_id", "pad_token", "model_name", "model_config", "index", "update_epochs", "calc_position_embeddings",
     "micro_batch_size_per_gpu", "seed", "gradient_checkpointing", "use_liger_loss",
-    "use_separate_reference_adapter", *HYPERPARAMETERS,
+    "use_separate_reference_adapter", *SCHEDULE_ATTRIBUTES, *HYPERPARAMETERS,
 )
 STATE_ATTRIBUTES = ("fitness", "scores", "steps", "optimizer_steps")
 
@@ -34,7 +35,9 @@ class SFT:
     `batch_size` sequences make one optimizer step; with a smaller `micro_batch_size_per_gpu`
     gradients accumulate and the loss is normalised by the supervised tokens of the whole step.
     Every hyperparameter of `evo_sft.hyperparameters` is an attribute (`agent.lr`,
-    `agent.weight_decay`, ...); `set_hyperparameters` changes them on a live agent.
+    `agent.weight_decay`, `agent.lora_r`, ...); `set_hyperparameters` changes them on a live agent.
+    The LoRA ones come from `lora_config` (None without LoRA), `scheduler` and `warmup_steps` from
+    `lr_schedule` (constant without one).
     """
 
     def __init__(self, pad_token_id: int, pad_token: str, model_name: str | None = None, actor_network=None,
@@ -66,7 +69,12 @@ class SFT:
         self.seed, self.gradient_checkpointing = seed, gradient_checkpointing
         self.use_liger_loss = use_liger_loss
         self.use_separate_reference_adapter = use_separate_reference_adapter
-        self.lr_schedule = lr_schedule
+        lr_schedule = lr_schedule or CONSTANT
+        self.schedule_steps, self.min_lr_ratio = lr_schedule.total_steps, lr_schedule.min_lr_ratio
+        self.scheduler, self.warmup_steps = lr_schedule.kind, lr_schedule.warmup_steps
+        self.lora_r, self.lora_alpha, self.lora_dropout = (
+            (lora_config.r, float(lora_config.lora_alpha), float(lora_config.lora_dropout)) if lora_config else
+            (None, None, None))
         self.fitness: list[float] = []
         self.scores: list[float] = []
         self.steps: list[int] = [0]
@@ -145,22 +153,34 @@ class SFT:
         fused = bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
         settings = {name: getattr(self, name) for name, h in HYPERPARAMETERS.items() if h.applies_to == "optimizer"}
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, fused=fused or None, **settings)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule or constant)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule)
+
+    @property
+    def lr_schedule(self) -> LRSchedule:
+        """The learning-rate schedule this agent trains with (its factor on `lr` at each step)."""
+        return LRSchedule(self.schedule_steps, self.warmup_steps, self.min_lr_ratio, self.scheduler)
 
     def update_lr(self, lr: float, lr_schedule: LRSchedule | None = None) -> None:
-        """Set the learning rate in the optimizer's param groups and the scheduler's base
-        value, keeping the optimizer moments and the schedule's step."""
+        """Set the learning rate (and, if given, the schedule) in the optimizer's param groups
+        and the scheduler, keeping the optimizer moments and the schedule's step."""
         _check_hyperparameters({"lr": lr})
         self.lr = lr
         if lr_schedule is not None:
-            self.lr_schedule = lr_schedule
-            self.lr_scheduler.lr_lambdas = [lr_schedule] * len(self.optimizer.param_groups)
-        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
-        self.lr_scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = lr
-            group["lr"] = lr * factor
-        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            self.schedule_steps, self.min_lr_ratio = lr_schedule.total_steps, lr_schedule.min_lr_ratio
+            self.scheduler, self.warmup_steps = lr_schedule.kind, lr_schedule.warmup_steps
+        self._install_schedule()
+
+    def _install_schedule(self) -> None:
+        """Write `lr` and the schedule into the scheduler (its base rate and factor) and the
+        param groups (the rate at the scheduler's current step)."""
+        schedule, groups = self.lr_schedule, self.optimizer.param_groups
+        self.lr_scheduler.lr_lambdas = [schedule] * len(groups)
+        self.lr_scheduler.base_lrs = [self.lr] * len(groups)
+        factor = schedule(self.lr_scheduler.last_epoch)
+        for group in groups:
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * factor
+        self.lr_scheduler._last_lr = [group["lr"] for group in groups]
 
     # ----------------------------------------------------------------- training
     def to_device(self, *experiences):
@@ -250,8 +270,10 @@ class SFT:
     # ----------------------------------------------------------------- hyperparameters and attributes
     @property
     def hyperparameters(self) -> dict:
-        """Every hyperparameter of `evo_sft.hyperparameters`, as this agent trains with it."""
-        return {name: getattr(self, name) for name in HYPERPARAMETERS}
+        """Every hyperparameter of `evo_sft.hyperparameters` this agent has (the LoRA ones with
+        LoRA only), as it trains with it."""
+        return {name: getattr(self, name) for name, h in HYPERPARAMETERS.items()
+                if self.is_lora or h.applies_to != "lora"}
 
     def evolvable_attributes(self) -> dict:
         """The hyperparameters that `hp_config` mutates (all of them without one)."""
@@ -261,44 +283,106 @@ class SFT:
     def set_hyperparameters(self, **hyperparameters) -> None:
         """Apply (mutated) hyperparameters so that they take effect at the next optimizer step:
         each is set as an attribute and written where the step reads it (optimizer param groups,
-        scheduler base rate). An unknown name or an impossible value is an error."""
+        scheduler; a LoRA setting changes the adapter keeping its function, see
+        `evo_sft.sft.lora`). An unknown name or an impossible value is an error."""
         _check_hyperparameters(hyperparameters)
-        for name, value in hyperparameters.items():
-            value = HYPERPARAMETERS[name].type(value)
+        values = {name: HYPERPARAMETERS[name].type(value) for name, value in hyperparameters.items()}
+        kinds = {HYPERPARAMETERS[name].applies_to for name in values}
+        lora_settings = {name: values.pop(name) for name in list(values) if HYPERPARAMETERS[name].applies_to == "lora"}
+        if lora_settings and not self.is_lora:
+            raise ValueError(f"{next(iter(lora_settings))} applies to LoRA agents; this one fine-tunes every weight")
+        if "schedule" in kinds:  # an impossible schedule (cosine without total steps) fails before any change
+            LRSchedule(self.schedule_steps, values.get("warmup_steps", self.warmup_steps), self.min_lr_ratio,
+                       values.get("scheduler", self.scheduler))
+        for name, value in values.items():
             setattr(self, name, value)
-            applies_to = HYPERPARAMETERS[name].applies_to
-            if applies_to == "learning_rate":
-                self.update_lr(value)
-            elif applies_to == "optimizer":
+            if HYPERPARAMETERS[name].applies_to == "optimizer":
                 for group in self.optimizer.param_groups:
                     group[name] = value
+        if kinds & {"learning_rate", "schedule"}:
+            self._install_schedule()
+        if lora_settings:
+            self._change_lora(**lora_settings)
         self.mutation_hook()
+
+    def _change_lora(self, lora_r: int | None = None, lora_alpha: float | None = None,
+                     lora_dropout: float | None = None) -> None:
+        """New LoRA settings, keeping the function the adapter computes now: see `evo_sft.sft.lora`.
+        Optimizer moments follow the weights: a grown rank pads them with zeros (B's scaled to its new
+        units), a shrunk rank resets them (and their step) for the layer's A and B."""
+        r = self.lora_r if lora_r is None else lora_r
+        alpha = self.lora_alpha if lora_alpha is None else lora_alpha
+        dropout = self.lora_dropout if lora_dropout is None else lora_dropout
+        if (r, alpha) != (self.lora_r, self.lora_alpha):
+            if r != self.lora_r and self.use_separate_reference_adapter:
+                raise ValueError("lora_r cannot change on an agent with a separate reference adapter")
+            new_scaling = lora.scaling(r, alpha, self.lora_config.use_rslora)
+            for module in lora.actor_layers(self.actor):
+                a, b = module.lora_A[ACTOR].weight, module.lora_B[ACTOR].weight
+                old_scaling = module.scaling[ACTOR]
+                new_a, new_b = lora.changed_rank(a.detach(), b.detach(), old_scaling, r, new_scaling)
+                self._moments_follow(a, b, r, old_scaling / new_scaling)
+                a.data, b.data = new_a, new_b
+        self._lora_settings(r, alpha, dropout)
+
+    def _moments_follow(self, a: torch.nn.Parameter, b: torch.nn.Parameter, r: int, b_factor: float) -> None:
+        """AdamW's state of one layer's A and B for their new rank `r`, B now `b_factor` times
+        larger: its gradients are `b_factor` times smaller, so its moments are too."""
+        if r < a.shape[0]:
+            self.optimizer.state.pop(a, None)
+            self.optimizer.state.pop(b, None)
+            return
+        for param, dim, factor in ((a, 0, 1.0), (b, 1, b_factor)):
+            moments = self.optimizer.state.get(param)
+            if moments:
+                moments["exp_avg"] = lora.zero_padded(moments["exp_avg"] / factor, r, dim)
+                moments["exp_avg_sq"] = lora.zero_padded(moments["exp_avg_sq"] / factor ** 2, r, dim)
+
+    def _lora_settings(self, r: int, alpha: float, dropout: float) -> None:
+        """Record the LoRA settings of the adapter weights this agent holds now (no change to them)."""
+        if (r, alpha, dropout) == (self.lora_r, self.lora_alpha, self.lora_dropout):
+            return
+        lora.set_settings(self.actor, r, alpha, dropout)
+        self.lora_config.r, self.lora_config.lora_alpha, self.lora_config.lora_dropout = r, alpha, dropout
+        self.lora_r, self.lora_alpha, self.lora_dropout = r, alpha, dropout
+
+    def take_lora_rank(self, r: int, alpha: float, dropout: float) -> None:
+        """Make room for adapter weights of rank `r` that are about to be loaded: A and B of the
+        new shape (uninitialised), their optimizer state dropped, and the settings recorded."""
+        for module in lora.actor_layers(self.actor):
+            for param, shape in ((module.lora_A[ACTOR].weight, (r, module.in_features)),
+                                 (module.lora_B[ACTOR].weight, (module.out_features, r))):
+                if param.shape != shape:
+                    self.optimizer.state.pop(param, None)
+                    param.data = param.new_empty(shape)
+        self._lora_settings(r, alpha, dropout)
 
     def inspect_attributes(self, agent: "SFT | None" = None, input_args_only: bool = False) -> dict:
         agent = agent or self
         names = INIT_ATTRIBUTES if input_args_only else INIT_ATTRIBUTES + STATE_ATTRIBUTES
-        attributes = {name: copy.deepcopy(getattr(agent, name)) for name in names}
-        attributes["lr_schedule"] = asdict(agent.lr_schedule) if agent.lr_schedule else None
-        return attributes
+        return {name: copy.deepcopy(getattr(agent, name)) for name in names}
 
     def set_attributes(self, attributes: dict) -> None:
         """Take the attributes `inspect_attributes` gave (of this agent or another) and write the
-        hyperparameters among them into the optimizer and scheduler."""
+        hyperparameters among them into the optimizer and scheduler. The LoRA settings among them
+        describe the adapter weights this agent holds already (imported or loaded with them), so
+        they are recorded, not applied as a change."""
         for name in INIT_ATTRIBUTES + STATE_ATTRIBUTES:
             if name in attributes and name not in ("model_name", "model_config") + tuple(HYPERPARAMETERS):
                 setattr(self, name, copy.deepcopy(attributes[name]))
-        schedule = attributes.get("lr_schedule")
-        self.lr_schedule = LRSchedule(**schedule) if schedule else None
-        self.lr_scheduler.lr_lambdas = [self.lr_schedule or constant] * len(self.optimizer.param_groups)
+        values = {name: attributes.get(name, value) for name, value in self.hyperparameters.items()}
+        if self.is_lora:
+            self._lora_settings(values.pop("lora_r"), values.pop("lora_alpha"), values.pop("lora_dropout"))
         hooks, self.mutation_hooks = self.mutation_hooks, []
-        self.set_hyperparameters(**{name: attributes.get(name, getattr(self, name)) for name in HYPERPARAMETERS})
+        self.set_hyperparameters(**values)
         self.mutation_hooks = hooks
 
     def copy_attributes(self, agent: "SFT", clone_agent: "SFT") -> "SFT":
+        """Copy `agent`'s attributes onto `clone_agent`, all but the LoRA settings: those describe
+        the adapter weights, which this does not copy (`import_state` copies both)."""
         for name, value in self.inspect_attributes(agent).items():
-            if name == "lr_schedule":
-                value = agent.lr_schedule
-            setattr(clone_agent, name, value)
+            if not (name in HYPERPARAMETERS and HYPERPARAMETERS[name].applies_to == "lora"):
+                setattr(clone_agent, name, value)
         return clone_agent
 
     def register_mutation_hook(self, hook) -> None:
@@ -363,10 +447,11 @@ class SFT:
 
         path = Path(path)
         attributes, saved_lora = state.saved_init(path)
-        init = {name: attributes[name] for name in INIT_ATTRIBUTES if name not in HYPERPARAMETERS}
+        init = {name: attributes[name] for name in INIT_ATTRIBUTES
+                if name not in HYPERPARAMETERS and name not in SCHEDULE_ATTRIBUTES}
         init.update({name: attributes[name] for name in ("lr", "batch_size", "max_grad_norm")})
-        schedule = attributes.get("lr_schedule")
-        init["lr_schedule"] = LRSchedule(**schedule) if schedule else None
+        init["lr_schedule"] = LRSchedule(attributes["schedule_steps"], attributes["warmup_steps"],
+                                         attributes["min_lr_ratio"], attributes["scheduler"])
         lora_config = LoraConfig(**config_kwargs(saved_lora)) if saved_lora else None
         if (path / "config.json").exists():
             from transformers import AutoConfig, AutoModelForCausalLM

@@ -37,14 +37,18 @@ def export_state(agent, device: str = "cpu") -> tuple[dict[str, torch.Tensor], d
 
 
 def import_state(agent, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Make `agent` a copy of the exported member. Every tensor is copied, never aliased."""
+    """Make `agent` a copy of the exported member. Every tensor is copied, never aliased. A
+    parameter of another shape (a donor of another LoRA rank) takes the donor's shape."""
     params = agent.trainable_parameters()
     missing = set(params) - {k[len("param/"):] for k in tensors if k.startswith("param/")}
     if missing:
         raise ValueError(f"member state lacks trainable parameters: {sorted(missing)[:5]}")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[f"param/{name}"])
+            source = tensors[f"param/{name}"]
+            if param.shape != source.shape:
+                param.data = param.new_empty(source.shape)
+            param.copy_(source)
     agent.optimizer.load_state_dict(_unflatten(tensors, "optimizer/", meta["optimizer"], agent.device))
     agent.lr_scheduler.load_state_dict(_unflatten(tensors, "scheduler/", meta["scheduler"], agent.device))
     agent.set_attributes(meta["attributes"])
@@ -125,7 +129,12 @@ def load_checkpoint(agent, path: Path, load_optimizer: bool, overwrite_reference
     if load_optimizer and (path / "optimizer.safetensors").exists():
         agent.optimizer.load_state_dict(storage.load_state(path, "optimizer", agent.device))
         agent.lr_scheduler.load_state_dict(storage.load_state(path, "scheduler", agent.device))
-    agent.set_attributes(saved["attributes"])
+    attributes = saved["attributes"]
+    if agent.is_lora:  # the adapter as loaded (the checkpoint's, or merged with this agent's)
+        config = agent.actor.peft_config[ACTOR]
+        attributes = {**attributes, "lora_r": config.r, "lora_alpha": config.lora_alpha,
+                      "lora_dropout": config.lora_dropout}
+    agent.set_attributes(attributes)
 
 
 def _load_adapter(agent, path: Path, merge_lora_configs: bool, overwrite_reference_adapter: bool) -> None:
@@ -135,14 +144,16 @@ def _load_adapter(agent, path: Path, merge_lora_configs: bool, overwrite_referen
     saved_config = LoraConfig.from_pretrained(adapter_dir)
     current = agent.actor.peft_config[ACTOR]
     weights = storage.load_tensors(adapter_dir / "adapter_model.safetensors", agent.device)
-    if lora.signature(saved_config) != lora.signature(current):
-        if not merge_lora_configs:
-            raise ValueError(
-                f"LoRA config of {adapter_dir} {lora.signature(saved_config)} does not match this agent's "
-                f"{lora.signature(current)}; pass merge_lora_configs=True to reconcile them"
-            )
+    if merge_lora_configs and lora.signature(saved_config) != lora.signature(current):
         _rebuild_adapter(agent, lora.merged_config(current, saved_config))
         weights = lora.pad_weights(weights, agent.actor)
+    elif lora.signature(saved_config)["target_modules"] != lora.signature(current)["target_modules"]:
+        raise ValueError(
+            f"LoRA config of {adapter_dir} {lora.signature(saved_config)} does not match this agent's "
+            f"{lora.signature(current)}; pass merge_lora_configs=True to reconcile them"
+        )
+    else:  # the checkpoint's rank and alpha (hyperparameters that mutate)
+        agent.take_lora_rank(saved_config.r, saved_config.lora_alpha, saved_config.lora_dropout)
     set_peft_model_state_dict(agent.actor, weights, adapter_name=ACTOR)
     if agent.use_separate_reference_adapter:
         if overwrite_reference_adapter:
@@ -159,6 +170,7 @@ def _rebuild_adapter(agent, config) -> None:
     agent.actor.set_adapter(ACTOR)
     agent.adapter_parameters = (None, {})  # new parameter objects
     agent.lora_config = config
+    agent.lora_r, agent.lora_alpha, agent.lora_dropout = config.r, config.lora_alpha, config.lora_dropout
     agent.reinit_optimizers()
 
 

@@ -10,7 +10,9 @@ What is logged
   `evo_sft.parent_run_id`, `evo_sft.generation_born`, `evo_sft.mutation`, `evo_sft.slot`,
   `evo_sft.status` alive|retired): params `initial.<hyperparameter>`; at step = the member's
   global optimizer step `train_loss`, `test_loss`, `fitness`, `tokens_per_second` and every
-  numeric hyperparameter (`lr`, `batch_size`) as metrics, since params are write-once.
+  numeric hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are
+  write-once; a categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its
+  history is in the lineage).
 
 Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
 member whose loss diverged has no `fitness` point at that step, the parent run counts such
@@ -204,9 +206,13 @@ class MLflowTracker:
         train, fitness = record.train[slot], record.fitness[slot]
         if train.optimizer_step is None:  # a member lost with its worker: it reached no step
             return
+        hyperparameters = record.hyperparameters[slot]
         values = {"train_loss": train.train_loss, self.fitness.metric: self.fitness.shown(fitness), "fitness": fitness,
-                  "tokens_per_second": train.tokens_per_second, **_numbers(record.hyperparameters[slot])}
+                  "tokens_per_second": train.tokens_per_second, **_numbers(hyperparameters)}
         self._log_metrics(member_key(member_id), values, train.optimizer_step)
+        choices = {f"hp.{name}": value for name, value in hyperparameters.items() if isinstance(value, str)}
+        if choices:  # a categorical hyperparameter (the scheduler): its current value, as a tag
+            self.outbox.submit({"kind": "log", "key": member_key(member_id), "tags": choices})
 
     def _log_generation(self, record) -> None:
         finite = [slot for slot, f in enumerate(record.fitness) if math.isfinite(f)]

@@ -219,7 +219,7 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
     names = list(base.agent.trainable_parameters())
     together, _, _ = step_together.forward_backward(
         base.agent, step_together.lora_layers(base.agent), [base.parked[h.slot]["weights"] for h in hosts], batches,
-        [16] * k)
+        [16] * k, [base._scaling(h.slot) for h in hosts])
     together = [torch.cat([g[name].float().flatten() for name in names]) for g in together]
     return {
         "check": f"first-step adapter gradients, {k} members", "model": size,

@@ -80,6 +80,13 @@ def uneven_dataset(uneven_rows):
 
 
 @pytest.fixture
+def uneven_batch(make_gym, uneven_dataset):
+    """The four rows of very different lengths, in dataset order, as one padded batch."""
+    (batch,) = make_gym(uneven_dataset).test_batches(batch_size=4)
+    return batch
+
+
+@pytest.fixture
 def lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
 

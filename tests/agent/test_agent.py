@@ -15,13 +15,6 @@ from evo_sft.data.demo import build_tokenizer, demo_dataset
 GRAD_TOL = dict(atol=1e-6, rtol=1e-5)
 
 
-@pytest.fixture
-def uneven_batch(make_gym, uneven_dataset):
-    """The four rows of very different lengths, in dataset order, as one padded batch."""
-    (batch,) = make_gym(uneven_dataset).test_batches(batch_size=4)
-    return batch
-
-
 # ----------------------------------------------------------------------- loss and fitness
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -376,7 +369,8 @@ def test_inspect_and_copy_attributes(make_agent):
     assert agent.fitness == [-1.5], "inspect_attributes returns copies"
     assert "fitness" not in agent.inspect_attributes(input_args_only=True)
     assert agent.evolvable_attributes() == agent.hyperparameters == {
-        "lr": 2e-3, "batch_size": 3, "max_grad_norm": 1e6, "weight_decay": 0.01}
+        "lr": 2e-3, "batch_size": 3, "max_grad_norm": 1e6, "weight_decay": 0.01, "warmup_steps": 0,
+        "scheduler": "constant", "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0}
 
     other = make_agent(lr=1e-4, batch_size=8)
     result = agent.copy_attributes(agent, other)

@@ -15,7 +15,9 @@ from evo_sft.tracking import HTTP_ENVIRONMENT, MLflowTracker
 from tests.helpers.evolution_run import controller_over
 
 CONFIG = {"name": "tracking-test", "seed": 1, "agent": {"lr": 1e-3, "batch_size": 8}, "lora": {"r": 4}}
-HYPERPARAMETER_NAMES = ("lr", "batch_size", "max_grad_norm", "weight_decay")
+# the numeric hyperparameters, logged as metrics; the categorical one (scheduler) is a tag
+HYPERPARAMETER_NAMES = ("lr", "batch_size", "max_grad_norm", "weight_decay", "warmup_steps", "lora_r", "lora_alpha",
+                        "lora_dropout")
 MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", *HYPERPARAMETER_NAMES)
 GENERATION_METRICS = ("best_fitness", "mean_fitness", "worst_fitness", "nonfinite_members",
                       *(f"best_{name}" for name in HYPERPARAMETER_NAMES))
@@ -77,7 +79,8 @@ def expected_member_metrics(records) -> dict:
         for slot, member_id in enumerate(record.member_ids):
             train, fitness = record.train[slot], record.fitness[slot]
             values = {"train_loss": train.train_loss, "test_loss": -fitness, "fitness": fitness,
-                      "tokens_per_second": train.tokens_per_second, **record.hyperparameters[slot]}
+                      "tokens_per_second": train.tokens_per_second,
+                      **{name: record.hyperparameters[slot][name] for name in HYPERPARAMETER_NAMES}}
             for name, value in values.items():
                 expected.setdefault(member_id, {}).setdefault(name, []).append((train.optimizer_step, value))
     return expected
@@ -148,6 +151,7 @@ def assert_everything_logged(client, controller, records, repeated: bool = False
         assert run.info.status == "FINISHED"
         # every member in the records trained and was scored: no run is empty
         assert_metrics_equal(logged_metrics(client, run.info.run_id, MEMBER_METRICS, repeated), expected[member_id])
+        assert tags["hp.scheduler"] == "constant"
 
 
 def assert_artifacts(client, run_id, controller, tmp_path) -> None:

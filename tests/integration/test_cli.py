@@ -57,6 +57,18 @@ VALIDATION_ERRORS = [
     ("batch-size-not-divisible-by-micro-batch", None, ["--set", "agent.batch_size=12"],
      "agent.batch_size", "12 is not divisible by agent.micro_batch_size_per_gpu 8"),
     ("malformed-set", None, ["--set", "population.size"], "population.size", "expected dotted.key=value"),
+    ("hyperparameter-without-bounds-or-choices", None, ["--set", "evolution.hyperparameters.lora_alpha={}"],
+     "evolution.hyperparameters.lora_alpha.min", "give min and max, or choices"),
+    ("rank-the-model-cannot-take", None, ["--set", "evolution.hyperparameters.lora_r.choices=[0, 16]"],
+     "evolution.hyperparameters.lora_r.choices[0]", "must be >= 1, got 0"),
+    ("lora-setting-with-full-fine-tuning", None,
+     ["--set", "lora=null", "--set", "evolution.hyperparameters.lora_r.choices=[8, 16]"],
+     "evolution.hyperparameters.lora_r", "lora is null (full fine-tuning)"),
+    ("lora-dropout-stepped-together", None,
+     ["--set", "population.members_per_actor=2", "--set", "evolution.hyperparameters.lora_dropout={min: 0.0, max: 0.1}"],
+     "evolution.hyperparameters.lora_dropout", "members stepped together"),
+    ("scheduler-without-choices", None, ["--set", "evolution.hyperparameters.scheduler={min: 0, max: 1}"],
+     "evolution.hyperparameters.scheduler", "give choices"),
     ("missing-config-file", "", [], "missing.yaml", "cannot read the config"),
 ]
 
@@ -320,3 +332,48 @@ def test_demo_end_to_end_on_local_ray():
         assert (exported - logits(None)).abs().max() > 1e-2
     finally:
         shutil.rmtree(run_dir.parent, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------- a wider search
+WIDE_SEARCH = ("evolution.hyperparameters={lr: {min: 1.0e-4, max: 3.0e-2}, lora_r: {choices: [8, 16, 32]}, "
+               "lora_alpha: {min: 16, max: 64}, scheduler: {choices: [constant, cosine, linear]}, "
+               "warmup_steps: {min: 0, max: 4}}")
+
+
+def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters(tmp_path):
+    """The demo with LoRA rank and alpha, the schedule and its warm-up mutating (every member
+    mutates each generation), in this process: two generations, resumed to three. Each member's
+    checkpointed adapter states its own rank and alpha (PeftModel.from_pretrained reads them), and
+    `status` prints a column for every hyperparameter of the search space."""
+    run_dir = tmp_path / "run"
+    settings = ["--set", "seed=1", "--set", "population.backend=local", "--set", "data.num_rows=120", "--set", "evolution.generations=2",
+                "--set", "evolution.steps_per_generation=2", "--set", "evolution.mutation.no_mutation=0",
+                "--set", "evolution.mutation.rl_hp=1", "--set", WIDE_SEARCH]
+    result = evo(["run", DEMO, "--run-dir", run_dir, *settings], cwd=tmp_path, timeout=480)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    result = evo(["resume", run_dir, "--generations", "3"], cwd=tmp_path, timeout=480)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+
+    status = json.loads(evo(["status", run_dir, "--json"], cwd=tmp_path).stdout)
+    assert status["generation"] == 3
+    checkpoint = run_dir / "checkpoints" / "generation_00003"
+    slot_ids = json.loads((checkpoint / "controller.json").read_text())["controller"]["slot_ids"]
+    ranks = set()
+    for member in status["members"]:
+        hp = member["hyperparameters"]
+        adapter = json.loads((checkpoint / "members" / f"slot_{slot_ids.index(member['id'])}" / "actor" /
+                              "adapter_config.json").read_text())
+        assert (adapter["r"], adapter["lora_alpha"]) == (hp["lora_r"], hp["lora_alpha"])
+        ranks.add(hp["lora_r"])
+    events = [e["mutation"] for e in json.loads((checkpoint / "controller.json").read_text())["controller"]["lineage"][
+        "events"]]
+    assert {"lora_r", "lora_alpha", "scheduler", "warmup_steps"} <= set(events), events
+
+    table = evo(["status", run_dir], cwd=tmp_path).stdout.splitlines()
+    assert table[1].split() == ["id", "parent", "born", "lr", "lora_r", "lora_alpha", "scheduler", "warmup_steps",
+                                "fitness"]
+    rows = {int(line.split()[0]): line.split() for line in table[2:2 + len(status["members"])]}
+    for member in status["members"]:
+        hp = member["hyperparameters"]
+        assert rows[member["id"]][4:8] == [str(hp["lora_r"]), f"{hp['lora_alpha']:.3g}", hp["scheduler"],
+                                           str(hp["warmup_steps"])]

@@ -466,7 +466,8 @@ def test_status_json_shape(full_run, full_status):
         assert type(member["id"]) is int
         assert member["parent_id"] is None or type(member["parent_id"]) is int
         assert type(member["generation_born"]) is int
-        assert set(member["hyperparameters"]) == {"lr", "batch_size", "max_grad_norm", "weight_decay"}
+        assert set(member["hyperparameters"]) == {"lr", "batch_size", "max_grad_norm", "weight_decay", "warmup_steps",
+                                                  "scheduler", "lora_r", "lora_alpha", "lora_dropout"}
         assert type(member["hyperparameters"]["lr"]) is float and type(member["hyperparameters"]["batch_size"]) is int
         assert len(member["fitness"]) == GENERATIONS and all(type(f) is float for f in member["fitness"])
     by_id = {m["id"]: m for m in status["members"]}

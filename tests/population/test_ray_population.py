@@ -340,3 +340,41 @@ def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session,
     assert locations[2]["pid"] == locations[3]["pid"] != pid
     for slot in range(4):
         assert_same_state(replayed[slot], trained[slot])
+
+
+def test_clones_between_actors_of_other_ranks_take_the_donors_rank(ray_session, tmp_path):
+    """Four members of LoRA ranks 8, 2, 4 and 6 on two actors, stepped together: after a ring of
+    clones within and between actors each receiver holds its donor's state at the donor's rank
+    (the tensors travel with their shapes), the members of mixed ranks train together, and an
+    actor killed afterwards is rebuilt by replaying the rank changes and clones."""
+    config_dict = experiment("ray", tmp_path, members_per_actor=2, step_together=True)
+    config_dict["population"]["size"] = 4
+    config = config_from_dict(config_dict)
+    model_path, prepared, founders = pieces(config, tmp_path)
+    population = RayPopulation(build.member_recipe(config, model_path), prepared, founders, num_cpus=0.5,
+                               members_per_actor=2)
+    pairs = [(0, 1), (1, 2), (2, 0), (3, 0)]
+    try:
+        population.set_hyperparameters({0: {"lora_r": 8}, 1: {"lora_r": 2, "lora_alpha": 5.0}, 3: {"lora_r": 6}})
+        population.train(1)
+        before = member_states(population)
+        population.clone(pairs)
+        after = member_states(population)
+        population.train(1)
+        trained, ranks = member_states(population), [hp["lora_r"] for hp in population.hyperparameters()]
+        os.kill(population.locations()[2]["pid"], signal.SIGKILL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            replayed = member_states(population)
+    finally:
+        population.close()
+
+    assert [state[1]["attributes"]["lora_r"] for state in before] == [8, 2, 4, 6]
+    for receiver, donor in pairs:
+        assert_same_state(after[receiver], before[donor])
+    assert ranks == [2, 4, 8, 8]
+    for slot in range(4):
+        tensors, meta = trained[slot]
+        assert all(t.shape[0 if ".lora_A." in name else 1] == ranks[slot]
+                   for name, t in tensors.items() if name.startswith("param/"))
+        assert_same_state(replayed[slot], trained[slot])

@@ -130,3 +130,36 @@ def test_a_member_gone_nan_does_not_reach_the_members_stepped_with_it(tmp_path):
             got = together[slot].agent.trainable_parameters()[name]
             assert torch.isfinite(got).all(), name
             torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_members_of_mixed_ranks_and_alphas_stepped_together_train_as_members_alone(tmp_path):
+    """Ranks and alphas mutate between steps (a grown rank, a shrunk one with another alpha, one
+    unchanged): the stacked adapters give each member its own rows of A and its own scaling, and
+    every member trains exactly as on an agent of its own with PEFT's LoRA forward."""
+    together_config = experiment("local", tmp_path / "together", members_per_actor=3, step_together=True)
+    alone_config = experiment("local", tmp_path / "alone", members_per_actor=1, step_together=True)
+    alone_config["agent"]["packing"] = False
+    together, alone = hosts_of(tmp_path, together_config), hosts_of(tmp_path, alone_config)
+    forwards = count_decoder_forwards(together)
+    changes = {1: {"lora_r": 8}, 2: {"lora_r": 2, "lora_alpha": 5.0}}
+    results = []
+    for hosts in (together, alone):
+        population = LocalPopulation(hosts)
+        population.train(2)
+        population.set_hyperparameters(changes)
+        results.append(population.train(2))
+    assert forwards[0] == 2 * 4  # all four steps stepped together, two rounds each
+
+    for slot, (got, want) in enumerate(zip(*results)):
+        assert got.tokens == want.tokens > 0
+        assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5)
+        together[slot].base.make_live(slot)
+        got_agent, want_agent = together[slot].agent, alone[slot].agent
+        assert (got_agent.lora_r, got_agent.lora_alpha) == (want_agent.lora_r, want_agent.lora_alpha) == \
+            (changes.get(slot, {}).get("lora_r", 4), changes.get(slot, {}).get("lora_alpha", 8.0))
+        want_params = want_agent.trainable_parameters()
+        for name, got_param in got_agent.trainable_parameters().items():
+            assert got_param.shape[0 if ".lora_A." in name else 1] == got_agent.lora_r
+            torch.testing.assert_close(got_param.detach(), want_params[name].detach(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got_agent.optimizer.state[got_param]["exp_avg"],
+                                       want_agent.optimizer.state[want_params[name]]["exp_avg"], rtol=1e-3, atol=1e-9)

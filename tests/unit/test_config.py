@@ -9,6 +9,7 @@ from evo_sft.config import (
     ExperimentConfig,
     LoraConfig,
     config_from_dict,
+    founder_values,
     flatten_config,
     load_config,
 )
@@ -20,7 +21,7 @@ def test_defaults():
     assert cfg.name == "evo-sft" and cfg.seed == 42
     assert cfg.model.name == "demo" and cfg.model.dtype == "float32"
     assert cfg.lora == LoraConfig() and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert cfg.agent.lr == 1e-4 and cfg.agent.lr_schedule is None
+    assert cfg.agent.lr == 1e-4 and cfg.agent.scheduler == "constant" and cfg.agent.schedule_steps is None
     assert cfg.population.backend == "ray" and cfg.population.size == 4
     assert cfg.evolution.mutation.rl_hp == 0.6
     assert cfg.evolution.hyperparameters["lr"].min == 1e-6 and cfg.evolution.hyperparameters["batch_size"].max == 64
@@ -46,10 +47,21 @@ FULL = {
         "lr": 3e-4,
         "batch_size": 32,
         "micro_batch_size_per_gpu": 8,
-        "lr_schedule": {"warmup_steps": 10, "total_steps": 100, "min_lr_ratio": 0.1},
+        "scheduler": "cosine", "warmup_steps": 10, "schedule_steps": 100, "min_lr_ratio": 0.1,
     },
-    "population": {"size": 8, "backend": "local", "num_gpus": 0.5, "members_per_actor": 2},
-    "evolution": {"generations": 3, "tournament_size": 3, "mutation": {"mutate_elite": False}},
+    "population": {"size": 8, "backend": "local", "num_gpus": 0.5, "members_per_actor": 2, "step_together": False},
+    "evolution": {
+        "generations": 3, "tournament_size": 3,
+        "mutation": {"mutate_elite": False, "explore": {"perturb_factors": [0.5, 2.0], "resample_probability": 0.1}},
+        "hyperparameters": {
+            "lr": {"min": 1e-5, "max": 1e-3}, "batch_size": {"min": 8, "max": 64},
+            "weight_decay": {"min": 0.0, "max": 0.1}, "max_grad_norm": {"min": 0.1, "max": 10.0},
+            "warmup_steps": {"min": 0, "max": 50, "multiple_of": 10},
+            "scheduler": {"choices": ["constant", "cosine", "linear"]},
+            "lora_r": {"choices": [2, 4, 8, 16]}, "lora_alpha": {"min": 4, "max": 32, "scale": "log"},
+            "lora_dropout": {"min": 0.0, "max": 0.2},
+        },
+    },
     "checkpoint": {"every": 2, "keep": 1},
     "ray": {"address": "auto", "init": {"namespace": "evo", "runtime_env": {"env_vars": {"A": "1"}}}},
 }
@@ -110,7 +122,8 @@ def test_flatten_config_values_are_valid_overrides(tmp_path):
     assert flat["tracking.uri"] == "null"
     assert flat["model.trust_remote_code"] == "true"
     assert flat["ray.init.runtime_env.env_vars.A"] == "1"
-    assert flat["agent.lr_schedule.total_steps"] == "100"
+    assert flat["agent.schedule_steps"] == "100"
+    assert flat["evolution.hyperparameters.scheduler.choices"] == '["constant", "cosine", "linear"]'
     assert all(isinstance(v, str) for v in flat.values())
     assert flatten_config(config_from_dict({}).to_dict())["ray.init"] == "{}"
     path = tmp_path / "empty.yaml"
@@ -170,7 +183,7 @@ INVALID = [
     ({"nmae": "x"}, "unknown key 'nmae' (did you mean 'name'?)"),
     (nested("evolution.hyperparameters.lr.mni", 1.0), "unknown key 'evolution.hyperparameters.lr.mni' (did you mean 'evolution.hyperparameters.lr.min'?)"),
     ({"zzz": 1}, "unknown key 'zzz' (valid keys: name, seed"),
-    (nested("evolution.hyperparameters.lr.zzzz", 1), "unknown key 'evolution.hyperparameters.lr.zzzz' (valid keys: min, max, scale)"),
+    (nested("evolution.hyperparameters.lr.zzzz", 1), "unknown key 'evolution.hyperparameters.lr.zzzz' (valid keys: min, max, scale, multiple_of, choices)"),
     # types
     (nested("population.size", "abc"), "population.size: expected int, got str 'abc'"),
     (nested("population.size", 2.0), "population.size: expected int, got float 2.0"),
@@ -185,7 +198,6 @@ INVALID = [
     (nested("lora.target_modules", [1]), "lora.target_modules: expected list[str] or str"),
     (nested("ray.init", [1]), "ray.init: expected mapping"),
     (nested("data.test_size", True), "data.test_size: expected int or float, got bool True"),
-    (nested("agent.lr_schedule", {}), "missing key 'agent.lr_schedule.total_steps'"),
     # enums
     (nested("model.dtype", "fp16"), "model.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'fp16'"),
     (nested("model.dtype", "bfloat"), "model.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'bfloat' (did you mean 'bfloat16'?)"),
@@ -199,13 +211,17 @@ INVALID = [
     (nested("data.max_length", 4), "data.max_length: must be >= 8"),
     (nested("data.num_rows", 0), "data.num_rows: must be >= 1"),
     (nested("lora.r", 0), "lora.r: must be >= 1"),
-    (nested("lora.lora_dropout", 1.0), "lora.lora_dropout: must be in [0, 1)"),
+    (nested("lora.lora_dropout", 1.0), "lora.lora_dropout: must be < 1"),
     (nested("lora.target_modules", []), "lora.target_modules: must not be empty"),
     (nested("agent.max_grad_norm", 0), "agent.max_grad_norm: must be > 0"),
     (nested("agent.update_epochs", 0), "agent.update_epochs: must be >= 1"),
-    (nested("agent.lr_schedule", {"total_steps": 10, "warmup_steps": 11}), "agent.lr_schedule.warmup_steps:"),
-    (nested("agent.lr_schedule", {"total_steps": 0}), "agent.lr_schedule.total_steps: must be >= 1"),
-    (nested("agent.lr_schedule", {"total_steps": 10, "min_lr_ratio": 2.0}), "agent.lr_schedule.min_lr_ratio:"),
+    (nested("agent", {"schedule_steps": 10, "warmup_steps": 11}), "agent.warmup_steps: 11 exceeds agent.schedule_steps 10"),
+    (nested("agent.schedule_steps", 0), "agent.schedule_steps: must be >= 1"),
+    (nested("agent.min_lr_ratio", 2.0), "agent.min_lr_ratio: must be in [0, 1]"),
+    (nested("agent.scheduler", "step"), "agent.scheduler: must be one of constant, cosine, linear, got 'step'"),
+    (nested("agent.warmup_steps", -1), "agent.warmup_steps: must be >= 0"),
+    (nested("agent", {"lr_schedule": {"total_steps": 10}, "scheduler": "linear"}),
+     "agent.lr_schedule: renamed to agent.scheduler"),
     (nested("population.size", 0), "population.size: must be >= 1"),
     (nested("population.num_gpus", -0.5), "population.num_gpus: must be >= 0"),
     (nested("population.num_cpus", -1), "population.num_cpus: must be >= 0"),
@@ -229,7 +245,7 @@ INVALID = [
     (nested("evolution.hyperparameters.lr", {"min": 1e-5, "max": 1e-3, "scale": "cubic"}),
      "evolution.hyperparameters.lr.scale: expected one of 'linear', 'log'"),
     (nested("evolution.hyperparameters.batch_size", {"min": 4.5, "max": 64}),
-     "evolution.hyperparameters.batch_size.min: batch_size is an integer, got 4.5"),
+     "evolution.hyperparameters.batch_size.min: must be an integer, got 4.5"),
     (nested("evolution.hyperparameters.weight_decay", {"min": 0.0, "max": 0.1, "scale": "log"}),
      "evolution.hyperparameters.weight_decay.min: a log scale needs min > 0, got 0.0"),
     (nested("evolution.hyperparameters.momentum", {"min": 0.1, "max": 0.9}),
@@ -247,6 +263,52 @@ INVALID = [
         merge(nested("agent.micro_batch_size_per_gpu", 16), nested("evolution.hyperparameters.batch_size", {"min": 17, "max": 31})),
         "evolution.hyperparameters.batch_size: [17, 31] contains no multiple of agent.micro_batch_size_per_gpu 16",
     ),
+    (
+        merge(nested("agent", {"micro_batch_size_per_gpu": 4, "batch_size": 12}),
+              nested("evolution.hyperparameters.batch_size", {"min": 13, "max": 20, "multiple_of": 6})),
+        "evolution.hyperparameters.batch_size: [13, 20] contains no multiple of "
+        "evolution.hyperparameters.batch_size.multiple_of 6 and agent.micro_batch_size_per_gpu 4",
+    ),
+    # the wider search space: each hyperparameter needs bounds or choices the model can take
+    (nested("evolution.hyperparameters.lora_r", {}), "missing key 'evolution.hyperparameters.lora_r.min' (give min and max, or choices)"),
+    (nested("evolution.hyperparameters.scheduler", {"min": 0, "max": 1}),
+     "evolution.hyperparameters.scheduler: scheduler takes one of constant, cosine, linear: give choices"),
+    (nested("evolution.hyperparameters.scheduler", {"choices": ["constant", "cosine", "exponential"]}),
+     "evolution.hyperparameters.scheduler.choices[2]: must be one of constant, cosine, linear, got 'exponential'"),
+    (nested("evolution.hyperparameters.scheduler", {"choices": ["cosine", "linear"]}),
+     "agent.scheduler: constant is not one of evolution.hyperparameters.scheduler.choices"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": [0, 8]}), "evolution.hyperparameters.lora_r.choices[0]: must be >= 1, got 0"),
+    (nested("evolution.hyperparameters.lora_r", {"min": 0, "max": 8}), "evolution.hyperparameters.lora_r.min: must be >= 1, got 0"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": [4, 8, 4]}), "evolution.hyperparameters.lora_r.choices: must be distinct"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": []}), "evolution.hyperparameters.lora_r.choices: must not be empty"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": [4, 16]}), "lora.r: 8 is not one of evolution.hyperparameters.lora_r.choices [4, 16]"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": [4, 8], "min": 4}),
+     "evolution.hyperparameters.lora_r: give either choices or min and max"),
+    (nested("evolution.hyperparameters.lora_r", {"choices": [4.5, 8]}), "evolution.hyperparameters.lora_r.choices[0]: must be an integer"),
+    (nested("evolution.hyperparameters.lora_dropout", {"min": 0.0, "max": 1.0}),
+     "evolution.hyperparameters.lora_dropout.max: must be < 1, got 1.0"),
+    (nested("evolution.hyperparameters.lora_alpha", {"min": 0.0, "max": 32}), "evolution.hyperparameters.lora_alpha.min: must be > 0"),
+    (merge({"lora": None}, nested("evolution.hyperparameters.lora_r", {"min": 4, "max": 16})),
+     "evolution.hyperparameters.lora_r: lora_r is a LoRA setting and lora is null (full fine-tuning)"),
+    (merge({"lora": None}, nested("evolution.hyperparameters.lora_alpha", {"min": 4, "max": 16})),
+     "evolution.hyperparameters.lora_alpha: lora_alpha is a LoRA setting and lora is null"),
+    (merge(nested("population.members_per_actor", 2), nested("evolution.hyperparameters.lora_dropout", {"min": 0.0, "max": 0.1})),
+     "evolution.hyperparameters.lora_dropout: members stepped together"),
+    (merge(nested("population.members_per_actor", 2), nested("evolution.hyperparameters.lora_dropout", {"choices": [0.0, 0.1]})),
+     "evolution.hyperparameters.lora_dropout: members stepped together"),
+    (nested("evolution.hyperparameters.lr", {"min": 1e-5, "max": 1e-3, "multiple_of": 2}),
+     "evolution.hyperparameters.lr.multiple_of: applies to integer hyperparameters; lr is not one"),
+    (nested("evolution.hyperparameters.lora_r", {"min": 4, "max": 32, "multiple_of": 0}),
+     "evolution.hyperparameters.lora_r.multiple_of: must be >= 1, got 0"),
+    (nested("evolution.hyperparameters.lora_r", {"min": 2, "max": 32, "multiple_of": 3}),
+     "lora.r: 8 is not a multiple of evolution.hyperparameters.lora_r.multiple_of 3"),
+    (merge(nested("agent.micro_batch_size_per_gpu", 4), nested("evolution.hyperparameters.batch_size", {"choices": [4, 6, 16]})),
+     "evolution.hyperparameters.batch_size.choices[1]: 6 is not divisible by agent.micro_batch_size_per_gpu 4"),
+    (nested("evolution.mutation.explore.perturb_factors", [0.8, 1.0]),
+     "evolution.mutation.explore.perturb_factors[1]: must be > 0 and other than 1, got 1.0"),
+    (nested("evolution.mutation.explore.perturb_factors", []), "evolution.mutation.explore.perturb_factors: must not be empty"),
+    (nested("evolution.mutation.explore.resample_probability", 1.5),
+     "evolution.mutation.explore.resample_probability: must be in [0, 1], got 1.5"),
 ]
 
 
@@ -285,3 +347,32 @@ def test_evolution_bounds_of_older_configs_load_as_hyperparameters():
     assert (space["batch_size"].min, space["batch_size"].max) == (4, 64)
     with pytest.raises(ConfigError, match="renamed to evolution.hyperparameters"):
         config_from_dict(merge(nested("evolution.bounds", {}), nested("evolution.hyperparameters", {})))
+
+
+def test_a_wider_search_space_reads_founders_values_where_the_config_sets_them():
+    cfg = config_from_dict(FULL)
+    values = founder_values(cfg)
+    assert values["lora_r"] == 4 and values["lora_alpha"] == 8.0 and values["lora_dropout"] == 0.05
+    assert values["scheduler"] == "cosine" and values["warmup_steps"] == 10 and values["lr"] == 3e-4
+    assert list(cfg.evolution.hyperparameters) == [
+        "lr", "batch_size", "weight_decay", "max_grad_norm", "warmup_steps", "scheduler", "lora_r", "lora_alpha",
+        "lora_dropout"]
+    assert cfg.evolution.mutation.explore.perturb_factors == [0.5, 2.0]
+    assert "lora_r" not in founder_values(config_from_dict({"lora": None}))
+
+
+def test_lora_dropout_searched_where_members_train_one_after_another():
+    """Members stepped together cannot draw dropout masks from their own generators; alone (or with
+    step_together off) they can, and a search that stays at 0 is allowed anyway."""
+    dropout = nested("evolution.hyperparameters.lora_dropout", {"min": 0.0, "max": 0.1})
+    config_from_dict(dropout)  # one member per actor
+    config_from_dict(merge(dropout, {"population": {"members_per_actor": 2, "step_together": False}}))
+    config_from_dict(merge(nested("evolution.hyperparameters.lora_dropout", {"choices": [0.0]}),
+                           nested("population.members_per_actor", 2)))
+
+
+def test_lr_schedule_of_older_configs_loads_as_a_cosine_scheduler():
+    cfg = config_from_dict(nested("agent.lr_schedule", {"total_steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1}))
+    assert (cfg.agent.scheduler, cfg.agent.warmup_steps, cfg.agent.schedule_steps, cfg.agent.min_lr_ratio) == \
+        ("cosine", 10, 100, 0.1)
+    assert config_from_dict(nested("agent.lr_schedule", None)).agent.scheduler == "constant"
