@@ -49,6 +49,10 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layer
         max_position_embeddings=512,
         tie_word_embeddings=False,
         use_cache=False,
+        # the tokenizer's ids: a response ends with <|im_end|> (chat template) or <|endoftext|> (plain text)
+        bos_token_id=None,
+        eos_token_id=[SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")],
+        pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
