@@ -28,6 +28,7 @@ class GenerationRecord:
     decisions: list = field(default_factory=list)
     next_member_ids: list[int] = field(default_factory=list)
     next_hyperparameters: list[dict] = field(default_factory=list)
+    evaluations: list = field(default_factory=list)  # each slot's evo_sft.fitness.Evaluation
 
 
 class Controller:
@@ -97,10 +98,11 @@ class Controller:
         train = self.population.train(self.steps_per_generation)
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
-        fitness = self.population.evaluate()
+        evaluations = self.population.evaluate()
+        fitness = [evaluation.fitness for evaluation in evaluations]
         for slot, result in enumerate(train):
             if not (result.finite and math.isfinite(fitness[slot])):
-                warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss; "
+                warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss or fitness; "
                               "its fitness is -inf and it will be replaced")
                 fitness[slot] = -math.inf
                 self.lineage.record("nonfinite", self.generation, member_id=self.slot_ids[slot], slot=slot)
@@ -109,7 +111,7 @@ class Controller:
         members = self.member_states(hyperparameters)
         elite_slot = elite([member.fitness for member in members])
         record = GenerationRecord(self.generation, list(self.slot_ids), train, fitness, hyperparameters,
-                                  elite_slot, self.slot_ids[elite_slot])
+                                  elite_slot, self.slot_ids[elite_slot], evaluations=evaluations)
         if self.save_elite is not None:
             record.elite_adapter = self.save_elite(self, elite_slot)
         if self.selection is not None and self.mutations is not None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from evo_sft.data.demo import SPECIAL_TOKENS
+from evo_sft.data.demo import SPECIAL_TOKENS, build_tokenizer, demo_dataset
+from tests.helpers.reference import hf_greedy
 
 PROMPTS = ["reverse: abc", "q", "reverse: abcdefghij, then something longer", "hi"]
 
@@ -23,15 +24,6 @@ def nontrivial(agent, scale: float = 0.5):
         for p in agent.trainable_parameters().values():
             p.normal_(0, scale)
     return agent
-
-
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' `generate`, greedy, on one unpadded prompt, never stopping early."""
-    ids = torch.tensor([prompt])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
@@ -73,6 +65,23 @@ def test_default_stop_tokens_are_the_models_eos(make_agent, tokenizer):
     from evo_sft.sft.generation import eos_token_ids
 
     assert eos_token_ids(agent.actor) == [SPECIAL_TOKENS.index("<|im_end|>"), tokenizer.eos_token_id]
+
+
+def test_the_gym_stops_where_its_rows_end(make_gym):
+    """A chat template's end-of-turn token and eos; eos alone without a template. In every test
+    row, the token right after the response's text is one of them."""
+    data = demo_dataset(4, seed=0)
+    chat, plain = make_gym(data), make_gym(data, tokenizer_=build_tokenizer(chat_template=False))
+    im_end, eos = SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")
+    assert chat.stop_token_ids == [eos, im_end]
+    assert plain.stop_token_ids == [eos]
+    for gym in (chat, plain):
+        prompts = gym.test_prompts(len(gym.test))
+        for row, (ids, length) in enumerate(zip(gym.test.input_ids, gym.test.prompt_lengths)):
+            assert prompts[row] == ids[:length]
+            text = gym.tokenizer.encode(gym.test_text["references"][row], add_special_tokens=False)
+            assert ids[length:length + len(text)] == text
+            assert ids[length + len(text)] in gym.stop_token_ids
 
 
 def test_sampling_is_seeded_and_a_vanishing_nucleus_is_greedy(make_agent, prompt_ids):

@@ -76,7 +76,7 @@ def expected_member_metrics(records) -> dict:
     for record in records:
         for slot, member_id in enumerate(record.member_ids):
             train, fitness = record.train[slot], record.fitness[slot]
-            values = {"train_loss": train.train_loss, "test_loss": -fitness, "fitness": fitness,
+            values = {"train_loss": train.train_loss, "test_loss": record.evaluations[slot].test_loss, "fitness": fitness,
                       "tokens_per_second": train.tokens_per_second, **record.hyperparameters[slot]}
             for name, value in values.items():
                 expected.setdefault(member_id, {}).setdefault(name, []).append((train.optimizer_step, value))
