@@ -235,6 +235,9 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
           f"on {result.scored_rows} held-out test rows  hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
     print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
+    founders = [m for m, info in controller.lineage.members.items() if info.parent_id is None and controller.fitness[m]]
+    print(f"founders' {fitness.metric} after the first generation: "
+          + " ".join(f"{fitness.shown(controller.fitness[m][0]):.4f}" for m in founders))
     if result.evaluation is not None and result.evaluation.samples:
         print(f"outputs on the first test prompts (test_loss {result.evaluation.test_loss:.4f}):")
         for sample in result.evaluation.samples:
