@@ -7,7 +7,10 @@ continued until it emits a stop token or has `max_new_tokens` new tokens. Compil
 (`compile_layers`) run eagerly here: their graphs are for training, and one token at a time
 against a growing cache would only recompile them.
 """
+import inspect
+
 import torch
+from transformers import DynamicCache
 
 from evo_sft.sft.step import decoder_and_head
 
@@ -36,12 +39,12 @@ def _generate_batch(agent, prompts, max_new_tokens, stops, temperature, top_p) -
     input_ids, attention_mask = input_ids.to(agent.device), attention_mask.to(agent.device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     decoder, head = decoder_and_head(agent)
+    cache = {cache_argument(decoder): DynamicCache(config=decoder.config)}  # the layers fill it as they run
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=agent.device)
-    cache, new_tokens = None, []
+    new_tokens = []
     for _ in range(max_new_tokens):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      cache=cache, use_cache=True)
-        cache = out.cache
+                      use_cache=True, **cache)
         token = next_token(head(out.last_hidden_state[:, -1]).float(), temperature, top_p)
         token = token.masked_fill(finished, agent.pad_token_id)
         new_tokens.append(token)
@@ -54,6 +57,11 @@ def _generate_batch(agent, prompts, max_new_tokens, stops, temperature, top_p) -
     rows = torch.stack(new_tokens, dim=1).tolist()
     stop_set = set(stops.tolist())
     return [_until_stop(row, stop_set) for row in rows]
+
+
+def cache_argument(decoder) -> str:
+    """What the decoder calls its KV cache: `cache` in newer transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,3 +150,16 @@ def test_lora_on_the_output_head_is_applied(make_model, tokenizer, prompt_ids):
             if "lm_head" in name:
                 p.normal_(0, 0.5)
     assert agent.generate(prompt_ids, 8, []) == [hf_greedy(agent.actor, prompt, 8) for prompt in prompt_ids]
+
+
+def test_packed_and_compiled_agents_generate_eagerly_as_plain_ones(make_agent, prompt_ids):
+    """Packing (varlen attention for training) and compiled decoder layers: generation runs the
+    layers eagerly, compiling no graph, and says what a plain agent with the same state says."""
+    import torch._dynamo
+
+    packed = nontrivial(make_agent(packing=True, compile_layers=True))
+    plain = make_agent()
+    plain.import_state(*packed.export_state())
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert packed.generate(prompt_ids, 8, []) == plain.generate(prompt_ids, 8, [])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
