@@ -45,7 +45,7 @@ class Fitness:
     generates: bool  # whether it scores generated responses
 
     def __init__(self, eval_rows: int | None = None, max_new_tokens: int = 32, batch_size: int = 16,
-                 samples: int = 4):
+                 samples: int = 0):
         self.eval_rows, self.max_new_tokens = eval_rows, max_new_tokens
         self.batch_size, self.samples = batch_size, samples
 
