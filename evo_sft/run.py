@@ -176,7 +176,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool,
     best = best_slot(controller.slot_ids, histories, controller.lineage, controller.generation)
     evaluation = evaluations[best] if evaluations else _evaluation_of(last, controller.lineage, controller.slot_ids[best])
     if evaluations:
-        tracker.log_final(controller.slot_ids[best], evaluation)
+        tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
     target = run_dir / "best_adapter"
     if not interrupted:
         staging = run_dir / ".best_adapter"

@@ -121,10 +121,10 @@ class MLflowTracker:
         if (record.generation + 1) % self.artifact_every == 0:
             self._refresh_artifacts(controller)
 
-    def log_final(self, member_id: int, evaluation) -> None:
-        """The best member as scored on the whole test set at the end (multi-fidelity): parent
-        metrics `final_<metric>` and `final_test_loss`, and `samples/final.json`."""
-        generation = self._controller.generation if self._controller is not None else 0
+    def log_final(self, generation: int, member_id: int, evaluation) -> None:
+        """The best member as scored on the whole test set after `generation` generations
+        (multi-fidelity): parent metrics `final_<metric>` and `final_test_loss` at that step, and
+        `samples/final.json`."""
         self._log_metrics("parent", {f"final_{self.fitness.metric}": self.fitness.shown(evaluation.fitness),
                                      "final_test_loss": evaluation.test_loss}, generation)
         if evaluation.samples:
@@ -216,8 +216,9 @@ class MLflowTracker:
 
     def _log_samples(self, name: str, generation: int, member_id: int, evaluation) -> None:
         """A member's outputs on the first test prompts, beside the references, as `samples/<name>.json`."""
+        shown = self.fitness.shown(evaluation.fitness)
         samples = {"generation": generation, "member_id": member_id,
-                   self.fitness.metric: self.fitness.shown(evaluation.fitness), "samples": list(evaluation.samples)}
+                   self.fitness.metric: shown if math.isfinite(shown) else None, "samples": list(evaluation.samples)}
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{name}.json"
             path.write_text(json.dumps(samples, indent=1, ensure_ascii=False), encoding="utf-8")
