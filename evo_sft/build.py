@@ -24,16 +24,15 @@ def resolve_model_path(config: ExperimentConfig, run_dir: Path) -> str:
 
 
 def prepare_data(config: ExperimentConfig, tokenizer) -> dict:
-    """Tokenise both splits once; the result is shared by every member (and every actor)."""
-    from evo_sft.data import tokenize_split
+    """Tokenise both splits once and keep the test rows' text; the result is shared by every
+    member (and every actor)."""
+    from evo_sft.data.gym import prepare
     from evo_sft.data.sources import load_splits
 
     train, test = load_splits(config.data, config.seed)
     d = config.data
-    return {
-        "train": tokenize_split(train, tokenizer, "train", d.prompt_column, d.response_column, d.max_length).to_dict(),
-        "test": tokenize_split(test, tokenizer, "test", d.prompt_column, d.response_column, d.max_length).to_dict(),
-    }
+    return prepare(train, test, tokenizer, d.prompt_column, d.response_column, d.max_length,
+                   config.evolution.fitness_options.reference_column)
 
 
 def member_recipe(config: ExperimentConfig, model_path: str):
@@ -68,7 +67,22 @@ def member_recipe(config: ExperimentConfig, model_path: str):
         use_gpu=config.population.num_gpus > 0,
         step_together=config.population.step_together,
         fitness=config.evolution.fitness,
+        fitness_options=fitness_options(config),
     )
+
+
+def fitness_options(config: ExperimentConfig) -> dict:
+    """The `Fitness` keyword arguments of `evolution.fitness_options` (the others act on the data and the run)."""
+    options = config.evolution.fitness_options
+    return {"eval_rows": options.eval_rows, "max_new_tokens": options.max_new_tokens,
+            "batch_size": options.batch_size, "samples": options.samples}
+
+
+def fitness(config: ExperimentConfig):
+    """The run's `evo_sft.fitness.Fitness`."""
+    from evo_sft.fitness import make_fitness
+
+    return make_fitness(config.evolution.fitness, **fitness_options(config))
 
 
 def hp_config(config: ExperimentConfig) -> HyperparameterConfig:

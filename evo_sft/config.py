@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from evo_sft.fitness import FITNESSES
+from evo_sft.fitness import FITNESSES, load_function
 from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
 
 
@@ -122,13 +122,28 @@ def default_search_space() -> dict[str, SearchRange]:
 
 
 @dataclass
+class FitnessOptions:
+    """How `evolution.fitness` is scored. Fitnesses that generate (all but test_loss) score greedy
+    responses to the first `eval_rows` rows of the fixed test set; the test loss is always over
+    the whole test set."""
+
+    eval_rows: int | None = None  # test rows a generating fitness scores each generation; null: all
+    full_test_at_end: bool = False  # multi-fidelity: score the last population on the whole test set at the end
+    max_new_tokens: int = 32  # per generated response
+    batch_size: int = 16  # prompts generated together
+    samples: int = 4  # first test prompts whose outputs are logged each generation and shown in the summary
+    reference_column: str | None = None  # what generations are compared with; null: data.response_column
+
+
+@dataclass
 class EvolutionConfig:
     generations: int = 5
     steps_per_generation: int = 10
     tournament_size: int = 2
     elitism: bool = True
     eval_loop: int = 1
-    fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES
+    fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES, or a user function module:function
+    fitness_options: FitnessOptions = field(default_factory=FitnessOptions)
     mutation: MutationConfig = field(default_factory=MutationConfig)
     # The hyperparameters that mutate, each within its range; the others stay at agent.<name>.
     hyperparameters: dict[str, SearchRange] = field(default_factory=default_search_space)
@@ -325,8 +340,7 @@ def _validate(cfg: ExperimentConfig) -> None:
         "evolution.tournament_size",
         f"{evolution.tournament_size} exceeds population.size {population.size}",
     )
-    _require(evolution.fitness in FITNESSES, "evolution.fitness",
-             f"unknown fitness {evolution.fitness!r} (known: {', '.join(FITNESSES)})")
+    _validate_fitness(evolution.fitness, evolution.fitness_options)
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation
     for name in ("no_mutation", "rl_hp"):
@@ -360,6 +374,25 @@ def _validate(cfg: ExperimentConfig) -> None:
 
     _require(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+
+
+def _validate_fitness(name: str, options: FitnessOptions) -> None:
+    if name not in FITNESSES:
+        try:
+            load_function(name)
+        except ValueError as error:
+            raise ConfigError(f"evolution.fitness: {error}") from None
+    key = "evolution.fitness_options"
+    for option in ("max_new_tokens", "batch_size"):
+        value = getattr(options, option)
+        _require(value >= 1, f"{key}.{option}", f"must be >= 1, got {value}")
+    _require(options.samples >= 0, f"{key}.samples", f"must be >= 0, got {options.samples}")
+    if options.eval_rows is not None:
+        _require(options.eval_rows >= 1, f"{key}.eval_rows", f"must be >= 1 or null (all rows), got {options.eval_rows}")
+        _require(name != "test_loss", f"{key}.eval_rows",
+                 "the test_loss fitness always scores the whole test set; eval_rows is for fitnesses that generate")
+    _require(not options.full_test_at_end or options.eval_rows is not None, f"{key}.full_test_at_end",
+             "needs eval_rows: without it every generation already scores the whole test set")
 
 
 def _validate_search_range(cfg: ExperimentConfig, name: str, bounds: SearchRange) -> None:

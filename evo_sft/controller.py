@@ -32,6 +32,7 @@ class GenerationRecord:
     elite_adapter: str | None = None
     decisions: list = field(default_factory=list)  # the clones and mutations this generation opened with
     retired_ids: list[int] = field(default_factory=list)  # members whose slots those clones took
+    evaluations: list = field(default_factory=list)  # each slot's evo_sft.fitness.Evaluation
 
 
 class Controller:
@@ -108,10 +109,11 @@ class Controller:
         train = self.population.train(self.steps_per_generation)
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
-        fitness = self.population.evaluate()
+        evaluations = self.population.evaluate()
+        fitness = [evaluation.fitness for evaluation in evaluations]
         for slot, result in enumerate(train):
             if not (result.finite and math.isfinite(fitness[slot])):
-                warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss; "
+                warnings.warn(f"member {self.slot_ids[slot]} (slot {slot}) has a non-finite loss or fitness; "
                               "its fitness is -inf and it will be replaced")
                 fitness[slot] = -math.inf
                 self.lineage.record("nonfinite", generation, member_id=self.slot_ids[slot], slot=slot)
@@ -119,7 +121,8 @@ class Controller:
         self.generation = generation
         elite_slot = self.best_slot()
         record = GenerationRecord(generation, list(self.slot_ids), train, fitness, self.population.hyperparameters(),
-                                  elite_slot, self.slot_ids[elite_slot], decisions=decisions, retired_ids=retired)
+                                  elite_slot, self.slot_ids[elite_slot], decisions=decisions, retired_ids=retired,
+                                  evaluations=evaluations)
         if self.save_elite is not None:
             record.elite_adapter = self.save_elite(self, elite_slot)
         self._notify(record)

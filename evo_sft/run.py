@@ -8,11 +8,12 @@ import yaml
 
 from evo_sft import build
 from evo_sft.data.sources import load_tokenizer
-from evo_sft.fitness import FITNESSES, Fitness
+from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
+from evo_sft.evolution import elite
 from evo_sft.population.local import LocalPopulation
 from evo_sft.io.storage import CheckpointError, replace_directory
 
@@ -29,6 +30,10 @@ class RunResult:
     best_fitness: float
     best_adapter: Path
     interrupted: bool = False
+    # the best member's evaluation the summary shows: on the whole test set with
+    # evolution.fitness_options.full_test_at_end, else the last generation's (None where it has none)
+    evaluation: Evaluation | None = None
+    scored_rows: int | None = None  # the test rows its fitness was scored on
 
 
 def start(config: ExperimentConfig) -> RunResult:
@@ -88,13 +93,14 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     owns_ray = config.population.backend == "ray" and not _ray_initialized()
     population = _population(config, run_dir, model_path, prepared, founders)
     saved = checkpoint[1] if checkpoint else {}
-    fitness = FITNESSES[config.evolution.fitness]()
+    fitness = build.fitness(config)
     tracker = _tracker(config, run_dir, saved, fitness)
+    last = LastRecord()
     selection, mutations = build.selection_and_mutations(config)
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
-        observers=[progress_printer(fitness), tracker],
+        observers=[progress_printer(fitness), tracker, last],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
                                            extra_state=lambda: {"tracking": tracker.state_dict(),
                                                                 "run_dir": str(run_dir)}),
@@ -111,7 +117,10 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
         except KeyboardInterrupt:
             status = "KILLED"
             print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
-        result = _finish(controller, run_dir, tokenizer, interrupted=status == "KILLED")
+        full_test = config.evolution.fitness_options.full_test_at_end and status != "KILLED"
+        result = _finish(controller, run_dir, tokenizer, interrupted=status == "KILLED", last=last.record,
+                         full_test=full_test, tracker=tracker)
+        result.scored_rows = fitness.scored_rows(len(prepared["test"]["input_ids"]), full_test)
     except BaseException:
         status = "FAILED"
         raise
@@ -179,9 +188,28 @@ def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
     return uri and moved(uri, Path(saved.get("run_dir", run_dir)), run_dir)
 
 
-def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool) -> RunResult:
-    """Export the best member of the last evaluation as a PEFT folder with the tokenizer."""
-    best = controller.best_slot()
+class LastRecord:
+    """A controller observer that keeps the last generation's record."""
+
+    record: GenerationRecord | None = None
+
+    def __call__(self, controller: Controller, record: GenerationRecord) -> None:
+        self.record = record
+
+
+def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool, last: GenerationRecord | None,
+            full_test: bool, tracker) -> RunResult:
+    """Export the best member as a PEFT folder with the tokenizer: the best of the last evaluation,
+    or, with `full_test` (multi-fidelity), of every member scored now on the whole test set."""
+    scores = controller.scores()
+    evaluations = last.evaluations if last is not None and last.member_ids == controller.slot_ids else None
+    if full_test:
+        evaluations = controller.population.evaluate(full=True)
+        scores = [evaluation.fitness for evaluation in evaluations]
+    best = elite(scores)
+    evaluation = evaluations[best] if evaluations else None
+    if full_test:
+        tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
     target = run_dir / "best_adapter"
     if not interrupted:
         staging = run_dir / ".best_adapter"
@@ -190,24 +218,28 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool)
         tokenizer.save_pretrained(exported)
         replace_directory(exported, target)
         shutil.rmtree(staging, ignore_errors=True)
-    return RunResult(run_dir, controller.slot_ids[best], controller.scores()[best], target, interrupted)
+    return RunResult(run_dir, controller.slot_ids[best], scores[best], target, interrupted, evaluation)
 
 
 def progress_printer(fitness: Fitness):
     """A controller observer that prints each generation's table: the mutable hyperparameters,
-    train loss, the fitness metric and throughput of every member, and the clones made."""
+    train loss, the fitness metric (and the test loss, where that is not the metric) and
+    throughput of every member, and the clones made."""
+    losses = fitness.metric != "test_loss"
+
     def print_progress(controller: Controller, record: GenerationRecord) -> None:
         step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
         print(f"generation {record.generation}  (optimizer step {step} per member)")
         print(f"  {'member':>6} " + " ".join(f"{name:>{max(10, len(name))}}" for name in names)
-              + f" {'train_loss':>10} {fitness.metric:>10} {'tok/s':>8}")
+              + f" {'train_loss':>10}" + (f" {'test_loss':>10}" if losses else "")
+              + f" {fitness.metric:>10} {'tok/s':>8}")
         for slot, member_id in enumerate(record.member_ids):
             hp, train = record.hyperparameters[slot], record.train[slot]
             marker = "*" if slot == record.elite_slot else " "
             print(f" {marker}{member_id:>6} " + " ".join(f"{shown(hp[name]):>{max(10, len(name))}}" for name in names)
-                  + f" {train.train_loss:>10.4f} {fitness.shown(record.fitness[slot]):>10.4f}"
-                  f" {train.tokens_per_second:>8.0f}")
+                  + f" {train.train_loss:>10.4f}" + (f" {record.evaluations[slot].test_loss:>10.4f}" if losses else "")
+                  + f" {fitness.shown(record.fitness[slot]):>10.4f} {train.tokens_per_second:>8.0f}")
         born = [d for d in record.decisions if d.clone]
         if born:
             print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
@@ -220,10 +252,17 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
     scored_with = controller.lineage.hyperparameters_at(best, controller.generation)
-    print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f}  "
-          f"hyperparameters {scored_with}")
+    print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f} "
+          f"on {result.scored_rows} held-out test rows  hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
     print("fitness per generation (best member's line): " + " ".join(f"{f:.4f}" for f in history))
+    founders = [m for m, info in controller.lineage.members.items() if info.parent_id is None and controller.fitness[m]]
+    print(f"founders' {fitness.metric} after the first generation: "
+          + " ".join(f"{fitness.shown(controller.fitness[m][0]):.4f}" for m in founders))
+    if result.evaluation is not None and result.evaluation.samples:
+        print(f"outputs on the first test prompts (test_loss {result.evaluation.test_loss:.4f}):")
+        for sample in result.evaluation.samples:
+            print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
     from evo_sft.tracking import mlflow_ui_command

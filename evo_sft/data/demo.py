@@ -49,6 +49,10 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layer
         max_position_embeddings=512,
         tie_word_embeddings=False,
         use_cache=False,
+        # the tokenizer's ids: a response ends with <|im_end|> (chat template) or <|endoftext|> (plain text)
+        bos_token_id=None,
+        eos_token_id=[SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")],
+        pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -68,15 +72,15 @@ def write_demo_model(directory: str | Path, seed: int = 0) -> Path:
 
 
 def demo_dataset(num_rows: int, seed: int = 0):
-    """Reverse a word: 'reverse: abc' -> 'cba', as a `datasets.Dataset`. Learnable by a tiny
-    model in minutes on a CPU."""
+    """Reverse a word: 'reverse: abc' -> 'cba', as a `datasets.Dataset` of `num_rows` distinct
+    words of 3 to 7 letters out of ten, so that no held-out word was seen in training. Learnable
+    by a tiny model in minutes on a CPU."""
     from datasets import Dataset
 
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghij"))
-    prompts, responses = [], []
-    for _ in range(num_rows):
-        word = "".join(rng.choice(letters, size=int(rng.integers(3, 8))))
-        prompts.append(f"reverse: {word}")
-        responses.append(word[::-1])
-    return Dataset.from_dict({"prompt": prompts, "response": responses})
+    words = {}  # distinct, in the order drawn
+    while len(words) < num_rows:
+        words.setdefault("".join(rng.choice(letters, size=int(rng.integers(3, 8)))), None)
+    return Dataset.from_dict({"prompt": [f"reverse: {word}" for word in words],
+                              "response": [word[::-1] for word in words]})

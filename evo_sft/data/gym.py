@@ -138,6 +138,44 @@ def tokenize_split(dataset, tokenizer, split: str, prompt_column: str, response_
     return TokenizedSplit(input_ids, prompt_lengths, source_rows)
 
 
+def test_texts(dataset, split: TokenizedSplit, prompt_column: str, reference_column: str) -> dict:
+    """The prompt and the reference (what a generated response is compared with) of each row that
+    `split` kept from `dataset`, as text: {"prompts": [...], "references": [...]}."""
+    _check_columns(dataset, "test", (prompt_column, reference_column))
+    prompts, references = list(dataset[prompt_column]), list(dataset[reference_column])
+    where = (list(dataset[LOCATION_COLUMN]) if LOCATION_COLUMN in dataset.column_names
+             else [f"test row {row}" for row in range(len(dataset))])
+    for row in split.source_rows:
+        if references[row] is None or isinstance(references[row], (list, dict)):
+            raise DataError(f"{where[row]}: '{reference_column}' must be a string or a number to compare "
+                            f"generations with, got {shown(references[row])}")
+    return {"prompts": [prompts[row] for row in split.source_rows],
+            "references": [str(references[row]) for row in split.source_rows]}
+
+
+def prepare(train_dataset, test_dataset, tokenizer, prompt_column: str, response_column: str,
+            max_length: int | None, reference_column: str | None = None) -> dict:
+    """Both splits tokenised once, and the test rows' text; the result is shared by every member
+    (and every Ray actor) and is what `SFTGym(prepared=...)` takes. `reference_column` (default
+    the response column) holds what generations are compared with."""
+    train = tokenize_split(train_dataset, tokenizer, "train", prompt_column, response_column, max_length)
+    test = tokenize_split(test_dataset, tokenizer, "test", prompt_column, response_column, max_length)
+    return {"train": train.to_dict(), "test": test.to_dict(),
+            "test_text": test_texts(test_dataset, test, prompt_column, reference_column or response_column)}
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a response as rows are tokenised: eos and, with a chat template, the
+    token the template puts right after an assistant message's text (its end-of-turn token)."""
+    stops = {tokenizer.eos_token_id}
+    if tokenizer.chat_template:
+        text = tokenizer("y", add_special_tokens=False)["input_ids"]
+        ids = _row_ids(tokenizer, "x", "y")
+        if ids is not None and ids[1][:len(text)] == text and len(ids[1]) > len(text):
+            stops.add(ids[1][len(text)])
+    return sorted(stops - {None})
+
+
 def collate(split: TokenizedSplit, rows, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad `rows` of `split`. Labels are masked by position (prompt and padding),
     never by token id, so an eos that equals the pad token is still supervised."""
@@ -188,12 +226,14 @@ class SFTGym:
     """Training and test data for SFT agents, in the shape of AgileRL's LLM gyms.
 
     `reset()` returns the first training batch and `step()` the next one; a batch is what
-    `SFT.learn` takes. The test set is fixed: `test_batches` always yields the same rows.
+    `SFT.learn` takes. The test set is fixed: `test_batches` always yields the same rows, and
+    `test_prompts` the same prompts for generation, whose text and references are `test_text`.
     """
 
     def __init__(self, train_dataset, test_dataset, tokenizer, data_batch_size_per_gpu: int = 8,
                  response_column: str = "response", prompt_column: str = "prompt", accelerator=None,
-                 max_length: int | None = None, seed: int = 42, prepared: dict | None = None):
+                 max_length: int | None = None, seed: int = 42, prepared: dict | None = None,
+                 reference_column: str | None = None):
         if accelerator is not None:
             raise NotImplementedError("SFTGym does not support an accelerate Accelerator yet; pass accelerator=None")
         if tokenizer.pad_token_id is None:
@@ -203,13 +243,13 @@ class SFTGym:
         self.data_batch_size_per_gpu = data_batch_size_per_gpu
         self.max_length, self.seed = max_length, seed
         if prepared is None:
-            prepared = {
-                "train": tokenize_split(train_dataset, tokenizer, "train", prompt_column, response_column, max_length).to_dict(),
-                "test": tokenize_split(test_dataset, tokenizer, "test", prompt_column, response_column, max_length).to_dict(),
-            }
+            prepared = prepare(train_dataset, test_dataset, tokenizer, prompt_column, response_column, max_length,
+                               reference_column)
         self.prepared = prepared
         self.train = TokenizedSplit.from_dict(prepared["train"])
         self.test = TokenizedSplit.from_dict(prepared["test"])
+        self.test_text = prepared["test_text"]
+        self.stop_token_ids = stop_token_ids(tokenizer)
         self.stream = self.new_stream(seed)
 
     @property
@@ -233,6 +273,13 @@ class SFTGym:
     def test_batches(self, batch_size: int):
         for start in range(0, len(self.test), batch_size):
             yield collate(self.test, range(start, min(start + batch_size, len(self.test))), self.pad_token_id)
+
+    def test_prompts(self, count: int) -> list[list[int]]:
+        """The prompt token ids of the first `count` test rows (the fixed rows generation is scored on)."""
+        return [ids[:length] for ids, length in zip(self.test.input_ids[:count], self.test.prompt_lengths[:count])]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def __len__(self) -> int:
         return len(self.train)

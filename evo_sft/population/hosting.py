@@ -1,11 +1,11 @@
 """Building members where they will run (in this process or inside a Ray actor), from a recipe:
 plain JSON-able data that says how to make the agent and its gym, so that no process needs the
 experiment config to build a member."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from evo_sft.data import SFTGym
 from evo_sft.data.sources import load_tokenizer
-from evo_sft.fitness import FITNESSES
+from evo_sft.fitness import make_fitness
 from evo_sft.population.member import MemberHost
 from evo_sft.population.shared_base import SharedBase
 
@@ -15,7 +15,8 @@ class MemberRecipe:
     """How every member of a run is made. `agent` holds `SFT` keyword arguments (all but the
     member's own hyperparameters, index, device and LoRA config); `lora` the `peft.LoraConfig`
     keyword arguments or None for full fine-tuning; `lr_schedule` the `LRSchedule` fields or None;
-    `gym` the `SFTGym` keyword arguments; `fitness` a name in `evo_sft.fitness.FITNESSES`."""
+    `gym` the `SFTGym` keyword arguments; `fitness` what `evolution.fitness` names and
+    `fitness_options` the keyword arguments of its `evo_sft.fitness.Fitness`."""
 
     model_path: str
     tokenizer: str
@@ -28,6 +29,7 @@ class MemberRecipe:
     use_gpu: bool
     step_together: bool
     fitness: str = "test_loss"
+    fitness_options: dict = field(default_factory=dict)
 
 
 def slot_groups(size: int, members_per_actor: int) -> list[list[int]]:
@@ -60,7 +62,7 @@ def build_hosts(recipe: MemberRecipe, prepared: dict, founders: dict[int, dict])
     first = min(founders)
     agent = build_agent(recipe, tokenizer, first, founders[first])
     gym = SFTGym(None, None, tokenizer, prepared=prepared, **recipe.gym)
-    fitness = FITNESSES[recipe.fitness]()
+    fitness = make_fitness(recipe.fitness, **recipe.fitness_options)
     if len(founders) == 1:
         return {first: MemberHost(first, agent, gym, recipe.seed, fitness)}
     return SharedBase(agent, gym, recipe.seed, founders, together=recipe.step_together, fitness=fitness).members

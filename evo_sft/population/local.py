@@ -1,6 +1,7 @@
 """The in-process backend: every member in this process, trained one after another."""
 from pathlib import Path
 
+from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
 from evo_sft.population.member import MemberHost
 from evo_sft.population.protocol import TrainResult
@@ -25,8 +26,8 @@ class LocalPopulation:
                 results.update(host.train_group(steps))
         return [results[host.slot] for host in self.hosts]
 
-    def evaluate(self) -> list[float]:
-        return [host.evaluate() for host in self.hosts]
+    def evaluate(self, full: bool = False) -> list[Evaluation]:
+        return [host.evaluate(full) for host in self.hosts]
 
     def hyperparameters(self) -> list[dict]:
         return [host.hyperparameters() for host in self.hosts]

@@ -12,7 +12,7 @@ from evo_sft.io import storage
 from evo_sft.sft import SFT
 from evo_sft.sft.lora import ACTOR
 from evo_sft.data import DataStream, SFTGym
-from evo_sft.fitness import Fitness, NegativeTestLoss
+from evo_sft.fitness import Evaluation, Fitness, NegativeTestLoss
 from evo_sft.population.protocol import TrainResult
 
 
@@ -57,8 +57,8 @@ class MemberHost:
         """Train every member on this member's base model, here only this one: {slot: result}."""
         return {self.slot: self.train(steps)}
 
-    def evaluate(self) -> float:
-        return self.fitness.score(self.agent, self.gym)
+    def evaluate(self, full: bool = False) -> Evaluation:
+        return self.fitness.evaluate(self.agent, self.gym, full)
 
     def hyperparameters(self) -> dict:
         return self.agent.hyperparameters

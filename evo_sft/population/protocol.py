@@ -4,6 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+from evo_sft.fitness import Evaluation
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -33,8 +35,9 @@ class Population(Protocol):
     def train(self, steps: int) -> list[TrainResult]:
         """`steps` optimizer steps of every member, in slot order."""
 
-    def evaluate(self) -> list[float]:
-        """Every member's fitness (higher is better; -inf for a broken member), in slot order."""
+    def evaluate(self, full: bool = False) -> list[Evaluation]:
+        """Every member's evaluation (its fitness: higher is better, -inf for a broken member), in
+        slot order; `full` scores every test row whatever `evolution.fitness_options.eval_rows` says."""
 
     def hyperparameters(self) -> list[dict]:
         """Every member's hyperparameters, in slot order."""

@@ -9,6 +9,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
 from evo_sft.population.protocol import TrainResult
@@ -40,6 +41,9 @@ def from_portable(payload) -> tuple[dict, dict]:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return {name: torch.from_numpy(arrays[name]).view(getattr(torch, dtype)).reshape(shape)
                 for name, (dtype, shape) in layout.items()}, meta
+
+
+LOST_EVALUATION = Evaluation(-math.inf, math.nan)  # what a lost member reports: see lost_train_result
 
 
 def lost_train_result(slot: int) -> TrainResult:
@@ -224,7 +228,7 @@ class RayPopulation:
         def send(index: int):
             slot, method, args = calls[index]
             if slot in self.lost and method in ("train_group", "evaluate"):
-                results[index] = -math.inf if method == "evaluate" else {
+                results[index] = LOST_EVALUATION if method == "evaluate" else {
                     s: lost_train_result(s) for s in self.groups[self.group_of[slot]]}
                 return None
             sent_to[index] = self.actors[self.group_of[slot]]
@@ -254,8 +258,8 @@ class RayPopulation:
             results.update(group_results)
         return [results[slot] for slot in range(self.size)]
 
-    def evaluate(self) -> list[float]:
-        return self._call(list(range(self.size)), "evaluate")
+    def evaluate(self, full: bool = False) -> list[Evaluation]:
+        return self._call(list(range(self.size)), "evaluate", lambda slot: (full,))
 
     def hyperparameters(self) -> list[dict]:
         self.current_hyperparameters = self._call(list(range(self.size)), "hyperparameters")

@@ -17,7 +17,7 @@ import torch
 
 from evo_sft.sft import SFT, lora
 from evo_sft.data import SFTGym
-from evo_sft.fitness import Fitness
+from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.population import step_together
 from evo_sft.population.member import MemberHost, train_result
 from evo_sft.population.protocol import TrainResult
@@ -155,8 +155,8 @@ class SharedMember:
     def train(self, steps: int) -> TrainResult:
         return self._live().train(steps)
 
-    def evaluate(self) -> float:
-        return self._live().evaluate()
+    def evaluate(self, full: bool = False) -> Evaluation:
+        return self._live().evaluate(full)
 
     def hyperparameters(self) -> dict:
         return self._live().hyperparameters()

@@ -14,7 +14,7 @@ import torch
 
 from evo_sft.hyperparameters import HYPERPARAMETERS, unknown
 from evo_sft.kernels.loss import supervised_token_count
-from evo_sft.sft import lora, state, step
+from evo_sft.sft import generation, lora, state, step
 from evo_sft.sft.lora import ACTOR, REFERENCE, config_kwargs, copy_adapter
 from evo_sft.sft.schedule import CONSTANT, LRSchedule
 
@@ -219,27 +219,56 @@ class SFT:
         self.lr_scheduler.step()
         self.optimizer_steps += 1
 
-    @torch.no_grad()
     def test(self, env, loop: int = 1, batch_size: int | None = None) -> float:
         """Fitness on the env's whole, fixed test set: -(sum of response-token cross-entropy)
-        / (number of response tokens). A non-finite loss gives -inf."""
-        self.set_training_mode(False)
+        / (number of response tokens), appended to `fitness`. A non-finite loss gives -inf."""
         batch_size = batch_size or self.micro_batch_size_per_gpu or self.batch_size
-        losses = []
-        for _ in range(loop):
-            loss_sum, token_sum = 0.0, 0
-            for batch in env.test_batches(batch_size):
-                with step.lora_weights(self):
-                    loss_sum += float(step.micro_loss_sum(self, batch))
-                token_sum += supervised_token_count(batch["labels"])
-            losses.append(loss_sum / token_sum)
-        mean_loss = sum(losses) / len(losses)
+        mean_loss = sum(self.test_loss(env, batch_size) for _ in range(loop)) / loop
         fitness = -mean_loss if math.isfinite(mean_loss) else -math.inf
         self.fitness.append(fitness)
         return fitness
 
-    def get_action(self, *args, **kwargs):
-        raise NotImplementedError("SFT trains on fixed responses and generates nothing; get_action is not available")
+    @torch.no_grad()
+    def test_loss(self, env, batch_size: int) -> float:
+        """(sum of response-token cross-entropy) / (number of response tokens) over the env's
+        whole, fixed test set, in `batch_size`-row batches."""
+        self.set_training_mode(False)
+        loss_sum, token_sum = 0.0, 0
+        for batch in env.test_batches(batch_size):
+            with step.lora_weights(self):
+                loss_sum += float(step.micro_loss_sum(self, batch))
+            token_sum += supervised_token_count(batch["labels"])
+        return loss_sum / token_sum
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_token_ids=None, batch_size: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+        """Continue each prompt (token ids) through the actor adapter: `batch_size` prompts at a
+        time, left-padded, with the KV cache; greedy where `temperature` is 0, else sampled at
+        `temperature` within nucleus `top_p` from torch's global generator. Returns each prompt's
+        new tokens up to, not including, its first stop token (default: the model's generation
+        config's eos tokens), at most `max_new_tokens` of them."""
+        if stop_token_ids is None:
+            stop_token_ids = generation.eos_token_ids(self.actor)
+        return generation.generate(self, prompts, max_new_tokens, stop_token_ids, batch_size, temperature, top_p)
+
+    def get_action(self, obs: list[dict], training: bool = False, max_new_tokens: int = 64,
+                   stop_token_ids=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """AgileRL's LLM `get_action`: `obs` is a list of prompts, each {"input_ids": [1, L]
+        (and "attention_mask": [1, L], ones where the prompt is)}; sampled at temperature 1 when
+        `training`, else greedy. Returns (completion_ids, action_masks): per prompt the prompt
+        and its completion, [1, L + n], and a [1, L + n - 1] mask, True where position i
+        predicts a generated token (i + 1)."""
+        prompts = []
+        for prompt in obs:
+            ids = prompt["input_ids"].reshape(-1)
+            mask = prompt.get("attention_mask")
+            prompts.append(ids[mask.reshape(-1).bool()].tolist() if mask is not None else ids.tolist())
+        completions = self.generate(prompts, max_new_tokens, stop_token_ids, temperature=1.0 if training else 0.0)
+        completion_ids, action_masks = [], []
+        for prompt, new in zip(prompts, completions):
+            completion_ids.append(torch.tensor([prompt + new], dtype=torch.long))
+            action_masks.append(torch.tensor([[False] * (len(prompt) - 1) + [True] * len(new)]))
+        return completion_ids, action_masks
 
     def get_policy(self):
         return self.actor

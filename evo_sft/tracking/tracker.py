@@ -5,11 +5,15 @@ What is logged
 - Parent run (tag `evo_sft.role=evolution`): the flattened config as params; at step =
   generation `best_fitness`, `mean_fitness`, `worst_fitness`, `nonfinite_members` and the best
   member's hyperparameters as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/`
-  (the elite's PEFT adapter), `lineage.json`, `family_tree.png`, `fitness_curves.png`.
+  (the elite's PEFT adapter), `samples/generation_XXXXX.json` (the elite's outputs on the first
+  test prompts, beside the references), `lineage.json`, `family_tree.png`, `fitness_curves.png`;
+  with `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set
+  at the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`.
 - Member runs (tag `mlflow.parentRunId`; `evo_sft.member_id`, `evo_sft.parent_member_id`,
   `evo_sft.parent_run_id`, `evo_sft.generation_born`, `evo_sft.mutation`, `evo_sft.slot`,
   `evo_sft.status` alive|retired): params `initial.<hyperparameter>`; at step = the member's
-  global optimizer step `train_loss`, `test_loss`, `fitness`, `tokens_per_second` and every
+  global optimizer step `train_loss`, `test_loss` (whatever the fitness), the fitness metric
+  (`exact_match`, ...; `test_loss` itself by default), `fitness`, `tokens_per_second` and every
   numeric hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are
   write-once; a categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its
   history is in the lineage).
@@ -116,11 +120,23 @@ class MLflowTracker:
             self._ensure_member(controller.lineage, member_id, slot, record.hyperparameters[slot])
             self._log_member(member_id, record, slot)
         self._log_generation(record)
+        if record.evaluations and record.evaluations[record.elite_slot].samples:
+            self._log_samples(f"generation_{record.generation:05d}", record.generation, record.elite_id,
+                              record.evaluations[record.elite_slot])
         if record.elite_adapter is not None:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
                                 "artifact_path": f"elite/generation_{record.generation:05d}"})
         if record.generation % self.artifact_every == 0:
             self._refresh_artifacts(controller)
+
+    def log_final(self, generation: int, member_id: int, evaluation) -> None:
+        """The best member as scored on the whole test set after `generation` generations
+        (multi-fidelity): parent metrics `final_<metric>` and `final_test_loss` at that step, and
+        `samples/final.json`."""
+        self._log_metrics("parent", {f"final_{self.fitness.metric}": self.fitness.shown(evaluation.fitness),
+                                     "final_test_loss": evaluation.test_loss}, generation)
+        if evaluation.samples:
+            self._log_samples("final", generation, member_id, evaluation)
 
     def flush(self) -> bool:
         """Send the queued records in order; stop at the first failure. True when the queue is empty."""
@@ -207,7 +223,8 @@ class MLflowTracker:
         if train.optimizer_step is None:  # a member lost with its worker: it reached no step
             return
         hyperparameters = record.hyperparameters[slot]
-        values = {"train_loss": train.train_loss, self.fitness.metric: self.fitness.shown(fitness), "fitness": fitness,
+        values = {"train_loss": train.train_loss, "test_loss": record.evaluations[slot].test_loss,
+                  self.fitness.metric: self.fitness.shown(fitness), "fitness": fitness,
                   "tokens_per_second": train.tokens_per_second, **_numbers(hyperparameters)}
         self._log_metrics(member_key(member_id), values, train.optimizer_step)
         choices = {f"hp.{name}": value for name, value in hyperparameters.items() if isinstance(value, str)}
@@ -224,6 +241,16 @@ class MLflowTracker:
                           worst_fitness=min(fitness))
             values.update({f"best_{name}": v for name, v in _numbers(record.hyperparameters[best]).items()})
         self._log_metrics("parent", values, record.generation)
+
+    def _log_samples(self, name: str, generation: int, member_id: int, evaluation) -> None:
+        """A member's outputs on the first test prompts, beside the references, as `samples/<name>.json`."""
+        shown = self.fitness.shown(evaluation.fitness)
+        samples = {"generation": generation, "member_id": member_id,
+                   self.fitness.metric: shown if math.isfinite(shown) else None, "samples": list(evaluation.samples)}
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{name}.json"
+            path.write_text(json.dumps(samples, indent=1, ensure_ascii=False), encoding="utf-8")
+            self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(path), "artifact_path": "samples"})
 
     def _retire(self, member_id: int, generation: int) -> None:
         key = member_key(member_id)

@@ -301,11 +301,6 @@ def test_exported_state_shares_no_storage(make_agent, demo_gym, snapshot, assert
 
 
 # ----------------------------------------------------------------------- the rest of the API
-def test_get_action_is_not_available(make_agent):
-    with pytest.raises(NotImplementedError):
-        make_agent().get_action(torch.zeros(1, 3, dtype=torch.long))
-
-
 def test_select_adapter_restores_actor_and_reference_policy_copies(
         make_agent, make_model, demo_gym, logits_of, probe_ids):
     agent = make_agent(use_separate_reference_adapter=True)

@@ -1,7 +1,8 @@
 """Independent reference computations of what the SFT agent computes: token ids built from the
-chat template written out by hand, and the next-token loss from a model's full logits with an
-explicit loop. They use torch and a model's forward only, nothing of evo_sft, so that the product
-is checked against something it does not share code with."""
+chat template written out by hand, the next-token loss from a model's full logits with an
+explicit loop, and greedy continuations by transformers' own `generate`. They use torch and a
+model's forward (or `generate`) only, nothing of evo_sft, so that the product is checked against
+something it does not share code with."""
 import copy
 
 import torch
@@ -49,3 +50,12 @@ def step_grads(model, tokenizer, groups) -> dict[str, torch.Tensor]:
     losses = [token_mean_loss(model, tokenizer, prompts, responses) for prompts, responses in groups]
     (sum(losses) / len(losses)).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' `generate`, greedy, on one unpadded prompt, never stopping early: its new tokens."""
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()

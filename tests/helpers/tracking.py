@@ -78,7 +78,7 @@ def expected_member_metrics(records) -> dict:
     for record in records:
         for slot, member_id in enumerate(record.member_ids):
             train, fitness = record.train[slot], record.fitness[slot]
-            values = {"train_loss": train.train_loss, "test_loss": -fitness, "fitness": fitness,
+            values = {"train_loss": train.train_loss, "test_loss": record.evaluations[slot].test_loss, "fitness": fitness,
                       "tokens_per_second": train.tokens_per_second,
                       **{name: record.hyperparameters[slot][name] for name in HYPERPARAMETER_NAMES}}
             for name, value in values.items():

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evo_sft.controller import GenerationRecord
+from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
 from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_ui_command
 from tests.helpers.processes import free_port
@@ -183,7 +184,8 @@ def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     ids, hyperparameters = controller.slot_ids, controller.population.hyperparameters()
     train = [TrainResult(slot, loss, math.isfinite(loss), 30, 3.0, 10.0, 3)
              for slot, loss in enumerate((1.0, math.nan, 3.0))]
-    record = GenerationRecord(1, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0])
+    record = GenerationRecord(1, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0],
+                              evaluations=[Evaluation(-1.0, 1.0), Evaluation(-math.inf, math.nan), Evaluation(-3.0, 3.0)])
     controller.fitness = {member_id: [f] for member_id, f in zip(ids, record.fitness)}
     controller.generation = 1
     tracker = make_tracker(uri, tmp_path)

@@ -309,6 +309,27 @@ INVALID = [
     (nested("evolution.mutation.explore.perturb_factors", []), "evolution.mutation.explore.perturb_factors: must not be empty"),
     (nested("evolution.mutation.explore.resample_probability", 1.5),
      "evolution.mutation.explore.resample_probability: must be in [0, 1], got 1.5"),
+    # fitness (issue 23)
+    (nested("evolution.fitness", "exactmatch"), "evolution.fitness: unknown fitness 'exactmatch' (did you mean 'exact_match'?)"),
+    (nested("evolution.fitness", "no_such_module_here:score"),
+     "evolution.fitness: cannot load fitness function 'no_such_module_here:score': importing no_such_module_here "
+     "raised ModuleNotFoundError"),
+    (nested("evolution.fitness", "tests.helpers.fitness_functions:missing"),
+     "evolution.fitness: cannot load fitness function 'tests.helpers.fitness_functions:missing': module "
+     "tests.helpers.fitness_functions has no function 'missing'"),
+    (nested("evolution.fitness", "tests.helpers.fitness_functions:takes_one"),
+     "evolution.fitness: fitness function 'tests.helpers.fitness_functions:takes_one' must take (prompts, generations, "
+     "references)"),
+    (nested("evolution.fitness_options.eval_rows", 0), "evolution.fitness_options.eval_rows: must be >= 1 or null"),
+    (nested("evolution.fitness_options.eval_rows", 8),
+     "evolution.fitness_options.eval_rows: the test_loss fitness always scores the whole test set"),
+    (merge(nested("evolution.fitness", "exact_match"), nested("evolution.fitness_options.full_test_at_end", True)),
+     "evolution.fitness_options.full_test_at_end: needs eval_rows"),
+    (nested("evolution.fitness_options.max_new_tokens", 0), "evolution.fitness_options.max_new_tokens: must be >= 1"),
+    (nested("evolution.fitness_options.batch_size", 0), "evolution.fitness_options.batch_size: must be >= 1"),
+    (nested("evolution.fitness_options.samples", -1), "evolution.fitness_options.samples: must be >= 0"),
+    (nested("evolution.fitness_options.eval_row", 8),
+     "unknown key 'evolution.fitness_options.eval_row' (did you mean 'evolution.fitness_options.eval_rows'?)"),
 ]
 
 
@@ -318,6 +339,20 @@ def test_invalid_configs(d, message):
         config_from_dict(d)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_fitness_choices_and_their_options():
+    cfg = config_from_dict({})
+    assert cfg.evolution.fitness == "test_loss"
+    assert (cfg.evolution.fitness_options.eval_rows, cfg.evolution.fitness_options.full_test_at_end) == (None, False)
+    options = {"eval_rows": 64, "full_test_at_end": True, "max_new_tokens": 12, "batch_size": 32, "samples": 0,
+               "reference_column": "label"}
+    for fitness in ("exact_match", "accuracy", "tests.helpers.fitness_functions:share_equal"):
+        cfg = config_from_dict(merge(nested("evolution.fitness", fitness), nested("evolution.fitness_options", options)))
+        assert cfg.evolution.fitness == fitness
+        assert vars(cfg.evolution.fitness_options) == options
+    cfg = config_from_dict(nested("evolution.fitness_options", {"max_new_tokens": 4, "samples": 2}))
+    assert (cfg.evolution.fitness_options.max_new_tokens, cfg.evolution.fitness_options.samples) == (4, 2)
 
 
 def test_batch_size_bounds_need_only_contain_a_multiple_of_micro_batch():
