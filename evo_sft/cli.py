@@ -1,4 +1,4 @@
-"""The `evo-sft` command line: run, resume, status, export, submit, logs, stop."""
+"""The `evo-sft` command line: run, compare, resume, status, export, submit, logs, stop."""
 import argparse
 import json
 import secrets
@@ -40,6 +40,20 @@ def cmd_run(args) -> int:
     from evo_sft.run import start
 
     return 130 if start(config).interrupted else 0
+
+
+def cmd_compare(args) -> int:
+    from evo_sft.compare import runner
+
+    config = load_config(args.config, args.set)
+    check_paths({"model.name": config.model.name, "tokenizer": config.tokenizer, "data.source": config.data.source})
+    try:
+        comparison = runner.plan(config, args.strategies, args.seeds, args.budget,
+                                 Path(args.out or Path("runs") / f"{config.name}-compare"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    runner.run(comparison)
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -205,6 +219,20 @@ def parser() -> argparse.ArgumentParser:
                      help="the run folder (default: the config's run_dir, else runs/NAME in this folder)")
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config and resources, then exit (default: off)")
+
+    compare = command("compare", cmd_compare, "run the experiment under each search strategy at one token budget "
+                                              "and compare them")
+    compare.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")
+    overrides(compare, "the config")
+    compare.add_argument("--strategies", default="evolution,pbt,asha,random,grid", metavar="NAMES",
+                         help="comma-separated, of evolution, pbt, asha, random, grid (default: all five)")
+    compare.add_argument("--seeds", type=int, default=1, metavar="N",
+                         help="seeds per strategy: the config's seed and the N-1 after it (default: 1)")
+    compare.add_argument("--budget", type=int, metavar="TOKENS",
+                         help="supervised training tokens per strategy and seed; at least one generation's "
+                              "(default: what the config's generations train on at the founders' batch size)")
+    compare.add_argument("--out", metavar="DIR",
+                         help="the folder for the runs, the table and the plot (default: runs/NAME-compare)")
 
     resume = command("resume", cmd_resume, "continue a run from its newest intact checkpoint")
     resume.add_argument("run_dir", metavar="RUN_DIR", help="the run folder, wherever it is now")

@@ -139,6 +139,9 @@ class FitnessOptions:
 class EvolutionConfig:
     generations: int = 5
     steps_per_generation: int = 10
+    # Supervised training tokens the whole population may train on; the run ends once they are
+    # spent, whatever `generations` says (evo_sft.controller.Controller). null: no budget.
+    token_budget: int | None = None
     tournament_size: int = 2
     elitism: bool = True
     eval_loop: int = 1
@@ -334,6 +337,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     evolution = cfg.evolution
     _require(evolution.generations >= 1, "evolution.generations", f"must be >= 1, got {evolution.generations}")
     _require(evolution.steps_per_generation >= 1, "evolution.steps_per_generation", f"must be >= 1, got {evolution.steps_per_generation}")
+    _require(evolution.token_budget is None or evolution.token_budget >= 1, "evolution.token_budget",
+             f"must be >= 1 or null (no budget), got {evolution.token_budget}")
     _require(evolution.tournament_size >= 1, "evolution.tournament_size", f"must be >= 1, got {evolution.tournament_size}")
     _require(
         evolution.tournament_size <= population.size,

@@ -40,19 +40,26 @@ class Controller:
 
     `selection`/`mutations` None means no evolution: members only train and are scored.
     `save_elite(controller, slot)` runs after scoring; it may return the saved path.
-    `generation` counts the generations completed.
+    `generation` counts the generations completed; `tokens[g - 1]` is the supervised tokens the
+    population has trained on by the end of generation g, as its members measured them.
+    With `token_budget`, the run ends once the population has trained on that many tokens: in
+    each generation a member trains until it has had its share of what is left (its last step
+    may pass it, by less than one batch), so batch-size mutation cannot exceed the budget.
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | None = None, mutations: Mutations | None = None,
-                 micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None):
+                 micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
+                 token_budget: int | None = None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
         self.multiple_of = {"batch_size": micro_batch_size} if micro_batch_size else None
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
         self.rng = np.random.default_rng(seed)
+        self.token_budget = token_budget
         self.generation = 0
+        self.tokens: list[int] = []
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp, generation=1) for hp in population.hyperparameters()]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
@@ -66,6 +73,7 @@ class Controller:
             "lineage": self.lineage.to_dict(),
             "slot_ids": self.slot_ids,
             "fitness": [[member_id, history] for member_id, history in self.fitness.items()],
+            "tokens": self.tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -74,6 +82,7 @@ class Controller:
         self.lineage = Lineage.from_dict(state["lineage"])
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
+        self.tokens = list(state.get("tokens", []))  # checkpoints before token counting have none
 
     def scores(self) -> list[float]:
         """Each slot's score: its recent fitness (`selection.eval_loop` evaluations), -inf if none."""
@@ -82,6 +91,20 @@ class Controller:
 
     def best_slot(self) -> int:
         return elite(self.scores())
+
+    @property
+    def tokens_trained(self) -> int:
+        return self.tokens[-1] if self.tokens else 0
+
+    def budget_spent(self) -> bool:
+        return self.token_budget is not None and self.tokens_trained >= self.token_budget
+
+    def _token_limits(self) -> list[int] | None:
+        """Each member's share of the token budget that is left, or None without a budget."""
+        if self.token_budget is None:
+            return None
+        share = -(-(self.token_budget - self.tokens_trained) // self.population.size)
+        return [share] * self.population.size
 
     def _record_failure(self, kind: str, slot: int, error: str) -> None:
         """A lineage event for a member whose worker died: "restart" (rebuilt as it was) or
@@ -92,10 +115,10 @@ class Controller:
 
     # ----------------------------------------------------------------- the loop
     def run(self, generations: int) -> None:
-        """Run until `generations` generations are complete in total; the last checkpoint is
-        committed before this returns (or raises)."""
+        """Run until `generations` generations are complete in total, or the token budget is
+        spent; the last checkpoint is committed before this returns (or raises)."""
         try:
-            while self.generation < generations:
+            while self.generation < generations and not self.budget_spent():
                 self.run_generation()
         finally:
             if self.checkpointer is not None:
@@ -106,7 +129,8 @@ class Controller:
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
             decisions, retired = self._evolve(generation)
-        train = self.population.train(self.steps_per_generation)
+        train = self.population.train(self.steps_per_generation, self._token_limits())
+        self.tokens.append(self.tokens_trained + sum(result.tokens for result in train))
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
         evaluations = self.population.evaluate()

@@ -105,6 +105,7 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
                                            extra_state=lambda: {"tracking": tracker.state_dict(),
                                                                 "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
+        token_budget=config.evolution.token_budget,
     )
     if checkpoint:
         population.load(checkpoint[0] / "members")

@@ -18,12 +18,13 @@ class LocalPopulation:
     def size(self) -> int:
         return len(self.hosts)
 
-    def train(self, steps: int) -> list[TrainResult]:
+    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[TrainResult]:
         """Every member; members sharing a base model train in one call (together where they can)."""
+        limits = dict(enumerate(max_tokens)) if max_tokens is not None else None
         results = {}
         for host in self.hosts:
             if host.slot not in results:
-                results.update(host.train_group(steps))
+                results.update(host.train_group(steps, limits))
         return [results[host.slot] for host in self.hosts]
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:

@@ -42,20 +42,24 @@ class MemberHost:
             self.rng = rng_state(self.agent.device)
             set_rng_state(outside, self.agent.device)
 
-    def train(self, steps: int) -> TrainResult:
-        """`steps` optimizer steps, each on the next `batch_size` rows of this slot's stream."""
+    def train(self, steps: int, max_tokens: int | None = None) -> TrainResult:
+        """`steps` optimizer steps, each on the next `batch_size` rows of this slot's stream;
+        fewer where `max_tokens` supervised tokens are reached first (the last step may pass them)."""
         start = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         with self.own_rng():
             for _ in range(steps):
+                if max_tokens is not None and tokens >= max_tokens:
+                    break
                 result = self.agent.learn(self.gym.batch(self.stream, self.agent.batch_size))
                 loss_sum += result["mean_loss"] * result["tokens"]
                 tokens += result["tokens"]
         return train_result(self.slot, loss_sum, tokens, time.perf_counter() - start, self.agent.optimizer_steps)
 
-    def train_group(self, steps: int) -> dict[int, TrainResult]:
-        """Train every member on this member's base model, here only this one: {slot: result}."""
-        return {self.slot: self.train(steps)}
+    def train_group(self, steps: int, max_tokens: dict[int, int] | None = None) -> dict[int, TrainResult]:
+        """Train every member on this member's base model, here only this one: {slot: result};
+        `max_tokens` ({slot: tokens}) caps each as `train` does."""
+        return {self.slot: self.train(steps, (max_tokens or {}).get(self.slot))}
 
     def evaluate(self, full: bool = False) -> Evaluation:
         return self.fitness.evaluate(self.agent, self.gym, full)

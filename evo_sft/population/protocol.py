@@ -32,8 +32,9 @@ class Population(Protocol):
     # as it was) or "lost" (it scores -inf this generation). Backends whose workers cannot die never call it.
     on_failure: Callable[[str, int, str], None] | None
 
-    def train(self, steps: int) -> list[TrainResult]:
-        """`steps` optimizer steps of every member, in slot order."""
+    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[TrainResult]:
+        """`steps` optimizer steps of every member, in slot order; with `max_tokens`, a member
+        stops early once it has trained on `max_tokens[slot]` supervised tokens this call."""
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:
         """Every member's evaluation (its fitness: higher is better, -inf for a broken member), in

@@ -250,11 +250,13 @@ class RayPopulation:
                     self.since_checkpoint[self.group_of[slot]].append((slot, method, args))
         return [results[index] for index in range(len(calls))]
 
-    def train(self, steps: int) -> list[dict]:
+    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[dict]:
         """One call per actor, which trains all of its members."""
         self.restarts, self.lost = [0] * len(self.groups), set()
+        limits = dict(enumerate(max_tokens)) if max_tokens is not None else None
         results = {}
-        for group_results in self._call([group[0] for group in self.groups], "train_group", lambda slot: (steps,)):
+        for group_results in self._call([group[0] for group in self.groups], "train_group",
+                                        lambda slot: (steps, limits)):
             results.update(group_results)
         return [results[slot] for slot in range(self.size)]
 

@@ -73,20 +73,23 @@ class SharedBase:
         self.agent.set_attributes(member["attributes"])
         self.live = slot
 
-    def train(self, steps: int) -> dict[int, dict]:
-        """`steps` optimizer steps of every member: {slot: result}."""
+    def train(self, steps: int, max_tokens: dict[int, int] | None = None) -> dict[int, dict]:
+        """`steps` optimizer steps of every member: {slot: result}. With `max_tokens` ({slot:
+        tokens}) a member stops once it has trained on that many supervised tokens."""
         self.park()
+        limits = {slot: (max_tokens or {}).get(slot) for slot in self.members}
         epochs = {member["attributes"]["update_epochs"] for member in self.parked.values()}
         if self.together_blocker or len(self.members) == 1 or len(epochs) > 1:
-            return {slot: member.train(steps) for slot, member in self.members.items()}
-        return self._train_together(steps, epochs.pop())
+            return {slot: member.train(steps, limits[slot]) for slot, member in self.members.items()}
+        return self._train_together(steps, epochs.pop(), limits)
 
-    def _train_together(self, steps: int, epochs: int) -> dict[int, dict]:
-        agent, slots = self.agent, list(self.members)
+    def _train_together(self, steps: int, epochs: int, limits: dict[int, int | None]) -> dict[int, dict]:
+        agent, everyone = self.agent, list(self.members)
         start = time.perf_counter()
-        loss_sums = torch.zeros(len(slots), dtype=torch.float32, device=agent.device)
-        tokens = [0] * len(slots)
+        loss_sums = torch.zeros(len(everyone), dtype=torch.float32, device=agent.device)
+        tokens = dict.fromkeys(everyone, 0)
         agent.set_training_mode(True)
+        slots = everyone
         batches = self._next_batches(slots)
         for step in range(steps):
             micro_sizes = [self.parked[slot]["attributes"]["micro_batch_size_per_gpu"] or len(batch["input_ids"])
@@ -97,14 +100,18 @@ class SharedBase:
                 grads, step_sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
                                                                                micro_sizes, scalings)
                 finite = step_together.all_finite(grads, step_sums)
-                upcoming = self._next_batches(slots) if epoch == epochs - 1 and step + 1 < steps else batches
+                going_on = [slot for slot, t in zip(slots, step_tokens)
+                            if limits[slot] is None or tokens[slot] + t < limits[slot]]
+                last = epoch == epochs - 1
+                upcoming = self._next_batches(going_on) if last and step + 1 < steps else batches
                 if not bool(finite):  # the one sync of a step, after the host has prepared the next one
                     alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m], [s])
                              for w, b, m, s in zip(weights, batches, micro_sizes, scalings)]
                     grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
-                loss_sums += step_sums
+                loss_sums.index_add_(0, torch.tensor([everyone.index(s) for s in slots], device=agent.device),
+                                     step_sums)
                 for i, slot in enumerate(slots):
-                    tokens[i] += step_tokens[i]
+                    tokens[slot] += step_tokens[i]
                     if grads[i] is None:
                         warnings.warn(f"member {slot}: an optimizer step had no supervised tokens and was skipped")
                         continue
@@ -113,11 +120,13 @@ class SharedBase:
                         p.grad = grads[i][name]
                     agent.apply_gradients()
                 self.park()
-            batches = upcoming
+            slots, batches = going_on, upcoming
+            if not slots:
+                break
         seconds = time.perf_counter() - start
-        return {slot: train_result(slot, float(loss_sum), tokens[i], seconds,
+        return {slot: train_result(slot, float(loss_sum), tokens[slot], seconds,
                                    self.parked[slot]["attributes"]["optimizer_steps"])
-                for i, (slot, loss_sum) in enumerate(zip(slots, loss_sums.tolist()))}
+                for slot, loss_sum in zip(everyone, loss_sums.tolist())}
 
     def _scaling(self, slot: int) -> float:
         """The LoRA scaling of a parked member (members may differ in rank and alpha)."""
@@ -149,11 +158,11 @@ class SharedMember:
         self.base.make_live(self.slot)
         return self.host
 
-    def train_group(self, steps: int) -> dict[int, TrainResult]:
-        return self.base.train(steps)
+    def train_group(self, steps: int, max_tokens: dict[int, int] | None = None) -> dict[int, TrainResult]:
+        return self.base.train(steps, max_tokens)
 
-    def train(self, steps: int) -> TrainResult:
-        return self._live().train(steps)
+    def train(self, steps: int, max_tokens: int | None = None) -> TrainResult:
+        return self._live().train(steps, max_tokens)
 
     def evaluate(self, full: bool = False) -> Evaluation:
         return self._live().evaluate(full)

@@ -185,7 +185,7 @@ class Outbox:
     def _send(self, record: dict) -> None:
         client, kind = self._client_for_send(), record["kind"]
         if kind == "experiment":
-            self.experiment_id = _experiment_id(client, record["name"], record["artifact_location"])
+            self.experiment_id = experiment_id(client, record["name"], record["artifact_location"])
         elif kind == "create_run":
             tags = {**record["tags"], **{tag: self.run_ids.get(key, "") for tag, key in record["run_tags"].items()}}
             run = client.create_run(self.experiment_id, start_time=record["timestamp"], tags=tags,
@@ -235,7 +235,7 @@ class Outbox:
                           f"({names}); the resumed run makes them again", TrackingWarning, stacklevel=2)
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id

@@ -66,7 +66,8 @@ def make_controller(config, population, run_dir: Path | None = None) -> Controll
     checkpointer = EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep) if run_dir else None
     return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
                       selection=selection, mutations=mutations,
-                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer)
+                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer,
+                      token_budget=config.evolution.token_budget)
 
 
 def controller_over(agents, gym, steps, selection=None, mutations=None, observers=(), save_elite=None, seed=0,

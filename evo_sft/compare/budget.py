@@ -1,0 +1,71 @@
+"""Compute counted in supervised training tokens (the response tokens a step trains on): what a
+budget is, what one generation costs, and the bank that Tune trials draw their tokens from."""
+import math
+
+import numpy as np
+
+
+def tokens_per_row(split: dict) -> float:
+    """The mean supervised tokens of a tokenised split's rows (labels are shifted by one, so a row
+    of p prompt tokens and n tokens in all supervises n - p)."""
+    return float(np.mean([len(ids) - prompt for ids, prompt in zip(split["input_ids"], split["prompt_lengths"])]))
+
+
+def generation_tokens(config, prepared: dict) -> int:
+    """What one generation of the config's population trains on at the founders' batch size."""
+    rows = config.population.size * config.evolution.steps_per_generation * config.agent.batch_size
+    return math.ceil(rows * tokens_per_row(prepared["train"]))
+
+
+def default_budget(config, prepared: dict) -> int:
+    """What the config's evolution trains on if no batch size changes: its generations' tokens."""
+    return config.evolution.generations * generation_tokens(config, prepared)
+
+
+def test_tokens(prepared: dict) -> int:
+    """The supervised tokens one evaluation of the test loss reads (forward only)."""
+    return round(tokens_per_row(prepared["test"]) * len(prepared["test"]["input_ids"]))
+
+
+class TokenBank:
+    """The token budget of one strategy's trials (a Ray actor). A trial draws tokens before it
+    trains and settles what it used after: no trial gets more than `per_trial`, and the trials
+    together no more than `budget` (each draw's last step may pass it by less than one batch).
+    It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness)."""
+
+    def __init__(self, budget: int, per_trial: int):
+        self.budget, self.per_trial = budget, per_trial
+        self.consumed, self.reserved = 0, 0
+        self.by_trial: dict[str, int] = {}
+        self.reserved_by_trial: dict[str, int] = {}
+        self.evaluations: list[tuple[int, str, float]] = []
+
+    def draw(self, trial: str, wanted: int) -> int:
+        mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
+        grant = max(0, min(wanted, self.per_trial - mine, self.budget - self.consumed - self.reserved))
+        self.reserved += grant
+        self.reserved_by_trial[trial] = self.reserved_by_trial.get(trial, 0) + grant
+        return grant
+
+    def settle(self, trial: str, grant: int, used: int) -> int:
+        """Return the grant and count what was used; the tokens consumed by all trials so far."""
+        self.reserved -= grant
+        self.reserved_by_trial[trial] -= grant
+        self.consumed += used
+        self.by_trial[trial] = self.by_trial.get(trial, 0) + used
+        return self.consumed
+
+    def trial_done(self, trial: str) -> bool:
+        return self.by_trial.get(trial, 0) >= self.per_trial
+
+    def exhausted(self) -> bool:
+        return self.consumed >= self.budget
+
+    def spent(self) -> int:
+        return self.consumed
+
+    def evaluated(self, trial: str, tokens: int, fitness: float) -> None:
+        self.evaluations.append((tokens, trial, fitness))
+
+    def ledger(self) -> list[tuple[int, str, float]]:
+        return self.evaluations

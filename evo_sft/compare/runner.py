@@ -1,0 +1,215 @@
+"""Run one experiment under each search strategy and seed at one token budget, record each run in
+MLflow (one experiment), and write the table, the summary and the plot into the output folder."""
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evo_sft import build
+from evo_sft.compare import budget as budgets, report, strategies
+from evo_sft.compare.report import StrategyRun
+from evo_sft.config import ExperimentConfig, config_from_dict
+from evo_sft.data.sources import load_tokenizer
+from evo_sft.fitness import Fitness
+from evo_sft.io.checkpoint import latest_intact
+
+RESULTS = "results.jsonl"
+
+
+@dataclass
+class Comparison:
+    config: ExperimentConfig
+    strategies: list[str]
+    seeds: list[int]
+    budget: int  # supervised training tokens each (strategy, seed) may consume
+    out: Path
+    generation_tokens: int  # what one generation of the population trains on at the founders' batch size
+
+
+def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int | None, out: Path) -> Comparison:
+    """Check what was asked before anything runs; a ValueError says what is wrong."""
+    names = strategies.parse(strategy_names)
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if "grid" in names:
+        strategies.lr_grid(config)
+    out = Path(out).resolve()
+    if (out / RESULTS).exists():
+        raise ValueError(f"{out} holds a comparison already; choose another --out")
+    created = not out.exists()
+    first = seeded(config, config.seed)
+    prepared = prepare(first, out)[1]
+    generation = budgets.generation_tokens(first, prepared)
+    budget = budgets.default_budget(first, prepared) if budget is None else budget
+    if budget < generation:
+        if created:  # the base model written to count the data's tokens
+            shutil.rmtree(out)
+        raise ValueError(f"--budget {budget:,} tokens is less than one generation: {config.population.size} members "
+                         f"x {config.evolution.steps_per_generation} steps x {config.agent.batch_size} rows "
+                         f"x {budgets.tokens_per_row(prepared['train']):.1f} supervised tokens a row = {generation:,}")
+    return Comparison(config, names, [config.seed + i for i in range(seeds)], budget, out, generation)
+
+
+def seeded(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return config_from_dict({**config.to_dict(), "seed": seed})
+
+
+def prepare(config: ExperimentConfig, out: Path) -> tuple[str, dict]:
+    """The seed's base model (the demo's is written under `out`) and its tokenised data."""
+    model_path = build.resolve_model_path(config, out / f"seed-{config.seed}")
+    return model_path, build.prepare_data(config, load_tokenizer(config.tokenizer or model_path,
+                                                                 config.model.trust_remote_code))
+
+
+def run(comparison: Comparison) -> list[StrategyRun]:
+    import ray
+    from mlflow import MlflowClient
+
+    from evo_sft.tracking.outbox import experiment_id
+    from evo_sft.tracking.store import artifact_root
+
+    out, config = comparison.out, comparison.config
+    out.mkdir(parents=True, exist_ok=True)
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    experiment = config.tracking.experiment or f"{config.name}-compare"
+    client = MlflowClient(uri)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=config.ray.address, **{"_temp_dir": str(out / "ray"), **config.ray.init})
+    fitness = build.fitness(config)
+    runs = []
+    try:
+        for seed in comparison.seeds:
+            seed_config = seeded(config, seed)
+            model_path, prepared = prepare(seed_config, out)
+            for strategy in comparison.strategies:
+                print(f"== {strategy}, seed {seed}, budget {comparison.budget:,} tokens", flush=True)
+                if strategy == "evolution":
+                    result = run_evolution(seed_config, comparison, uri, experiment, prepared)
+                else:
+                    result = run_tune(strategy, seed_config, comparison, model_path, prepared)
+                result.run_id = record(client, experiment_id(client, experiment, artifact_root(uri)), result,
+                                       fitness, comparison)
+                runs.append(result)
+                with open(out / RESULTS, "a") as results:
+                    results.write(json.dumps(result.to_dict()) + "\n")
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    write_report(runs, fitness, comparison, client, experiment_id(client, experiment, artifact_root(uri)))
+    return runs
+
+
+def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, experiment: str,
+                  prepared: dict) -> StrategyRun:
+    """`evo-sft run` of the config with the token budget; enough generations that the budget,
+    not their number, ends it (a schedule keeps the length the config gives it)."""
+    from evo_sft.run import start
+
+    d = config.to_dict()
+    evolution, agent = d["evolution"], d["agent"]
+    smallest_step = min(config.evolution.hyperparameters["batch_size"].min, config.agent.batch_size) \
+        if "batch_size" in config.evolution.hyperparameters else config.agent.batch_size
+    per_generation = (config.population.size * config.evolution.steps_per_generation * smallest_step
+                      * budgets.tokens_per_row(prepared["train"]))
+    agent["schedule_steps"] = agent["schedule_steps"] or evolution["generations"] * evolution["steps_per_generation"]
+    evolution.update(token_budget=comparison.budget, generations=2 * math.ceil(comparison.budget / per_generation) + 1)
+    evolution["fitness_options"]["full_test_at_end"] = False
+    d.update(run_dir=str(comparison.out / f"evolution-seed{config.seed}"), checkpoint={"every": 1, "keep": 1},
+             tracking={"uri": uri, "experiment": experiment})
+    started = time.perf_counter()
+    start(config_from_dict(d))
+    wall = time.perf_counter() - started
+    saved = latest_intact(Path(d["run_dir"]))[1]
+    state = saved["controller"]
+    history = dict((member_id, fitness) for member_id, fitness in state["fitness"])
+    curve = [(tokens, max(h[g] for h in history.values() if len(h) > g)) for g, tokens in enumerate(state["tokens"])]
+    evaluations = state["generation"] * config.population.size
+    return StrategyRun("evolution", config.seed, curve, [history[m][-1] for m in state["slot_ids"]],
+                       state["tokens"][-1], wall, evaluations, evaluations * budgets.test_tokens(prepared),
+                       run_id=saved["tracking"]["parent_run_id"])
+
+
+def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, model_path: str,
+             prepared: dict) -> StrategyRun:
+    """A Ray Tune baseline: its trials on the population's resources, as many at once as the
+    population has members, each allowed a member's share of the budget."""
+    import ray
+    from ray import tune
+
+    from evo_sft.compare.trial import BudgetSpent, TrialPlan, train_trial
+
+    size = config.population.size
+    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(comparison.budget, -(-comparison.budget // size))
+    plan = TrialPlan(config.evolution.steps_per_generation, budgets.tokens_per_row(prepared["train"]),
+                     checkpoints=strategy == "pbt")
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, recipe=build.member_recipe(config, model_path), prepared=prepared,
+                             plan=plan, bank=bank),
+        {"cpu": config.population.num_cpus, "gpu": config.population.num_gpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"hyperparameters": tune.grid_search(strategies.configurations(strategy, config, config.seed))},
+        tune_config=tune.TuneConfig(metric="fitness", mode="max", scheduler=strategies.scheduler(strategy, config),
+                                    max_concurrent_trials=size, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"{strategy}-seed{config.seed}", storage_path=str(comparison.out / "tune"),
+                                  stop=BudgetSpent(bank), verbose=0))
+    random.seed(config.seed)  # PBT's explore draws from Python's generator
+    started = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - started
+    if grid.errors:
+        raise RuntimeError(f"{strategy}: {len(grid.errors)} trials failed; the first: {grid.errors[0]}")
+    tokens, ledger = ray.get([bank.spent.remote(), bank.ledger.remote()])
+    ray.kill(bank)
+    ledger.sort(key=lambda evaluation: evaluation[0])
+    last = {trial: fitness for _, trial, fitness in ledger}
+    return StrategyRun(strategy, config.seed, [(tokens, fitness) for tokens, _, fitness in ledger], list(last.values()),
+                       tokens, wall, len(ledger), len(ledger) * budgets.test_tokens(prepared),
+                       notes={"trials": len(last)})
+
+
+def record(client, experiment_id: str, run: StrategyRun, fitness: Fitness, comparison: Comparison) -> str:
+    """The run's MLflow run (the evolution's own parent run, else a new one): its best fitness so
+    far against tokens consumed, its figures and what it was."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    run_id = run.run_id or client.create_run(experiment_id, run_name=f"{run.strategy}-seed{run.seed}").info.run_id
+    name = f"compare.best_{fitness.metric}"
+    metrics = [Metric(name, fitness.shown(best), now, tokens) for tokens, best in run.best_so_far() if math.isfinite(best)]
+    figures = {"best_final": fitness.shown(run.best_final), "tokens": run.tokens, "wall_s": run.wall_s,
+               "evaluations": run.evaluations, "eval_tokens": run.eval_tokens}
+    metrics += [Metric(f"compare.{key}", float(value), now, 0) for key, value in figures.items()
+                if math.isfinite(value)]
+    client.log_batch(run_id, metrics=metrics, synchronous=True,
+                     params=[Param("compare.budget", str(comparison.budget))] if run.run_id is None else [],
+                     tags=[RunTag("evo_sft.strategy", run.strategy), RunTag("evo_sft.seed", str(run.seed)),
+                           RunTag("evo_sft.compare_budget", str(comparison.budget))])
+    if run.run_id is None:
+        client.set_terminated(run_id)
+    return run_id
+
+
+def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparison, client, experiment_id: str) -> None:
+    """Print and write the table, the summary and the plot, and log them as one MLflow run."""
+    out = comparison.out
+    targets = report.grid_targets(runs)
+    rows = report.summary(runs, fitness, targets)
+    text = (f"budget: {comparison.budget:,} supervised training tokens per strategy and seed\n\n"
+            + report.table(runs, fitness, targets) + "\n\n" + report.summary_table(rows, fitness) + "\n")
+    print("\n" + text)
+    (out / "table.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    report.plot(runs, fitness, out / "best_fitness_vs_tokens.png", title=f"{comparison.config.name}: "
+                f"{len(comparison.seeds)} seeds, {comparison.budget:,} tokens")
+    comparison_run = client.create_run(experiment_id, run_name="comparison", tags={"evo_sft.role": "comparison"})
+    for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png", RESULTS):
+        client.log_artifact(comparison_run.info.run_id, str(out / name))
+    client.set_terminated(comparison_run.info.run_id)
+    print(f"written: {out / 'table.md'}, {out / 'best_fitness_vs_tokens.png'}, {out / RESULTS}")

@@ -1,0 +1,92 @@
+"""The Ray Tune trainable of the baselines: one member, built as a run builds its members (the
+same recipe, data, fitness and test set), trained an iteration at a time on tokens drawn from the
+strategy's `TokenBank`, scored after each iteration. With `checkpoints` (PBT) every report carries
+the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator."""
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.stopper import Stopper
+
+from evo_sft.io import storage
+from evo_sft.population.hosting import MemberRecipe, build_hosts
+
+WAIT_FOR_TOKENS_S = 0.2
+RESERVE = 1.5  # a trial draws this many times what an iteration needs on average, and gives back the rest
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    steps: int  # optimizer steps in one iteration (one generation of the evolution)
+    tokens_per_row: float  # the mean supervised tokens of a training row
+    checkpoints: bool  # report the member with each result (PBT's exploit copies it)
+
+
+def trial_slot(trial_id: str) -> int:
+    """The trial's number within its experiment (Tune's ids end with it): its data stream's slot."""
+    return int(trial_id.rsplit("_", 1)[-1])
+
+
+def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialPlan, bank) -> None:
+    trial = tune.get_context().get_trial_id()
+    slot = trial_slot(trial)
+    host = build_hosts(recipe, prepared, {slot: config["hyperparameters"]})[slot]
+    restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
+    while True:
+        wanted = math.ceil(RESERVE * plan.steps * host.agent.batch_size * plan.tokens_per_row)
+        grant = ray.get(bank.draw.remote(trial, wanted))
+        if grant == 0:
+            if ray.get(bank.trial_done.remote(trial)) or ray.get(bank.exhausted.remote()):
+                return
+            time.sleep(WAIT_FOR_TOKENS_S)  # the other trials hold what is left; they may give some back
+            continue
+        result = host.train(plan.steps, grant)
+        total = ray.get(bank.settle.remote(trial, grant, result.tokens))
+        evaluation = host.evaluate()
+        ray.get(bank.evaluated.remote(trial, total, evaluation.fitness))
+        metrics = {"fitness": evaluation.fitness, "test_loss": evaluation.test_loss, "tokens": result.tokens,
+                   "total_tokens": total, "train_seconds": result.seconds, **host.hyperparameters()}
+        if not plan.checkpoints:
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as directory:
+            save(host, trial, Path(directory))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def save(host, trial: str, directory: Path) -> None:
+    host.snapshot().write(directory)
+    storage.save_json(directory / "trial.json", {"trial_id": trial, "slot": host.slot})
+
+
+def restore(host, checkpoint, trial: str, hyperparameters: dict) -> None:
+    """Continue from `checkpoint` (this trial's own, or a better trial's that PBT's exploit chose):
+    its weights, optimizer and scheduler; this trial's own data stream goes on where it was, a
+    copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        saved = storage.load_json(directory / "trial.json")
+        if saved["trial_id"] == trial:
+            host.load(directory)
+        else:
+            host.agent.load_checkpoint(directory / f"slot_{saved['slot']}", load_optimizer=True)
+    host.set_hyperparameters(hyperparameters)
+
+
+class BudgetSpent(Stopper):
+    """Stops every trial once the strategy's budget is consumed (ASHA would start more)."""
+
+    def __init__(self, bank):
+        self.bank = bank
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return ray.get(self.bank.exhausted.remote())
