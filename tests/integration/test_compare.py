@@ -1,0 +1,82 @@
+"""`evo-sft compare` as a user runs it: bad input refused with exit code 2 before anything starts,
+and every strategy run at one token budget on a local Ray cluster, measured, recorded in MLflow,
+with PBT's trial checkpoints in safetensors and JSON only."""
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers.paths import EVO_SFT
+from tests.helpers.processes import subprocess_env
+
+TINY = {
+    "name": "tiny", "seed": 3, "model": {"name": "demo"},
+    "data": {"source": "demo", "num_rows": 60, "test_size": 12, "max_length": 64},
+    "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "agent": {"lr": 1.0e-3, "batch_size": 4, "micro_batch_size_per_gpu": 4},
+    "population": {"size": 2, "backend": "ray", "num_cpus": 0.5},
+    "evolution": {"generations": 2, "steps_per_generation": 2, "tournament_size": 2,
+                  "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
+                  "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}}},
+}
+
+
+@pytest.fixture
+def short_dir():
+    """A folder under a short /tmp path: Ray's socket paths in it stay under 108 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="cmp", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def compare(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, env=subprocess_env(RAY_AUTH_MODE="disabled"),
+                          cwd=tmp_path, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, asha, random, grid"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
+])
+def test_bad_input_is_refused_with_exit_2_before_anything_starts(tmp_path, args, message):
+    result = compare(tmp_path, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: {message}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short_dir):
+    from mlflow import MlflowClient
+
+    result = compare(short_dir, "--budget", "400")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = short_dir / "out"
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [run["strategy"] for run in runs] == ["evolution", "pbt", "asha", "random", "grid"]
+    largest_batch = 8 * 10  # 8 rows of at most 7 letters, eos and the template's end of turn
+    for run in runs:  # the same budget, measured: at most one batch per member over it
+        assert 400 <= run["tokens"] <= 400 + TINY["population"]["size"] * largest_batch, run
+        assert run["evaluations"] >= 2 and run["curve"][-1][0] <= run["tokens"]
+    checkpoints = [path for path in (out / "tune").glob("pbt-seed3/*/checkpoint_*/**/*") if path.is_file()]
+    assert checkpoints and {path.suffix for path in checkpoints} <= {".json", ".safetensors"}
+    assert not [path for path in checkpoints if path.read_bytes()[:1] == b"\x80"]  # no pickle stream
+    assert (out / "best_fitness_vs_tokens.png").stat().st_size > 10_000
+    assert "| grid | 3 |" in (out / "table.md").read_text() and "beats evolution" in result.stdout
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-compare")
+    recorded = client.search_runs([experiment.experiment_id], "tags.`evo_sft.strategy` != ''")
+    assert sorted(run.data.tags["evo_sft.strategy"] for run in recorded) == sorted(r["strategy"] for r in runs)
+    evolution = next(run for run in recorded if run.data.tags["evo_sft.strategy"] == "evolution")
+    assert evolution.info.run_id == runs[0]["run_id"] and "best_fitness" in evolution.data.metrics  # its own run
+    history = client.get_metric_history(evolution.info.run_id, "compare.best_test_loss")
+    assert [point.step for point in history] == [tokens for tokens, _ in runs[0]["curve"]]
+    comparison = client.search_runs([experiment.experiment_id], "tags.`evo_sft.role` = 'comparison'")[0]
+    assert {a.path for a in client.list_artifacts(comparison.info.run_id)} >= {"table.md", "best_fitness_vs_tokens.png"}
