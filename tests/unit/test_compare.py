@@ -74,3 +74,11 @@ def test_tokens_to_a_target_and_the_paired_comparison_use_the_measured_curves():
     assert rows["grid"]["minus_evolution"] == pytest.approx(-0.2)  # the grid's best is worse by 0.2
     assert rows["grid"]["beats_evolution"] == "0/1" and rows["evolution"]["reached_target"] == "1/1"
     assert rows["evolution"]["mean"] == pytest.approx(2.2)  # shown as the test loss
+
+
+def test_a_token_budget_must_be_positive():
+    from evo_sft.config import ConfigError
+
+    assert config_from_dict({"evolution": {"token_budget": 5000}}).evolution.token_budget == 5000
+    with pytest.raises(ConfigError, match="evolution.token_budget: must be >= 1 or null"):
+        config_from_dict({"evolution": {"token_budget": 0}})
