@@ -226,7 +226,7 @@ def test_a_nan_member_gets_minus_inf_and_is_replaced(make_agents, make_gym):
                                  observers=[lambda c, r: records.append(r)])
     train = controller.population.train
 
-    def diverge_in_generation_2(steps):
+    def diverge_in_generation_2(steps, max_tokens=None):
         """Slot 2's weights turn NaN as generation 2 starts training (after its clones)."""
         if controller.generation == 1:
             host = controller.population.hosts[2]
@@ -234,7 +234,7 @@ def test_a_nan_member_gets_minus_inf_and_is_replaced(make_agents, make_gym):
             with torch.no_grad():
                 weight.fill_(float("nan"))
             poisoned.update(slot=2, member=controller.slot_ids[2])
-        return train(steps)
+        return train(steps, max_tokens)
 
     controller.population.train = diverge_in_generation_2
     with warnings.catch_warnings(record=True) as caught:

@@ -40,10 +40,10 @@ class HeldPopulation:
     def __getattr__(self, name):
         return getattr(self.population, name)
 
-    def train(self, steps: int) -> list[dict]:
+    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[dict]:
         if self.held is not None:
             self.held.set()
-        return self.population.train(steps)
+        return self.population.train(steps, max_tokens)
 
     def save(self, directory):
         self.saves += 1
