@@ -96,13 +96,13 @@ class NodeLosingPopulation(RayPopulation):
         self.restored_in.append((self.phase, slot))
         super()._restore(slot, error)
 
-    def train(self, steps):
+    def train(self, steps, max_tokens=None):
         if self.generation == self.remove_in:
             self.before = self.locations()
             self.remover = threading.Timer(self.delay, self.cluster.remove_node, (self.node,))
             self.remover.start()
         try:
-            return super().train(steps)
+            return super().train(steps, max_tokens)
         finally:
             self.generation += 1
 

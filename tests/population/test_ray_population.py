@@ -117,11 +117,11 @@ class KillingPopulation(RayPopulation):
             assert time.monotonic() < deadline, f"actor process {pid} outlived SIGKILL"
             time.sleep(0.01)
 
-    def train(self, steps):
+    def train(self, steps, max_tokens=None):
         if self.generation in self.kill_in_train:
             self._kill(self.generation, *self.kill_in_train[self.generation])
         try:
-            return super().train(steps)
+            return super().train(steps, max_tokens)
         finally:
             self.generation += 1
 
