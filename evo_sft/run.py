@@ -1,4 +1,5 @@
 """Start, resume and summarise an evolution described by an experiment config."""
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evo_sft import build
+from evo_sft.console import quiet_libraries
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.hyperparameters import shown
@@ -86,6 +88,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
 
 
 def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
+    quiet_libraries()
     model_path = build.resolve_model_path(config, run_dir)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
     prepared = build.prepare_data(config, tokenizer)
@@ -146,6 +149,7 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
         if config.ray.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             init.setdefault("_temp_dir", str(run_dir / "ray"))
+        init.setdefault("logging_level", logging.WARNING)  # not Ray's start-up INFO lines
         ray.init(address=config.ray.address, **init)
     return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,

@@ -9,6 +9,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from evo_sft.console import quiet_libraries
 from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
@@ -57,6 +58,7 @@ class MemberActor:
     actor and forwards every call to the member of the given slot."""
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict]):
+        quiet_libraries()
         self.hosts = build_hosts(recipe, prepared, founders)
         self.stashed = {}
         self.writes = storage.PendingWrites([])
