@@ -40,21 +40,26 @@ class Controller:
 
     `selection`/`mutations` None means no evolution: members only train and are scored.
     `save_elite(controller, slot)` runs after scoring; it may return the saved path.
-    `generation` counts the generations completed.
+    `generation` counts the generations completed. `progress(generation, total_steps)`, if given,
+    is a context manager around each generation's training that yields the `report` the
+    population's `train` is given (see `evo_sft.progress`).
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | None = None, mutations: Mutations | None = None,
-                 micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None):
+                 micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
+                 progress=None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
         self.multiple_of = {"batch_size": micro_batch_size} if micro_batch_size else None
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
+        self.progress = progress
         self.rng = np.random.default_rng(seed)
         self.generation = 0
         self.lineage = Lineage()
-        self.slot_ids = [self.lineage.found(hp, generation=1) for hp in population.hyperparameters()]
+        self.slot_ids = [self.lineage.found(hp, generation=1, slot=slot)
+                         for slot, hp in enumerate(population.hyperparameters())]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
         population.on_failure = self._record_failure
 
@@ -106,7 +111,11 @@ class Controller:
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
             decisions, retired = self._evolve(generation)
-        train = self.population.train(self.steps_per_generation)
+        if self.progress is None:
+            train = self.population.train(self.steps_per_generation)
+        else:
+            with self.progress(generation, self.population.size * self.steps_per_generation) as report:
+                train = self.population.train(self.steps_per_generation, report)
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
         evaluations = self.population.evaluate()

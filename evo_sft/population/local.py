@@ -18,12 +18,26 @@ class LocalPopulation:
     def size(self) -> int:
         return len(self.hosts)
 
-    def train(self, steps: int) -> list[TrainResult]:
-        """Every member; members sharing a base model train in one call (together where they can)."""
-        results = {}
+    def train(self, steps: int, report=None) -> list[TrainResult]:
+        """Every member; members sharing a base model train in one call (together where they can).
+        `report` hears of every step."""
+        results, done = {}, {host.slot: (0, 0) for host in self.hosts}
+
+        def listener(host):
+            def on_step():
+                done[host.slot] = host.progress
+                report(dict(done))
+            return on_step
+
         for host in self.hosts:
-            if host.slot not in results:
-                results.update(host.train_group(steps))
+            host.on_step = None if report is None else listener(host)
+        try:
+            for host in self.hosts:
+                if host.slot not in results:
+                    results.update(host.train_group(steps))
+        finally:
+            for host in self.hosts:
+                host.on_step = None
         return [results[host.slot] for host in self.hosts]
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:

@@ -10,6 +10,7 @@ Training steps the members together where the model allows it (`step_together`):
 step sends every member's micro-batches through one forward and backward of the base model, then
 each member in turn takes its own optimizer step. Otherwise they train one after another.
 """
+import math
 import time
 import warnings
 
@@ -76,6 +77,8 @@ class SharedBase:
     def train(self, steps: int) -> dict[int, dict]:
         """`steps` optimizer steps of every member: {slot: result}."""
         self.park()
+        for member in self.members.values():
+            member.host.advance(0, 0)
         epochs = {member["attributes"]["update_epochs"] for member in self.parked.values()}
         if self.together_blocker or len(self.members) == 1 or len(epochs) > 1:
             return {slot: member.train(steps) for slot, member in self.members.items()}
@@ -84,7 +87,7 @@ class SharedBase:
     def _train_together(self, steps: int, epochs: int) -> dict[int, dict]:
         agent, slots = self.agent, list(self.members)
         start = time.perf_counter()
-        loss_sums = torch.zeros(len(slots), dtype=torch.float32, device=agent.device)
+        step_sums, step_numbers = [], []  # per optimizer step: loss sums on the device, [(step, tokens)] per member
         tokens = [0] * len(slots)
         agent.set_training_mode(True)
         batches = self._next_batches(slots)
@@ -94,30 +97,36 @@ class SharedBase:
             scalings = [self._scaling(slot) for slot in slots]
             for epoch in range(epochs):
                 weights = [self.parked[slot]["weights"] for slot in slots]
-                grads, step_sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
-                                                                               micro_sizes, scalings)
-                finite = step_together.all_finite(grads, step_sums)
+                grads, sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
+                                                                          micro_sizes, scalings)
+                finite = step_together.all_finite(grads, sums)
                 upcoming = self._next_batches(slots) if epoch == epochs - 1 and step + 1 < steps else batches
                 if not bool(finite):  # the one sync of a step, after the host has prepared the next one
                     alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m], [s])
                              for w, b, m, s in zip(weights, batches, micro_sizes, scalings)]
-                    grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
-                loss_sums += step_sums
+                    grads, sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
+                step_sums.append(sums)
+                numbers = []
                 for i, slot in enumerate(slots):
                     tokens[i] += step_tokens[i]
+                    self.make_live(slot)
                     if grads[i] is None:
                         warnings.warn(f"member {slot}: an optimizer step had no supervised tokens and was skipped")
-                        continue
-                    self.make_live(slot)
-                    for name, p in self.params.items():
-                        p.grad = grads[i][name]
-                    agent.apply_gradients()
+                    else:
+                        for name, p in self.params.items():
+                            p.grad = grads[i][name]
+                        agent.apply_gradients()
+                    numbers.append((agent.optimizer_steps, step_tokens[i]))
+                    self.members[slot].host.advance(step + 1, tokens[i])
+                step_numbers.append(numbers)
                 self.park()
             batches = upcoming
         seconds = time.perf_counter() - start
-        return {slot: train_result(slot, float(loss_sum), tokens[i], seconds,
-                                   self.parked[slot]["attributes"]["optimizer_steps"])
-                for i, (slot, loss_sum) in enumerate(zip(slots, loss_sums.tolist()))}
+        losses = torch.stack(step_sums).tolist()  # the one sync for the losses, at the end
+        return {slot: train_result(slot, [(numbers[i][0], sums[i] / numbers[i][1] if numbers[i][1] else math.nan,
+                                           numbers[i][1]) for numbers, sums in zip(step_numbers, losses)],
+                                   seconds, self.parked[slot]["attributes"]["optimizer_steps"])
+                for i, slot in enumerate(slots)}
 
     def _scaling(self, slot: int) -> float:
         """The LoRA scaling of a parked member (members may differ in rank and alpha)."""
@@ -144,6 +153,18 @@ class SharedMember:
     @property
     def stream(self):
         return self.host.stream
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.host.progress
+
+    @property
+    def on_step(self):
+        return self.host.on_step
+
+    @on_step.setter
+    def on_step(self, callback) -> None:
+        self.host.on_step = callback
 
     def _live(self) -> MemberHost:
         self.base.make_live(self.slot)
