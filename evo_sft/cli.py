@@ -153,8 +153,12 @@ def cmd_logs(args) -> int:
 
 def cmd_replay(args) -> int:
     from evo_sft.replay import TOLERANCE, replay
+    from evo_sft.run import SCHEDULE_FILE
 
-    results, exact = replay(Path(args.run_dir), Path(args.schedule) if args.schedule else None)
+    schedule = Path(args.schedule) if args.schedule else Path(args.run_dir) / SCHEDULE_FILE
+    if not schedule.is_file():
+        raise UsageError(f"no schedule at {schedule}: a run writes it when it finishes")
+    results, exact = replay(Path(args.run_dir), schedule)
     worst = max((r.difference for r in results if r.run_fitness is not None), default=0.0)
     final = results[-1]
     print(f"replayed fitness {final.fitness:.6f}, the run's {final.run_fitness}: largest difference {worst:.2e}"

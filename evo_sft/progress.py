@@ -1,6 +1,7 @@
 """The live progress line of a generation's training: the steps all members took out of all they
 take, the time spent and left, and the supervised tokens per second. Drawn only on a terminal; the
 line is removed when the generation's training ends, before its table is printed."""
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ def progress_line(generation: int, total_steps: int, stream=None):
         yield None
         return
     bar = tqdm(total=total_steps, desc=f"generation {generation}", unit="step", leave=False, file=stream,
-               dynamic_ncols=True,
+               ncols=shutil.get_terminal_size().columns,  # 80 where a terminal reports no size
                bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} elapsed, {remaining} left{postfix}")
     start = time.perf_counter()
 

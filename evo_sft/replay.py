@@ -20,7 +20,7 @@ from evo_sft.data import DataStream
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.population.hosting import build_hosts
 from evo_sft.population.member import stream_seed
-from evo_sft.run import SCHEDULE_FILE, config_of
+from evo_sft.run import config_of
 
 TOLERANCE = 1e-6
 
@@ -37,17 +37,17 @@ class Replayed:
         return abs(self.fitness - self.run_fitness) if self.run_fitness is not None else math.nan
 
 
-def replay(run_dir: Path, schedule_file: Path | None = None) -> tuple[list[Replayed], bool]:
-    """Retrain the schedule of the run in `run_dir` (default its schedule.json); print each
+def replay(run_dir: Path, schedule_file: Path) -> tuple[list[Replayed], bool]:
+    """Retrain the schedule `schedule_file` of the run in `run_dir`; print each
     generation's fitness beside the run's. Returns those and whether the replay is expected to be
     exact (no LoRA dropout, no rank grown along the line)."""
     quiet_libraries()
     run_dir = Path(run_dir).resolve()
-    schedule = json.loads((schedule_file or run_dir / SCHEDULE_FILE).read_text())
+    schedule = json.loads(Path(schedule_file).read_text())
     config = config_of(run_dir)
     entries = schedule["generations"]
     if any(entry["slot"] is None for entry in entries):
-        raise ValueError(f"{schedule_file or run_dir / SCHEDULE_FILE} names no slots (a run from before slots "
+        raise ValueError(f"{schedule_file} names no slots (a run from before slots "
                          "were kept): its data order cannot be replayed")
     model_path = build.resolve_model_path(config, run_dir)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)

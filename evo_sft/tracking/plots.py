@@ -4,9 +4,10 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 LINE_COLOR, OTHER_COLOR = "#d62728", "#8c8c8c"
+SLOT_COLORS = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")  # none of them red, the winning line's colour
 DPI = 110
 
 
@@ -58,7 +59,7 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int]
     slots = max(member_slots.values(), default=0) + 1
     figure = Figure(figsize=(min(30, max(9, 1.6 * generations + 3)), min(30, max(4.5, 0.6 * slots + 2))))
     axes = figure.subplots()
-    on_line = set(line)
+    on_line = {member: [g for g, m in enumerate(line, start=1) if m == member] for member in set(line)}
     for member in lineage.members.values():
         slot = member_slots.get(member.id)
         if slot is None:
@@ -66,19 +67,23 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int]
         start = member.generation_born
         end = max(start, len(fitness.get(member.id, [])))
         ours = member.id in on_line
-        color = LINE_COLOR if ours else f"C{slot % 10}"
-        axes.plot([start, end], [slot, slot], "o-", color=color, linewidth=3 if ours else 1.2, markersize=4,
-                  alpha=1.0 if ours else 0.7)
+        color = SLOT_COLORS[slot % len(SLOT_COLORS)]
+        axes.plot([start, end], [slot, slot], "o-", color=color, linewidth=1.2, markersize=4, alpha=0.7)
+        if ours:  # the generations it trained in as the winning line
+            axes.plot([min(on_line[member.id]), max(on_line[member.id])], [slot, slot], "o-", color=LINE_COLOR,
+                      linewidth=3, markersize=5, zorder=3)
         axes.annotate(str(member.id), (start, slot), textcoords="offset points", xytext=(-4, 5), ha="right",
-                      fontsize=8, color=color, fontweight="bold" if ours else "normal")
+                      fontsize=8, color=LINE_COLOR if ours else color, fontweight="bold" if ours else "normal")
         parent_slot = member_slots.get(member.parent_id)
         if parent_slot is not None:
             edge_on_line = ours and member.parent_id in on_line
             axes.plot([start - 1, start], [parent_slot, slot], "-", color=LINE_COLOR if edge_on_line else "gray",
-                      linewidth=2 if edge_on_line else 0.8)
+                      linewidth=2.5 if edge_on_line else 0.8, alpha=1.0 if edge_on_line else 0.5,
+                      zorder=3 if edge_on_line else 1)
             if member.mutation != "none":
                 axes.annotate(member.mutation, (start - 0.5, (parent_slot + slot) / 2), ha="center", va="center",
-                              fontsize=7, color=LINE_COLOR if edge_on_line else "dimgray",
+                              fontsize=8 if edge_on_line else 6.5, color=LINE_COLOR if edge_on_line else "dimgray",
+                              fontweight="bold" if edge_on_line else "normal", zorder=4 if edge_on_line else 2,
                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
     for event in lineage.events:
         slot = member_slots.get(event.get("member_id"))
@@ -91,8 +96,8 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int]
                    "hyperparameter; ◆ a kept member mutated; red: the winning line", fontsize=10, pad=10)
     axes.set_yticks(range(slots))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.margins(0.06, 0.12)
-    axes.invert_yaxis()
+    axes.set_ylim(slots - 0.5, -0.8)  # slot 0 on top, room for its labels
+    axes.set_xlim(0.6, generations + 0.4)
     figure.savefig(path, dpi=DPI, bbox_inches="tight")
 
 
@@ -122,8 +127,12 @@ def plot_schedule(schedule: dict, path: Path) -> None:
             axes.set_yticks(range(len(choices)), choices)
         else:
             axes.step(generations, values, "-o", where="mid", color="C0")
-            if name == "lr":
+            if name == "lr" and max(values) > 3 * min(values) > 0:
                 axes.set_yscale("log")
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+            axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+            if all(isinstance(v, int) for v in values):
+                axes.yaxis.set_major_locator(MaxNLocator(integer=True))
             for generation, value in zip(generations, values):
                 axes.annotate(f"{value:.3g}", (generation, value), textcoords="offset points", xytext=(0, 5),
                               ha="center", fontsize=7)
