@@ -30,4 +30,5 @@ def progress_line(generation: int, total_steps: int, stream=None):
     try:
         yield report
     finally:
+        bar.refresh()  # the last count, however soon after the previous drawing it came
         bar.close()
