@@ -2,21 +2,32 @@
 that keeps every record while the tracking server is unreachable.
 
 What is logged
-- Parent run (tag `evo_sft.role=evolution`): the flattened config as params; at step =
-  generation `best_fitness`, `mean_fitness`, `worst_fitness`, `nonfinite_members` and the best
-  member's hyperparameters as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/`
-  (the elite's PEFT adapter), `samples/generation_XXXXX.json` (the elite's outputs on the first
-  test prompts, beside the references), `lineage.json`, `family_tree.png`, `fitness_curves.png`;
-  with `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set
-  at the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`.
+- The experiment is tagged `mlflow.experimentKind=custom_model_development`, so MLflow 3 opens it
+  on its runs (model training) rather than on GenAI's overview.
+- Parent run (tag `evo_sft.role=evolution`, a description in `mlflow.note.content`): the
+  flattened config as params; at step = generation `best_fitness`, `mean_fitness`,
+  `worst_fitness`, `nonfinite_members` and the best member's hyperparameters as `best_lr`,
+  `best_batch_size`; artifacts `elite/generation_XXXXX/` (the elite's PEFT adapter),
+  `samples/generation_XXXXX.json` (the elite's outputs on the first test prompts, beside the
+  references), `lineage.json`, `schedule.json`, `family_tree.png`, `fitness_curves.png`,
+  `schedule.png` (drawn for the elite's line, and at the end for the winner's); with
+  `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set at
+  the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`. At the
+  end (`log_schedule`), the winning line's schedule at step = generation: `lineage_<hyperparameter>`
+  for every numeric hyperparameter, `lineage_fitness` and `lineage_member` (which member of the
+  line trained in that generation). A resumed run logs them again at its end; MLflow keeps both
+  points of a step.
 - Member runs (tag `mlflow.parentRunId`; `evo_sft.member_id`, `evo_sft.parent_member_id`,
   `evo_sft.parent_run_id`, `evo_sft.generation_born`, `evo_sft.mutation`, `evo_sft.slot`,
-  `evo_sft.status` alive|retired): params `initial.<hyperparameter>`; at step = the member's
-  global optimizer step `train_loss`, `test_loss` (whatever the fitness), the fitness metric
-  (`exact_match`, ...; `test_loss` itself by default), `fitness`, `tokens_per_second` and every
-  numeric hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are
-  write-once; a categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its
-  history is in the lineage).
+  `evo_sft.status` alive|retired, a description): params `initial.<hyperparameter>`; at step =
+  the member's global optimizer step `train_loss` at every step, and at the end of each
+  generation `test_loss` (whatever the fitness), the fitness metric (`exact_match`, ...;
+  `test_loss` itself by default), `fitness`, `tokens_per_second` and every numeric
+  hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are write-once; a
+  categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its history is in the
+  lineage). A clone's run starts with a copy of every point of its parent's run before its own
+  first step (the parent's run holds its ancestors' points in turn), so each member's charts are
+  its whole line from the first step.
 
 Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
 member whose loss diverged has no `fitness` point at that step, the parent run counts such
