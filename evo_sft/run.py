@@ -278,9 +278,10 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_ui_command
+    from evo_sft.tracking import mlflow_runs_page, mlflow_ui_command
 
     print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
+    print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
 
 

@@ -99,6 +99,14 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
 
 
+def mlflow_runs_page(tracking_uri: str, experiment_id: str | None) -> str:
+    """The experiment's runs in the MLflow UI (on `mlflow ui`'s default address for a local store).
+    MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (the URL's
+    `workflowType`, else the browser's last choice, GenAI at first), not from the experiment's kind."""
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def member_key(member_id: int) -> str:
     return f"member:{member_id}"
 

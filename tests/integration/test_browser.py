@@ -1,9 +1,9 @@
 """Looking at a run as a user does (issues 6 and 24): after a small demo run, a real `mlflow
 server` on 127.0.0.1 serves the run's store; headless Chromium (Debian's `chromium`, driven by
-Playwright, no browser download) opens the experiment, which shows its runs (not GenAI's
-overview), sees the parent run's description and its member runs, opens a clone's `fitness`
-chart (a line from the first generation: its ancestors' points are in its run), shows the
-three pictures of the parent run, and saves screenshots under tests/artifacts/.
+Playwright, no browser download) opens the experiment on its runs (not GenAI's overview) at the
+address the summary prints, sees the parent run's description and its member runs, opens a
+clone's `fitness` chart (a line from the first generation: its ancestors' points are in its
+run), shows the three pictures of the parent run, and saves screenshots under tests/artifacts/.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package (the
 `test` extra); `make test` installs both. Never skipped: a missing browser is a failure.
@@ -103,6 +103,8 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
 
+    from evo_sft.tracking import mlflow_runs_page
+
     assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
     experiment_id, parent, members = _member_runs(demo_run)
     parent_name = parent.info.run_name
@@ -126,8 +128,8 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
             page.set_default_timeout(UI_TIMEOUT_MS)
             expect.set_options(timeout=UI_TIMEOUT_MS)
 
-            # the experiment opens on its runs (its kind is model training), the parent run first
-            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}")
+            # the page the summary names opens on the runs, the parent run first
+            page.goto(mlflow_runs_page(mlflow_server, experiment_id))
             parent_link = page.get_by_role("link", name=parent_name, exact=True)
             expect(parent_link).to_be_visible()
             parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
@@ -141,7 +143,7 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
             expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
             for name, png in pictures.items():
                 page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/{name}")
-                image = page.locator(f'img[src*="{name}"]').first
+                image = page.get_by_role("img", name=name, exact=True)
                 expect(image).to_be_visible()
                 page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
                 page.screenshot(path=str(png), full_page=True)

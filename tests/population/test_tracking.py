@@ -14,7 +14,7 @@ from evo_sft.controller import GenerationRecord
 from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
-from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_ui_command
+from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_runs_page, mlflow_ui_command
 from tests.helpers.processes import free_port
 from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autouse)
     Recorder, assert_artifacts, assert_everything_logged, has_clones, logged_metrics, make_controller, make_tracker,
@@ -246,3 +246,5 @@ def test_http_settings_are_set_only_where_unset(tmp_path, monkeypatch):
 def test_mlflow_ui_command():
     assert mlflow_ui_command("sqlite:////runs/a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////runs/a b/mlflow.db'"
     assert mlflow_ui_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
+    assert mlflow_runs_page("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    assert mlflow_runs_page("sqlite:////runs/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1?")
