@@ -81,7 +81,9 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int]
                       linewidth=2.5 if edge_on_line else 0.8, alpha=1.0 if edge_on_line else 0.5,
                       zorder=3 if edge_on_line else 1)
             if member.mutation != "none":
-                axes.annotate(member.mutation, (start - 0.5, (parent_slot + slot) / 2), ha="center", va="center",
+                at = 0.7  # of the way to the clone: crossing edges keep their labels apart
+                axes.annotate(member.mutation, (start - 1 + at, parent_slot + at * (slot - parent_slot)),
+                              ha="center", va="center",
                               fontsize=8 if edge_on_line else 6.5, color=LINE_COLOR if edge_on_line else "dimgray",
                               fontweight="bold" if edge_on_line else "normal", zorder=4 if edge_on_line else 2,
                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})

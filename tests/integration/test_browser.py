@@ -9,6 +9,7 @@ Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` pac
 `test` extra); `make test` installs both. Never skipped: a missing browser is a failure.
 """
 import os
+import re
 import signal
 import subprocess
 import time
@@ -141,8 +142,9 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
             # the parent run's page: its description, and its pictures among the artifacts
             parent_link.click()
             expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
+            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts")
             for name, png in pictures.items():
-                page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts/{name}")
+                page.get_by_text(name, exact=True).first.click()  # in the artifact tree
                 image = page.get_by_role("img", name=name, exact=True)
                 expect(image).to_be_visible()
                 page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
@@ -157,7 +159,8 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
             chart = page.locator(".js-plotly-plot").first
             expect(chart).to_be_visible()
             assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
-            expect(chart.locator(".scatterlayer .trace path.js-line").first).to_be_visible()  # a line, not dots
+            # a line through its points (from generation 1: its ancestors'), not a lone dot
+            expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
             page.wait_for_timeout(1000)  # let the plot finish its transition
             page.screenshot(path=str(chart_png), full_page=True)
         finally:
