@@ -321,11 +321,11 @@ def test_demo_end_to_end_on_local_ray():
         assert len(members) >= 4
         assert {r.data.tags["mlflow.parentRunId"] for r in members} == {parents[0].info.run_id}
         best_fitness = sorted((m.step, m.value) for m in client.get_metric_history(parents[0].info.run_id, "best_fitness"))
-        assert [step for step, _ in best_fitness] == list(range(generations))
+        assert [step for step, _ in best_fitness] == list(range(1, generations + 1))
         assert best_fitness[-1][1] > best_fitness[0][1], "the best member did not improve"
         assert parents[0].data.metrics["final_exact_match"] == pytest.approx(float(rate), abs=1e-4)
         assert {f.path for f in client.list_artifacts(parents[0].info.run_id, "samples")} == \
-            {f"samples/generation_{g:05d}.json" for g in range(generations)} | {"samples/final.json"}
+            {f"samples/generation_{g:05d}.json" for g in range(1, generations + 1)} | {"samples/final.json"}
         founders = [r for r in members if r.data.tags["evo_sft.parent_member_id"] == ""]
         assert len(founders) == 4
         for founder in founders:
@@ -362,7 +362,7 @@ WIDE_SEARCH = ("evolution.hyperparameters={lr: {min: 1.0e-4, max: 3.0e-2}, lora_
 
 def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters(tmp_path):
     """The demo with LoRA rank and alpha, the schedule and its warm-up mutating (every member
-    mutates each generation), in this process: two generations, resumed to three. Each member's
+    mutates each generation), in this process: two generations, resumed to four. Each member's
     checkpointed adapter states its own rank and alpha (PeftModel.from_pretrained reads them), and
     `status` prints a column for every hyperparameter of the search space."""
     run_dir = tmp_path / "run"
@@ -371,12 +371,12 @@ def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters
                 "--set", "evolution.mutation.rl_hp=1", "--set", WIDE_SEARCH]
     result = evo(["run", DEMO, "--run-dir", run_dir, *settings], cwd=tmp_path, timeout=480)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    result = evo(["resume", run_dir, "--generations", "3"], cwd=tmp_path, timeout=480)
+    result = evo(["resume", run_dir, "--generations", "4"], cwd=tmp_path, timeout=480)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
     status = json.loads(evo(["status", run_dir, "--json"], cwd=tmp_path).stdout)
-    assert status["generation"] == 3
-    checkpoint = run_dir / "checkpoints" / "generation_00003"
+    assert status["generation"] == 4
+    checkpoint = run_dir / "checkpoints" / "generation_00004"
     slot_ids = json.loads((checkpoint / "controller.json").read_text())["controller"]["slot_ids"]
     ranks = set()
     for member in status["members"]:

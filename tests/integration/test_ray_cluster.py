@@ -85,7 +85,7 @@ class NodeLosingPopulation(RayPopulation):
     def __init__(self, *args, cluster, node, generation: int, delay: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
         self.cluster, self.node, self.remove_in, self.delay = cluster, node, generation, delay
-        self.generation, self.phase, self.restored_in, self.before = 0, None, [], None
+        self.generation, self.phase, self.restored_in, self.before = 1, None, [], None  # generations from 1
         self.remover = None
 
     def _call(self, slots, method, args_of=lambda slot: ()):
@@ -119,7 +119,7 @@ def test_members_spread_over_nodes_and_survive_losing_one(cluster, tmp_path):
     founders = build.founder_hyperparameters(config)
     population = NodeLosingPopulation(build.member_recipe(config, model_path), prepared, founders,
                                       num_cpus=config.population.num_cpus,
-                                      cluster=ray_cluster, node=worker, generation=1)
+                                      cluster=ray_cluster, node=worker, generation=2)
     controller = make_controller(config, population, run_dir)
     start = time.monotonic()
     try:
@@ -144,7 +144,7 @@ def test_members_spread_over_nodes_and_survive_losing_one(cluster, tmp_path):
     assert {location["node_id"] for location in after} == {head_id}
     assert worker.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     restarts = [e for e in controller.lineage.events if e["kind"] == "restart"]
-    assert [(e["generation"], e["slot"]) for e in restarts] == [(1, slot) for slot in lost]
+    assert [(e["generation"], e["slot"]) for e in restarts] == [(2, slot) for slot in lost]
     assert all(math.isfinite(f) for m in controller.slot_ids for f in controller.fitness[m])
     assert elapsed < 120
 

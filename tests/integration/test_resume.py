@@ -237,7 +237,7 @@ def test_resume_reuses_the_parent_run_and_member_steps_continue(runs, full_run, 
     parent_id = parents[0].info.run_id
     assert parents[0].info.status == "FINISHED"
     history = client.get_metric_history(parent_id, "best_fitness")
-    assert sorted(m.step for m in history) == list(range(GENERATIONS))
+    assert sorted(m.step for m in history) == list(range(1, GENERATIONS + 1))
     full_parent = next(r for r in full_runs if r.data.tags.get("evo_sft.role") == "evolution")
     assert_same_history(_history(client, parent_id, "best_fitness"),
                         _history(MlflowClient(full_status["mlflow"]["tracking_uri"]), full_parent.info.run_id, "best_fitness"))
@@ -259,7 +259,7 @@ def test_resume_reuses_the_parent_run_and_member_steps_continue(runs, full_run, 
         assert_same_history(_history(client, run.info.run_id, "fitness"),
                             _history(full_client, full_members[member_id].info.run_id, "fitness"))
         born = int(run.data.tags["evo_sft.generation_born"])
-        if born == 0 and len(steps) > 2:  # a founder scored before and after the resume, in one run
+        if born == 1 and len(steps) > 2:  # a founder scored before and after the resume, in one run
             spanning += 1
     assert spanning >= 1, "no member run carries its metric steps across the resume"
 
@@ -431,7 +431,7 @@ def test_a_copied_or_moved_run_resumes_where_it_is_and_leaves_the_original_alone
     assert runs and all(run.info.artifact_uri.startswith(root + "/") for run in runs)
     parent = status["mlflow"]["parent_run_id"]
     assert [a.path for a in client.list_artifacts(parent, "elite")] == \
-        [f"elite/generation_{g:05d}" for g in range(GENERATIONS + 2)]
+        [f"elite/generation_{g:05d}" for g in range(1, GENERATIONS + 3)]
     lineage = Path(client.download_artifacts(parent, "lineage.json", str(tmp_path)))
     assert json.loads(lineage.read_text()) == controller_state(moved, GENERATIONS + 2)["lineage"]
 
@@ -585,24 +585,17 @@ def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
         assert tokenizer.decode(tokenizer.encode(PROBE)) == PROBE
 
 
-def test_best_member_is_the_one_that_earned_the_score_not_a_fresh_clone(tmp_path):
-    """After the last evaluation, slot 0 became a clone of member 0 (in slot 1): same weights and
-    inherited fitness, new hyperparameters never tried. The best member is member 0 itself."""
-    from evo_sft.io import storage
-    from evo_sft.evolution import Lineage
-    from evo_sft.run import best_slot
+def test_the_last_population_is_the_scored_one(full_run, full_status):
+    """Every member `status` shows was trained and scored in the last generation with the
+    hyperparameters it shows: its MLflow run has that fitness and lr at the last optimizer step."""
+    from mlflow.tracking import MlflowClient
 
-    lineage = Lineage()
-    for lr in (1e-3, 2e-3):
-        lineage.found({"lr": lr, "batch_size": 8})
-    clone = lineage.clone(0, 1, {"lr": 3e-3, "batch_size": 8}, "lr")  # made after generation 2's evaluation
-    fitness = {0: [-2.0, -1.0], 1: [-3.0, -2.5], clone: [-2.0, -1.0]}
-    state = {"generation": 2, "rng": {}, "lineage": lineage.to_dict(), "slot_ids": [clone, 0],
-             "fitness": [[m, h] for m, h in fitness.items()]}
-    with storage.atomic_directory(tmp_path / "checkpoints" / "generation_00002") as folder:
-        storage.save_json(folder / "controller.json", {"controller": state, "tracking": None})
-
-    assert status_dict(tmp_path)["best_member"] == 0
-    assert best_slot([clone, 0], fitness, lineage, 2) == 1
-    # a clone that was evaluated since it was made competes like anyone else (then the lowest slot wins)
-    assert best_slot([clone, 0], fitness, lineage, 3) == 0
+    client = MlflowClient(full_status["mlflow"]["tracking_uri"])
+    runs = {r.data.tags["evo_sft.member_id"]: r for r in _mlflow_runs(full_run) if r.data.tags.get("evo_sft.role") == "member"}
+    last_step = GENERATIONS * 2  # evolution.steps_per_generation=2
+    for member in full_status["members"]:
+        run_id = runs[str(member["id"])].info.run_id
+        assert dict(_history(client, run_id, "fitness"))[last_step] == pytest.approx(member["fitness"][-1], abs=1e-6)
+        assert dict(_history(client, run_id, "lr"))[last_step] == pytest.approx(member["hyperparameters"]["lr"])
+    best = max(full_status["members"], key=lambda m: m["fitness"][-1])
+    assert full_status["best_member"] == best["id"]

@@ -14,8 +14,8 @@ from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autou
 
 
 def test_outage_queues_records_and_loses_nothing(tmp_path, monkeypatch):
-    """The server is still starting when the evolution starts and answers from generation 0 or
-    1 on; it is stopped after generation 1 and is back only after the run, when close() sends
+    """The server is still starting when the evolution starts and answers from generation 1 or
+    2 on; it is stopped after generation 2 and is back only after the run, when close() sends
     the rest. Either way: two outages, two warnings, every record on the server."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # fail fast; retries stay on
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
@@ -26,7 +26,7 @@ def test_outage_queues_records_and_loses_nothing(tmp_path, monkeypatch):
             warnings.simplefilter("always", TrackingWarning)
             tracker, recorder = make_tracker(server.uri, tmp_path), Recorder()
             server.launch()
-            switch = {0: server.wait_healthy, 1: server.stop}
+            switch = {1: server.wait_healthy, 2: server.stop}
             script = lambda controller, record: switch.get(record.generation, lambda: None)()  # noqa: E731
             controller = make_controller(tmp_path, [tracker, recorder, script])
             controller.run(3)

@@ -82,14 +82,15 @@ class KillingPopulation(RayPopulation):
     `kill_after_clone_in=generation` kills a slot that received a clone in that generation,
     between the clone and the mutations (only a replay of the clone recovers that member);
     `kill_after_copy_in=(generation, slot)` kills that slot's actor once it has copied its
-    members for that generation's checkpoint, before it can report them written.
-    It records where each death was found (`restored_in`)."""
+    members for that generation's checkpoint, before it can report them written. Generations are
+    numbered from 1, as the controller numbers them. It records where each death was found
+    (`restored_in`)."""
 
     def __init__(self, *args, kill_in_train=None, kill_after_clone_in=None, kill_after_copy_in=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kill_in_train, self.kill_after_clone_in = kill_in_train or {}, kill_after_clone_in
         self.kill_after_copy_in = kill_after_copy_in
-        self.generation, self.killed, self.receivers_of = 0, [], {}
+        self.generation, self.killed, self.receivers_of = 1, [], {}  # the generation under way
         self.phase, self.restored_in, self.clone_pairs = None, [], []
 
     def _calls(self, calls, while_waiting=None):
@@ -126,15 +127,15 @@ class KillingPopulation(RayPopulation):
             self.generation += 1
 
     def clone(self, pairs):
-        self.receivers_of[self.generation - 1] = [receiver for receiver, _ in pairs]
+        self.receivers_of[self.generation] = [receiver for receiver, _ in pairs]
         self.clone_pairs.extend(pairs)
         super().clone(pairs)
 
     def set_hyperparameters(self, per_slot):
-        if self.generation - 1 == self.kill_after_clone_in:
-            receivers = self.receivers_of.get(self.generation - 1)
+        if self.generation == self.kill_after_clone_in:
+            receivers = self.receivers_of.get(self.generation)
             assert receivers, "the plan of this generation cloned nothing; pick another generation"
-            self._kill(self.generation - 1, receivers[0])
+            self._kill(self.generation, receivers[0])
         super().set_hyperparameters(per_slot)
 
 
@@ -150,8 +151,8 @@ def killing_run(run_dir, members_per_actor: int = 1, step_together: bool = False
 
 def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_session, local_reference, tmp_path):
     """run.start's controller, on a population whose actors are SIGKILLed twice: between a clone
-    and its mutation in generation 1, and in the middle of generation 2's training."""
-    population, controller = killing_run(tmp_path / "killed", kill_in_train={2: (1, 0.01)}, kill_after_clone_in=1)
+    and its mutation that open generation 2, and in the middle of generation 3's training."""
+    population, controller = killing_run(tmp_path / "killed", kill_in_train={3: (1, 0.01)}, kill_after_clone_in=2)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -161,8 +162,8 @@ def test_killed_actors_are_restarted_and_the_run_decides_as_without_them(ray_ses
         population.close()
 
     assert controller.generation == GENERATIONS
-    assert [k["generation"] for k in population.killed] == [1, 2]
-    assert population.killed[0]["slot"] in population.receivers_of[1]
+    assert [k["generation"] for k in population.killed] == [2, 3]
+    assert population.killed[0]["slot"] in population.receivers_of[2]
     assert population.restored_in == ["set_hyperparameters", "train_group"]  # each death found where it happened
     restarts = [e for e in controller.lineage.events if e["kind"] == "restart"]
     assert [(e["generation"], e["slot"]) for e in restarts] == [(k["generation"], k["slot"]) for k in population.killed]
@@ -193,10 +194,10 @@ def run_to_the_end(population, controller) -> list[str]:
 def test_a_checkpoint_whose_actor_dies_before_writing_is_abandoned_and_the_run_decides_the_same(
         ray_session, local_reference, tmp_path):
     """The actor of slot 1 is SIGKILLed once it has copied its members for checkpoint 2 (taken at
-    the end of generation 1), before it reports them written. That checkpoint is abandoned with
-    a warning; generation 2 finds the death, restores the actor from checkpoint 1 and replays
-    everything since (generation 1 included), and the run decides as the uninterrupted one."""
-    population, controller = killing_run(tmp_path / "copy", kill_after_copy_in=(1, 1))
+    the end of generation 2), before it reports them written. That checkpoint is abandoned with
+    a warning; generation 3 finds the death as it opens, restores the actor from checkpoint 1 and replays
+    everything since (generation 2 included), and the run decides as the uninterrupted one."""
+    population, controller = killing_run(tmp_path / "copy", kill_after_copy_in=(2, 1))
     caught = run_to_the_end(population, controller)
 
     abandoned = [message for message in caught if "abandoned" in message]
@@ -205,32 +206,32 @@ def test_a_checkpoint_whose_actor_dies_before_writing_is_abandoned_and_the_run_d
     assert sorted(p.name for p in (tmp_path / "copy" / "checkpoints").iterdir()) == ["generation_00001",
                                                                                     "generation_00003"]
     restarts = [(e["generation"], e["slot"]) for e in controller.lineage.events if e["kind"] == "restart"]
-    assert restarts == [(2, 1)] and population.restored_in == ["train_group"]
+    assert restarts == [(3, 1)] and population.restored_in == ["hyperparameters"]  # read as generation 3 opens
     assert_same_run(controller.state_dict(), local_reference)
 
 
 def test_a_member_that_keeps_dying_is_replaced_by_a_clone_of_the_elite(ray_session, tmp_path):
     """With no restart allowed, the actor killed in generation 1 is lost: its member scores -inf,
-    the lineage says so, and the generation's plan fills its slot with a clone of the elite."""
+    the lineage says so, and the plan that opens generation 2 fills its slot with a clone of the elite."""
     population, controller = killing_run(tmp_path / "lost", kill_in_train={1: (2, 0.01)},
                                          max_restarts_per_generation=0)
     records = []
     controller.observers.append(lambda _, record: records.append(record))
     caught = run_to_the_end(population, controller)
 
-    lost_id = records[1].member_ids[2]
+    lost_id = records[0].member_ids[2]
     lost = [e for e in controller.lineage.events if e["kind"] == "lost"]
     assert [(e["generation"], e["slot"], e["member_id"]) for e in lost] == [(1, 2, lost_id)]
     assert not any(e["kind"] == "restart" for e in controller.lineage.events)
     assert any("replaced by clones of the elite" in message for message in caught)
-    assert records[1].fitness[2] == -math.inf and not records[1].train[2].finite
+    assert records[0].fitness[2] == -math.inf and not records[0].train[2].finite
     assert controller.fitness[lost_id][-1] == -math.inf
     replacement = records[1].decisions[2]
-    assert (replacement.parent_id, replacement.clone) == (records[1].elite_id, True)
-    # the clone trained on from the elite's weights: its next score is finite and close to the
-    # elite's own next score (both trained one generation from the same weights)
-    assert math.isfinite(records[2].fitness[2])
-    assert abs(records[2].fitness[2] - records[2].fitness[records[2].member_ids.index(records[1].elite_id)]) < 0.5
+    assert (replacement.parent_id, replacement.clone) == (records[0].elite_id, True)
+    # the clone trained on from the elite's weights: its score is finite and close to the
+    # elite's own (both trained one generation from the same weights)
+    assert math.isfinite(records[1].fitness[2])
+    assert abs(records[1].fitness[2] - records[1].fitness[records[1].member_ids.index(records[0].elite_id)]) < 0.5
     assert controller.generation == GENERATIONS
 
 
