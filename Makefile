@@ -4,9 +4,10 @@ VENV := .venv
 # Where a machine keeps a local CPU build of torch, use it instead of downloading a CUDA build.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
+# pip -qq: errors only, not a warning for every package index page that lacks a package.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q $(FIND_LINKS) -e '.[test]'
+	$(VENV)/bin/pip install -qq $(FIND_LINKS) -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -165,6 +165,21 @@ def cmd_logs(args) -> int:
     return follow_logs(args.address, args.job_id)
 
 
+def cmd_replay(args) -> int:
+    from evo_sft.replay import TOLERANCE, replay
+    from evo_sft.run import SCHEDULE_FILE
+
+    schedule = Path(args.schedule) if args.schedule else Path(args.run_dir) / SCHEDULE_FILE
+    if not schedule.is_file():
+        raise UsageError(f"no schedule at {schedule}: a run writes it when it finishes")
+    results, exact = replay(Path(args.run_dir), schedule)
+    worst = max((r.difference for r in results if r.run_fitness is not None), default=0.0)
+    final = results[-1]
+    print(f"replayed fitness {final.fitness:.6f}, the run's {final.run_fitness}: largest difference {worst:.2e}"
+          + ("" if exact else " (not expected to be exact: the line has LoRA dropout or grows its rank)"))
+    return 0 if worst <= TOLERANCE or not exact else 1
+
+
 def cmd_stop(args) -> int:
     from evo_sft.jobs import stop
 
@@ -253,6 +268,12 @@ def parser() -> argparse.ArgumentParser:
                         help="a member id of the latest checkpoint, or 'best' (default: best)")
     export.add_argument("--force", action="store_true",
                         help="replace OUT_DIR whole if it holds files (default: off, refuse)")
+
+    replay = command("replay", cmd_replay, "retrain the winning line's schedule as one member and compare its "
+                                           "fitness with the run's in every generation; exit code 1 where they "
+                                           "differ by more than 1e-6")
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder")
+    replay.add_argument("--schedule", metavar="FILE", help="the schedule to replay (default: RUN_DIR/schedule.json)")
 
     submit = command("submit", cmd_submit, "submit the controller to a Ray cluster as a Ray Job")
     submit.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")

@@ -45,23 +45,27 @@ class Controller:
     With `token_budget`, the run ends once the population has trained on that many tokens: in
     each generation a member trains until it has had its share of what is left (its last step
     may pass it, by less than one batch), so batch-size mutation cannot exceed the budget.
+    `progress(generation, total_steps)`, if given, is a context manager around each generation's
+    training that yields the `report` the population's `train` is given (see `evo_sft.progress`).
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | TruncationSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
-                 token_budget: int | None = None):
+                 token_budget: int | None = None, progress=None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
         self.multiple_of = {"batch_size": micro_batch_size} if micro_batch_size else None
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
+        self.progress = progress
         self.rng = np.random.default_rng(seed)
         self.token_budget = token_budget
         self.generation = 0
         self.tokens: list[int] = []
         self.lineage = Lineage()
-        self.slot_ids = [self.lineage.found(hp, generation=1) for hp in population.hyperparameters()]
+        self.slot_ids = [self.lineage.found(hp, generation=1, slot=slot)
+                         for slot, hp in enumerate(population.hyperparameters())]
         self.fitness = {member_id: [] for member_id in self.slot_ids}
         population.on_failure = self._record_failure
 
@@ -129,7 +133,12 @@ class Controller:
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
             decisions, retired = self._evolve(generation)
-        train = self.population.train(self.steps_per_generation, self._token_limits())
+        limits = self._token_limits()
+        if self.progress is None:
+            train = self.population.train(self.steps_per_generation, limits)
+        else:
+            with self.progress(generation, self.population.size * self.steps_per_generation) as report:
+                train = self.population.train(self.steps_per_generation, limits, report)
         self.tokens.append(self.tokens_trained + sum(result.tokens for result in train))
         if self.checkpointer is not None:
             self.checkpointer.settle(self)

@@ -1,4 +1,6 @@
 """Start, resume and summarise an evolution described by an experiment config."""
+import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -7,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from evo_sft import build
+from evo_sft.console import quiet_libraries
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.hyperparameters import shown
@@ -14,13 +17,16 @@ from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest
 from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.evolution import elite
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.local import LocalPopulation
+from evo_sft.progress import progress_line
 from evo_sft.io.storage import CheckpointError, replace_directory
 
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder besides the config and the tracking store and queue
 # (checkpoints/ holds only an unfinished write when there is no checkpoint yet).
 ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
+SCHEDULE_FILE = "schedule.json"  # the winning line's schedule, what `evo-sft replay` retrains
 
 
 @dataclass
@@ -86,6 +92,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
 
 
 def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
+    quiet_libraries()
     model_path = build.resolve_model_path(config, run_dir)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
     prepared = build.prepare_data(config, tokenizer)
@@ -100,12 +107,13 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     controller = Controller(
         population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
         selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
-        observers=[progress_printer(fitness), tracker, last],
+        observers=[table_printer(fitness), tracker, last],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
                                            extra_state=lambda: {"tracking": tracker.state_dict(),
                                                                 "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
         token_budget=config.evolution.token_budget,
+        progress=progress_line,
     )
     if checkpoint:
         population.load(checkpoint[0] / "members")
@@ -147,6 +155,7 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
         if config.ray.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             init.setdefault("_temp_dir", str(run_dir / "ray"))
+        init.setdefault("logging_level", logging.WARNING)  # not Ray's start-up INFO lines
         ray.init(address=config.ray.address, **init)
     return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
@@ -211,6 +220,10 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool,
     evaluation = evaluations[best] if evaluations else None
     if full_test:
         tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
+    schedule = line_schedule(controller.lineage, controller.slot_ids[best], controller.fitness[controller.slot_ids[best]],
+                             controller.steps_per_generation)
+    (run_dir / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=1))
+    tracker.log_schedule(schedule)
     target = run_dir / "best_adapter"
     if not interrupted:
         staging = run_dir / ".best_adapter"
@@ -222,13 +235,13 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool,
     return RunResult(run_dir, controller.slot_ids[best], scores[best], target, interrupted, evaluation)
 
 
-def progress_printer(fitness: Fitness):
+def table_printer(fitness: Fitness):
     """A controller observer that prints each generation's table: the mutable hyperparameters,
     train loss, the fitness metric (and the test loss, where that is not the metric) and
     throughput of every member, and the clones made."""
     losses = fitness.metric != "test_loss"
 
-    def print_progress(controller: Controller, record: GenerationRecord) -> None:
+    def print_table(controller: Controller, record: GenerationRecord) -> None:
         step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
         print(f"generation {record.generation}  (optimizer step {step} per member)")
@@ -245,7 +258,7 @@ def progress_printer(fitness: Fitness):
         if born:
             print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
 
-    return print_progress
+    return print_table
 
 
 def print_summary(controller: Controller, result: RunResult, tracker, fitness: Fitness) -> None:
@@ -266,9 +279,10 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_ui_command
+    from evo_sft.tracking import mlflow_runs_page, mlflow_ui_command
 
     print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
+    print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
 
 

@@ -11,6 +11,7 @@ class MemberInfo:
     generation_born: int
     mutation: str
     hyperparameters: dict
+    slot: int | None = None  # where it lives, from birth to retirement (None in lineages saved before slots were kept)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,15 +34,16 @@ class Lineage:
         self.events: list[dict] = []
         self._next_id = 0
 
-    def found(self, hyperparameters: dict, generation: int = 1) -> int:
+    def found(self, hyperparameters: dict, generation: int = 1, slot: int | None = None) -> int:
         """Add a founder (no parent); return its id."""
-        return self._add(None, generation, hyperparameters, "none", "found")
+        return self._add(None, generation, hyperparameters, "none", "found", slot)
 
-    def clone(self, parent_id: int, generation: int, hyperparameters: dict, mutation: str) -> int:
+    def clone(self, parent_id: int, generation: int, hyperparameters: dict, mutation: str,
+              slot: int | None = None) -> int:
         """Add a child of `parent_id`; return its id."""
         if parent_id not in self.members:
             raise KeyError(f"Lineage.clone: unknown parent id {parent_id}")
-        return self._add(parent_id, generation, hyperparameters, mutation, "clone")
+        return self._add(parent_id, generation, hyperparameters, mutation, "clone", slot)
 
     def mutate(self, member_id: int, generation: int, hyperparameters: dict, mutation: str) -> None:
         """Record that a kept member's hyperparameters changed."""
@@ -63,6 +65,23 @@ class Lineage:
             chain.append(parent)
             parent = self.members[parent].parent_id
         return chain
+
+    def line(self, member_id: int, generations: int) -> list[int]:
+        """The member of `member_id`'s line that trained in each generation 1..`generations`: an
+        ancestor until the generation its child was born in."""
+        chain = self.ancestry(member_id)[::-1]
+        line = []
+        for generation in range(1, generations + 1):
+            while len(chain) > 1 and self.members[chain[1]].generation_born <= generation:
+                chain.pop(0)
+            line.append(chain[0])
+        return line
+
+    def occupant(self, slot: int, generation: int) -> int | None:
+        """The member that lived in `slot` during `generation` (the last one born there by then)."""
+        born = [(m.generation_born, m.id) for m in self.members.values()
+                if m.slot == slot and m.generation_born <= generation]
+        return max(born)[1] if born else None
 
     def hyperparameters_at(self, member_id: int, generation: int) -> dict:
         """The hyperparameters `member_id` trained and was scored with in `generation`.
@@ -96,11 +115,11 @@ class Lineage:
         lineage.events = _json_copy(d["events"])
         return lineage
 
-    def _add(self, parent_id, generation, hyperparameters, mutation, kind) -> int:
+    def _add(self, parent_id, generation, hyperparameters, mutation, kind, slot) -> int:
         member_id = self._next_id
         self._next_id += 1
         self.members[member_id] = MemberInfo(
-            member_id, parent_id, generation, mutation, _json_copy(hyperparameters)
+            member_id, parent_id, generation, mutation, _json_copy(hyperparameters), slot
         )
         self._event(kind, generation, member_id, parent_id, hyperparameters, mutation)
         return member_id

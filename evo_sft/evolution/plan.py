@@ -68,7 +68,8 @@ def apply_plan_to_lineage(
     for decision in decisions:
         current = members[decision.slot]
         if decision.clone:
-            ids.append(lineage.clone(decision.parent_id, generation, decision.hyperparameters, decision.mutation))
+            ids.append(lineage.clone(decision.parent_id, generation, decision.hyperparameters, decision.mutation,
+                                     decision.slot))
             continue
         if decision.hyperparameters != current.hyperparameters:
             lineage.mutate(current.id, generation, decision.hyperparameters, decision.mutation)

@@ -18,13 +18,27 @@ class LocalPopulation:
     def size(self) -> int:
         return len(self.hosts)
 
-    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[TrainResult]:
-        """Every member; members sharing a base model train in one call (together where they can)."""
+    def train(self, steps: int, max_tokens: list[int] | None = None, report=None) -> list[TrainResult]:
+        """Every member; members sharing a base model train in one call (together where they can).
+        `report` hears of every step."""
         limits = dict(enumerate(max_tokens)) if max_tokens is not None else None
-        results = {}
+        results, done = {}, {host.slot: (0, 0) for host in self.hosts}
+
+        def listener(host):
+            def on_step():
+                done[host.slot] = host.progress
+                report(dict(done))
+            return on_step
+
         for host in self.hosts:
-            if host.slot not in results:
-                results.update(host.train_group(steps, limits))
+            host.on_step = None if report is None else listener(host)
+        try:
+            for host in self.hosts:
+                if host.slot not in results:
+                    results.update(host.train_group(steps, limits))
+        finally:
+            for host in self.hosts:
+                host.on_step = None
         return [results[host.slot] for host in self.hosts]
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:

@@ -29,6 +29,13 @@ class MemberHost:
         self.fitness = fitness or NegativeTestLoss()
         self.stream = DataStream(len(gym.train), stream_seed(seed, slot))
         self.rng = seeded_rng_state(stream_seed(seed, slot), agent.device)
+        self.progress = (0, 0)  # (steps, tokens) of the current or last `train` call
+        self.on_step = None  # called after each step of `train`, if set
+
+    def advance(self, steps: int, tokens: int) -> None:
+        self.progress = (steps, tokens)
+        if self.on_step is not None:
+            self.on_step()
 
     @contextmanager
     def own_rng(self):
@@ -46,15 +53,16 @@ class MemberHost:
         """`steps` optimizer steps, each on the next `batch_size` rows of this slot's stream;
         fewer where `max_tokens` supervised tokens are reached first (the last step may pass them)."""
         start = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
+        losses = []
+        self.advance(0, 0)
         with self.own_rng():
             for _ in range(steps):
-                if max_tokens is not None and tokens >= max_tokens:
+                if max_tokens is not None and self.progress[1] >= max_tokens:
                     break
                 result = self.agent.learn(self.gym.batch(self.stream, self.agent.batch_size))
-                loss_sum += result["mean_loss"] * result["tokens"]
-                tokens += result["tokens"]
-        return train_result(self.slot, loss_sum, tokens, time.perf_counter() - start, self.agent.optimizer_steps)
+                losses.append((self.agent.optimizer_steps, result["mean_loss"], result["tokens"]))
+                self.advance(len(losses), self.progress[1] + result["tokens"])
+        return train_result(self.slot, losses, time.perf_counter() - start, self.agent.optimizer_steps)
 
     def train_group(self, steps: int, max_tokens: dict[int, int] | None = None) -> dict[int, TrainResult]:
         """Train every member on this member's base model, here only this one: {slot: result};
@@ -104,11 +112,13 @@ class MemberHost:
         return str(Path(directory) / ACTOR)
 
 
-def train_result(slot: int, loss_sum: float, tokens: int, seconds: float, optimizer_step: int) -> TrainResult:
-    """What a member reports for a `train` call."""
-    train_loss = loss_sum / tokens if tokens else math.nan
+def train_result(slot: int, steps: list[tuple[int, float, int]], seconds: float, optimizer_step: int) -> TrainResult:
+    """What a member reports for a `train` call whose steps were (optimizer step, mean loss, tokens)."""
+    tokens = sum(count for _, _, count in steps)
+    train_loss = sum(loss * count for _, loss, count in steps if count) / tokens if tokens else math.nan
     return TrainResult(slot, train_loss, math.isfinite(train_loss), tokens, seconds,
-                       tokens / seconds if seconds > 0 else 0.0, optimizer_step)
+                       tokens / seconds if seconds > 0 else 0.0, optimizer_step,
+                       tuple((step, loss) for step, loss, _ in steps))
 
 
 def seeded_rng_state(seed: int, device: torch.device) -> dict[str, torch.Tensor]:

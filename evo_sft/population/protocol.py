@@ -10,7 +10,9 @@ from evo_sft.fitness import Evaluation
 @dataclass(frozen=True)
 class TrainResult:
     """What one member reports for one generation's training. A member lost with its worker
-    reports `optimizer_step` None and a NaN loss."""
+    reports `optimizer_step` None and a NaN loss. `step_losses` holds (optimizer step, mean loss
+    of that step's supervised tokens) for each step taken (one `SFT.learn` call: with
+    `update_epochs` > 1 its steps' mean, at its last step)."""
 
     slot: int
     train_loss: float
@@ -19,6 +21,7 @@ class TrainResult:
     seconds: float
     tokens_per_second: float
     optimizer_step: int | None
+    step_losses: tuple[tuple[int, float], ...] = ()
 
 
 class Writes(Protocol):
@@ -32,9 +35,12 @@ class Population(Protocol):
     # as it was) or "lost" (it scores -inf this generation). Backends whose workers cannot die never call it.
     on_failure: Callable[[str, int, str], None] | None
 
-    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[TrainResult]:
+    def train(self, steps: int, max_tokens: list[int] | None = None,
+              report: Callable[[dict[int, tuple[int, int]]], None] | None = None) -> list[TrainResult]:
         """`steps` optimizer steps of every member, in slot order; with `max_tokens`, a member
-        stops early once it has trained on `max_tokens[slot]` supervised tokens this call."""
+        stops early once it has trained on `max_tokens[slot]` supervised tokens this call. While
+        they train, `report` (if given) is called now and then with {slot: (steps taken,
+        supervised tokens)} of this call."""
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:
         """Every member's evaluation (its fitness: higher is better, -inf for a broken member), in

@@ -9,12 +9,14 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from evo_sft.console import quiet_libraries
 from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
 from evo_sft.population.protocol import TrainResult
 
 MAX_RESTARTS_PER_GENERATION = 3
+PROGRESS_SECONDS = 0.5  # how often a `train` with a `report` asks the actors how far they are
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 # Calls that change a member (or an actor's stash of donors for clones on it); each is logged
 # per actor until the next checkpoint and replayed, in order, on an actor rebuilt after a death.
@@ -57,6 +59,7 @@ class MemberActor:
     actor and forwards every call to the member of the given slot."""
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict]):
+        quiet_libraries()
         self.hosts = build_hosts(recipe, prepared, founders)
         self.stashed = {}
         self.writes = storage.PendingWrites([])
@@ -70,6 +73,11 @@ class MemberActor:
         """Copy every member of this actor in turn (`slot` is any of them); the copies are written
         on threads while the actor goes on, and `wait_saved` reports when they are."""
         self.writes = storage.write_snapshots((host.snapshot() for host in self.hosts.values()), directory)
+
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> dict[int, tuple[int, int]]:
+        """{slot: (steps, tokens)} of each member's current or last `train`, read beside training."""
+        return {slot: host.progress for slot, host in self.hosts.items()}
 
     @ray.method(concurrency_group="writes")
     def wait_saved(self) -> None:
@@ -132,7 +140,7 @@ class RayPopulation:
         self.recipe = recipe
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                      concurrency_groups={"writes": 1},
+                                      concurrency_groups={"writes": 1, "progress": 1},
                                       allow_out_of_order_execution=False)(MemberActor)  # `_calls` relies on it
         self.founders = list(founders)
         self.current_hyperparameters = list(founders)
@@ -218,11 +226,12 @@ class RayPopulation:
         """Call `method` on the given slots' members in parallel, restarting dead actors."""
         return self._calls([(slot, method, tuple(args_of(slot))) for slot in slots])
 
-    def _calls(self, calls: list[tuple[int, str, tuple]]) -> list:
+    def _calls(self, calls: list[tuple[int, str, tuple]], while_waiting=None) -> list:
         """Send every (slot, method, args) call at once and return their results. One actor runs
         its calls in the order given (its tasks run in order), different actors in parallel. The
         results are taken in that order, so a dead actor is rebuilt by replaying the calls it
-        finished, and its later calls are sent again, in order, to its replacement."""
+        finished, and its later calls are sent again, in order, to its replacement. `while_waiting`
+        (if any) is called every PROGRESS_SECONDS until the results are in."""
         results, sent_to = {}, {}
 
         def send(index: int):
@@ -238,6 +247,8 @@ class RayPopulation:
         for index, ref in enumerate(refs):
             slot, method, args = calls[index]
             while index not in results:
+                while while_waiting is not None and not ray.wait([ref], timeout=PROGRESS_SECONDS)[0]:
+                    while_waiting()
                 try:
                     results[index] = ray.get(ref)
                 except ACTOR_FAILURES as error:
@@ -250,15 +261,29 @@ class RayPopulation:
                     self.since_checkpoint[self.group_of[slot]].append((slot, method, args))
         return [results[index] for index in range(len(calls))]
 
-    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[dict]:
-        """One call per actor, which trains all of its members."""
+    def train(self, steps: int, max_tokens: list[int] | None = None, report=None) -> list[TrainResult]:
+        """One call per actor, which trains all of its members; while they train, `report` hears
+        from the actors every PROGRESS_SECONDS."""
         self.restarts, self.lost = [0] * len(self.groups), set()
         limits = dict(enumerate(max_tokens)) if max_tokens is not None else None
         results = {}
-        for group_results in self._call([group[0] for group in self.groups], "train_group",
-                                        lambda slot: (steps, limits)):
+        calls = [(group[0], "train_group", (steps, limits)) for group in self.groups]
+        for group_results in self._calls(calls, None if report is None else lambda: report(self._progress())):
             results.update(group_results)
+        if report is not None:
+            report({slot: (len(result.step_losses), result.tokens) for slot, result in results.items()})
         return [results[slot] for slot in range(self.size)]
+
+    def _progress(self) -> dict[int, tuple[int, int]]:
+        """{slot: (steps, tokens)} from every actor that answers within PROGRESS_SECONDS."""
+        refs = [actor.progress.remote() for actor in self.actors]
+        done = {}
+        for ref in ray.wait(refs, num_returns=len(refs), timeout=PROGRESS_SECONDS)[0]:
+            try:
+                done.update(ray.get(ref))
+            except ACTOR_FAILURES:
+                pass  # a dead actor: `_calls` rebuilds it
+        return done
 
     def evaluate(self, full: bool = False) -> list[Evaluation]:
         return self._call(list(range(self.size)), "evaluate", lambda slot: (full,))

@@ -10,6 +10,7 @@ Training steps the members together where the model allows it (`step_together`):
 step sends every member's micro-batches through one forward and backward of the base model, then
 each member in turn takes its own optimizer step. Otherwise they train one after another.
 """
+import math
 import time
 import warnings
 
@@ -78,6 +79,8 @@ class SharedBase:
         tokens}) a member stops once it has trained on that many supervised tokens."""
         self.park()
         limits = {slot: (max_tokens or {}).get(slot) for slot in self.members}
+        for member in self.members.values():
+            member.host.advance(0, 0)
         epochs = {member["attributes"]["update_epochs"] for member in self.parked.values()}
         if self.together_blocker or len(self.members) == 1 or len(epochs) > 1:
             return {slot: member.train(steps, limits[slot]) for slot, member in self.members.items()}
@@ -86,7 +89,7 @@ class SharedBase:
     def _train_together(self, steps: int, epochs: int, limits: dict[int, int | None]) -> dict[int, dict]:
         agent, everyone = self.agent, list(self.members)
         start = time.perf_counter()
-        loss_sums = torch.zeros(len(everyone), dtype=torch.float32, device=agent.device)
+        step_sums, step_numbers = [], []  # per optimizer step: loss sums on the device, {slot: (step, tokens)}
         tokens = dict.fromkeys(everyone, 0)
         agent.set_training_mode(True)
         slots = everyone
@@ -97,9 +100,9 @@ class SharedBase:
             scalings = [self._scaling(slot) for slot in slots]
             for epoch in range(epochs):
                 weights = [self.parked[slot]["weights"] for slot in slots]
-                grads, step_sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
-                                                                               micro_sizes, scalings)
-                finite = step_together.all_finite(grads, step_sums)
+                grads, sums, step_tokens = step_together.forward_backward(agent, self.fast_layers, weights, batches,
+                                                                          micro_sizes, scalings)
+                finite = step_together.all_finite(grads, sums)
                 going_on = [slot for slot, t in zip(slots, step_tokens)
                             if limits[slot] is None or tokens[slot] + t < limits[slot]]
                 last = epoch == epochs - 1
@@ -107,26 +110,33 @@ class SharedBase:
                 if not bool(finite):  # the one sync of a step, after the host has prepared the next one
                     alone = [step_together.forward_backward(agent, self.fast_layers, [w], [b], [m], [s])
                              for w, b, m, s in zip(weights, batches, micro_sizes, scalings)]
-                    grads, step_sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
-                loss_sums.index_add_(0, torch.tensor([everyone.index(s) for s in slots], device=agent.device),
-                                     step_sums)
+                    grads, sums = [g[0] for g, _, _ in alone], torch.cat([sums for _, sums, _ in alone])
+                step_sums.append(sums)
+                numbers = {}
                 for i, slot in enumerate(slots):
                     tokens[slot] += step_tokens[i]
+                    self.make_live(slot)
                     if grads[i] is None:
                         warnings.warn(f"member {slot}: an optimizer step had no supervised tokens and was skipped")
-                        continue
-                    self.make_live(slot)
-                    for name, p in self.params.items():
-                        p.grad = grads[i][name]
-                    agent.apply_gradients()
+                    else:
+                        for name, p in self.params.items():
+                            p.grad = grads[i][name]
+                        agent.apply_gradients()
+                    numbers[slot] = (agent.optimizer_steps, step_tokens[i])
+                    self.members[slot].host.advance(step + 1, tokens[slot])
+                step_numbers.append(numbers)
                 self.park()
             slots, batches = going_on, upcoming
             if not slots:
                 break
         seconds = time.perf_counter() - start
-        return {slot: train_result(slot, float(loss_sum), tokens[slot], seconds,
-                                   self.parked[slot]["attributes"]["optimizer_steps"])
-                for slot, loss_sum in zip(everyone, loss_sums.tolist())}
+        flat = iter(torch.cat(step_sums).tolist())  # the one sync for the losses, at the end
+        steps_of = {slot: [] for slot in everyone}
+        for numbers in step_numbers:
+            for slot, (number, count) in numbers.items():
+                steps_of[slot].append((number, next(flat) / count if count else math.nan, count))
+        return {slot: train_result(slot, steps_of[slot], seconds, self.parked[slot]["attributes"]["optimizer_steps"])
+                for slot in everyone}
 
     def _scaling(self, slot: int) -> float:
         """The LoRA scaling of a parked member (members may differ in rank and alpha)."""
@@ -153,6 +163,18 @@ class SharedMember:
     @property
     def stream(self):
         return self.host.stream
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.host.progress
+
+    @property
+    def on_step(self):
+        return self.host.on_step
+
+    @on_step.setter
+    def on_step(self, callback) -> None:
+        self.host.on_step = callback
 
     def _live(self) -> MemberHost:
         self.base.make_live(self.slot)

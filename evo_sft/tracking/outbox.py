@@ -25,6 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
 QUEUE_FILE = "mlflow_queue.jsonl"
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 RUNS_FILE = "mlflow_runs.json"
 
 
@@ -186,6 +187,8 @@ class Outbox:
         client, kind = self._client_for_send(), record["kind"]
         if kind == "experiment":
             self.experiment_id = experiment_id(client, record["name"], record["artifact_location"])
+            for name, value in record.get("tags", {}).items():
+                client.set_experiment_tag(self.experiment_id, name, value)
         elif kind == "create_run":
             tags = {**record["tags"], **{tag: self.run_ids.get(key, "") for tag, key in record["run_tags"].items()}}
             run = client.create_run(self.experiment_id, start_time=record["timestamp"], tags=tags,
@@ -205,12 +208,23 @@ class Outbox:
             client.update_run(self._run_id(record["key"]), status=record["status"])
         elif kind == "terminate":
             client.set_terminated(self._run_id(record["key"]), status=record["status"], end_time=record["timestamp"])
+        elif kind == "copy_metrics":
+            self._copy_metrics(client, self._run_id(record["source"]), self._run_id(record["key"]),
+                               record["before_step"])
         elif kind == "delete_lost_member_runs":
             self._delete_lost_member_runs(client)
         elif kind == "delete_runs":
             self._delete_runs(client, record["run_ids"], record["timestamp"])
         else:
             raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    @staticmethod
+    def _copy_metrics(client: MlflowClient, source: str, target: str, before_step: int) -> None:
+        """Every point of every metric of run `source` at a step before `before_step`, into run `target`."""
+        points = [point for name in client.get_run(source).data.metrics
+                  for point in client.get_metric_history(source, name) if point.step < before_step]
+        for start in range(0, len(points), METRICS_PER_BATCH):
+            client.log_batch(target, metrics=points[start:start + METRICS_PER_BATCH], synchronous=True)
 
     @staticmethod
     def _delete_runs(client: MlflowClient, run_ids: list[str], end_time: int) -> None:

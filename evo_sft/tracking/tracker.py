@@ -2,21 +2,32 @@
 that keeps every record while the tracking server is unreachable.
 
 What is logged
-- Parent run (tag `evo_sft.role=evolution`): the flattened config as params; at step =
-  generation `best_fitness`, `mean_fitness`, `worst_fitness`, `nonfinite_members` and the best
-  member's hyperparameters as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/`
-  (the elite's PEFT adapter), `samples/generation_XXXXX.json` (the elite's outputs on the first
-  test prompts, beside the references), `lineage.json`, `family_tree.png`, `fitness_curves.png`;
-  with `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set
-  at the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`.
+- The experiment is tagged `mlflow.experimentKind=custom_model_development`, so MLflow 3 opens it
+  on its runs (model training) rather than on GenAI's overview.
+- Parent run (tag `evo_sft.role=evolution`, a description in `mlflow.note.content`): the
+  flattened config as params; at step = generation `best_fitness`, `mean_fitness`,
+  `worst_fitness`, `nonfinite_members` and the best member's hyperparameters as `best_lr`,
+  `best_batch_size`; artifacts `elite/generation_XXXXX/` (the elite's PEFT adapter),
+  `samples/generation_XXXXX.json` (the elite's outputs on the first test prompts, beside the
+  references), `lineage.json`, `schedule.json`, `family_tree.png`, `fitness_curves.png`,
+  `schedule.png` (drawn for the elite's line, and at the end for the winner's); with
+  `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set at
+  the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`. At the
+  end (`log_schedule`), the winning line's schedule at step = generation: `lineage_<hyperparameter>`
+  for every numeric hyperparameter, `lineage_fitness` and `lineage_member` (which member of the
+  line trained in that generation). A resumed run logs them again at its end; MLflow keeps both
+  points of a step.
 - Member runs (tag `mlflow.parentRunId`; `evo_sft.member_id`, `evo_sft.parent_member_id`,
   `evo_sft.parent_run_id`, `evo_sft.generation_born`, `evo_sft.mutation`, `evo_sft.slot`,
-  `evo_sft.status` alive|retired): params `initial.<hyperparameter>`; at step = the member's
-  global optimizer step `train_loss`, `test_loss` (whatever the fitness), the fitness metric
-  (`exact_match`, ...; `test_loss` itself by default), `fitness`, `tokens_per_second` and every
-  numeric hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are
-  write-once; a categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its
-  history is in the lineage).
+  `evo_sft.status` alive|retired, a description): params `initial.<hyperparameter>`; at step =
+  the member's global optimizer step `train_loss` at every step, and at the end of each
+  generation `test_loss` (whatever the fitness), the fitness metric (`exact_match`, ...;
+  `test_loss` itself by default), `fitness`, `tokens_per_second` and every numeric
+  hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are write-once; a
+  categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its history is in the
+  lineage). A clone's run starts with a copy of every point of its parent's run before its own
+  first step (the parent's run holds its ancestors' points in turn), so each member's charts are
+  its whole line from the first step.
 
 Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
 member whose loss diverged has no `fitness` point at that step, the parent run counts such
@@ -49,12 +60,28 @@ from pathlib import Path
 
 from evo_sft.config import flatten_config
 from evo_sft.evolution import elite
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Fitness, NegativeTestLoss
-from evo_sft.tracking.outbox import Outbox, TrackingWarning
-from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves
+from evo_sft.tracking.outbox import METRICS_PER_BATCH, Outbox, TrackingWarning
+from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves, plot_schedule
 from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+# MLflow 3 opens an experiment of this kind on its runs (model training), not on GenAI's traces
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_DESCRIPTION = """\
+**An evo-sft evolution.** This run is the evolution; each child run (expand it in the runs list)
+is one member of the population.
+
+- Here: best, mean and worst fitness per generation (step = generation); `lineage_*`, the
+  hyperparameters, fitness and member of the winning line in each generation (logged when the run
+  ends); `fitness_curves.png`, `family_tree.png`, `schedule.png`, `lineage.json`, `schedule.json`
+  (what `evo-sft replay` retrains) and each generation's elite adapter.
+- In a member's run (step = its optimizer step): `train_loss` at every step, and `fitness`,
+  `test_loss`, the hyperparameters and throughput at the end of each generation it trained in. A
+  clone's run starts with a copy of its ancestors' points up to its birth, so each chart is its
+  whole line from the first step.
+"""
 # Short HTTP retries and timeouts so an outage costs seconds per generation, not minutes
 # (MLflow 3's defaults: 7 retries with backoff factor 2, 120 s timeout). MLflow reads them at
 # each request; the tracker sets them for the process only where they are not set already.
@@ -70,6 +97,14 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
+
+
+def mlflow_runs_page(tracking_uri: str, experiment_id: str | None) -> str:
+    """The experiment's runs in the MLflow UI (on `mlflow ui`'s default address for a local store).
+    MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (the URL's
+    `workflowType`, else the browser's last choice, GenAI at first), not from the experiment's kind."""
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def member_key(member_id: int) -> str:
@@ -117,7 +152,8 @@ class MLflowTracker:
         for member_id in record.retired_ids:
             self._retire(member_id, record.generation)
         for slot, member_id in enumerate(record.member_ids):
-            self._ensure_member(controller.lineage, member_id, slot, record.hyperparameters[slot])
+            self._ensure_member(controller.lineage, member_id, slot, record.hyperparameters[slot],
+                                first_step(record.train[slot]))
             self._log_member(member_id, record, slot)
         self._log_generation(record)
         if record.evaluations and record.evaluations[record.elite_slot].samples:
@@ -127,7 +163,9 @@ class MLflowTracker:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
                                 "artifact_path": f"elite/generation_{record.generation:05d}"})
         if record.generation % self.artifact_every == 0:
-            self._refresh_artifacts(controller)
+            self._refresh_artifacts(controller, line_schedule(controller.lineage, record.elite_id,
+                                                              controller.fitness[record.elite_id],
+                                                              controller.steps_per_generation))
 
     def log_final(self, generation: int, member_id: int, evaluation) -> None:
         """The best member as scored on the whole test set after `generation` generations
@@ -138,15 +176,34 @@ class MLflowTracker:
         if evaluation.samples:
             self._log_samples("final", generation, member_id, evaluation)
 
+    def log_schedule(self, schedule: dict) -> None:
+        """The winning line's schedule (`evo_sft.evolution.schedule`): parent metrics
+        `lineage_<hyperparameter>`, `lineage_fitness` and `lineage_member` at step = generation,
+        `schedule.json`, and the pictures drawn for that line."""
+        points = []
+        for entry in schedule["generations"]:
+            values = {**{f"lineage_{name}": v for name, v in _numbers(entry["hyperparameters"]).items()},
+                      "lineage_member": entry["member_id"]}
+            if entry["fitness"] is not None:
+                values["lineage_fitness"] = entry["fitness"]
+            points += [(name, value, entry["generation"]) for name, value in values.items()]
+        self._log_points("parent", points)
+        if self._controller is not None:
+            self._refresh_artifacts(self._controller, schedule)
+
     def flush(self) -> bool:
         """Send the queued records in order; stop at the first failure. True when the queue is empty."""
         return self.outbox.flush()
 
     def close(self, status: str = "FINISHED") -> None:
-        """Flush, refresh the artifacts, end every open run with `status`."""
+        """Flush, refresh the artifacts (unless `log_schedule` or the last generation did), end
+        every open run with `status`."""
         self.flush()
-        if self._controller is not None and self._refreshed_at != self._controller.generation:
-            self._refresh_artifacts(self._controller)
+        controller = self._controller
+        if controller is not None and self._refreshed_at != controller.generation:
+            best = controller.slot_ids[controller.best_slot()]
+            self._refresh_artifacts(controller, line_schedule(controller.lineage, best, controller.fitness[best],
+                                                              controller.steps_per_generation))
         for member_id in sorted(self._live):
             self.outbox.submit({"kind": "terminate", "key": member_key(member_id), "status": status})
         self._live.clear()
@@ -185,14 +242,17 @@ class MLflowTracker:
     def _start_parent(self, params: dict, run_name: str | None) -> None:
         if self.outbox.experiment_id is None:
             self.outbox.submit({"kind": "experiment", "name": self.experiment,
-                                "artifact_location": artifact_root(self.tracking_uri)})
-        self._create_run("parent", run_name, {"evo_sft.role": "evolution"}, {})
+                                "artifact_location": artifact_root(self.tracking_uri), "tags": EXPERIMENT_TAGS})
+        self._create_run("parent", run_name, {"evo_sft.role": "evolution", "mlflow.note.content": PARENT_DESCRIPTION},
+                         {})
         items = sorted(params.items())
         for start in range(0, len(items), PARAMS_PER_BATCH):
             self.outbox.submit({"kind": "log", "key": "parent", "params": dict(items[start:start + PARAMS_PER_BATCH])})
 
-    def _ensure_member(self, lineage, member_id: int, slot: int, hyperparameters: dict) -> None:
-        """Create the member's run on first sight; reopen a run from a previous tracker."""
+    def _ensure_member(self, lineage, member_id: int, slot: int, hyperparameters: dict, born_at: int | None) -> None:
+        """Create the member's run on first sight, with a copy of its parent's points before step
+        `born_at` (its first step; the parent's run holds its own ancestors' points); reopen a run
+        from a previous tracker."""
         self.member_slots[member_id] = slot
         if member_id in self._live:
             return
@@ -214,19 +274,25 @@ class MLflowTracker:
             run_tags["evo_sft.parent_run_id"] = member_key(info.parent_id)
         else:
             tags["evo_sft.parent_run_id"] = ""
+        tags["mlflow.note.content"] = member_description(info, born_at)
         self._create_run(key, f"member-{member_id}", tags, run_tags)
         params = {f"initial.{name}": json.dumps(value) for name, value in hyperparameters.items()}
         self.outbox.submit({"kind": "log", "key": key, "params": params})
+        if info.parent_id is not None and born_at is not None:
+            self.outbox.submit({"kind": "copy_metrics", "key": key, "source": member_key(info.parent_id),
+                                "before_step": born_at})
 
     def _log_member(self, member_id: int, record, slot: int) -> None:
         train, fitness = record.train[slot], record.fitness[slot]
         if train.optimizer_step is None:  # a member lost with its worker: it reached no step
             return
         hyperparameters = record.hyperparameters[slot]
-        values = {"train_loss": train.train_loss, "test_loss": record.evaluations[slot].test_loss,
+        values = {"test_loss": record.evaluations[slot].test_loss,
                   self.fitness.metric: self.fitness.shown(fitness), "fitness": fitness,
                   "tokens_per_second": train.tokens_per_second, **_numbers(hyperparameters)}
-        self._log_metrics(member_key(member_id), values, train.optimizer_step)
+        losses = train.step_losses or ((train.optimizer_step, train.train_loss),)
+        self._log_points(member_key(member_id), [("train_loss", loss, step) for step, loss in losses]
+                         + [(name, value, train.optimizer_step) for name, value in values.items()])
         choices = {f"hp.{name}": value for name, value in hyperparameters.items() if isinstance(value, str)}
         if choices:  # a categorical hyperparameter (the scheduler): its current value, as a tag
             self.outbox.submit({"kind": "log", "key": member_key(member_id), "tags": choices})
@@ -259,23 +325,46 @@ class MLflowTracker:
         self.outbox.submit({"kind": "terminate", "key": key, "status": "FINISHED"})
         self._live.discard(member_id)
 
-    def _refresh_artifacts(self, controller) -> None:
+    def _refresh_artifacts(self, controller, schedule: dict) -> None:
+        """lineage.json, and schedule.json with the pictures for the line of `schedule`."""
+        line = [entry["member_id"] for entry in schedule["generations"]]
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             (folder / "lineage.json").write_text(json.dumps(controller.lineage.to_dict(), indent=1))
-            plot_family_tree(controller.lineage, controller.fitness, self.member_slots, folder / "family_tree.png")
-            plot_fitness_curves(controller.lineage, controller.fitness, folder / "fitness_curves.png")
+            (folder / "schedule.json").write_text(json.dumps(schedule, indent=1))
+            plot_family_tree(controller.lineage, controller.fitness, self.member_slots, line, folder / "family_tree.png")
+            plot_fitness_curves(controller.lineage, controller.fitness, line, self.fitness.metric,
+                                folder / "fitness_curves.png")
+            plot_schedule(schedule, folder / "schedule.png")
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(folder), "artifact_path": None})
         self._refreshed_at = controller.generation
 
     def _log_metrics(self, key: str, values: dict, step: int) -> None:
-        metrics = [[name, float(v), step] for name, v in values.items() if math.isfinite(v)]
-        self.outbox.submit({"kind": "log", "key": key, "metrics": metrics})
+        self._log_points(key, [(name, value, step) for name, value in values.items()])
+
+    def _log_points(self, key: str, points: list) -> None:
+        """(name, value, step) points, the finite ones, in records of at most METRICS_PER_BATCH."""
+        metrics = [[name, float(v), step] for name, v, step in points if math.isfinite(v)]
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            self.outbox.submit({"kind": "log", "key": key, "metrics": metrics[start:start + METRICS_PER_BATCH]})
 
     def _create_run(self, key: str, run_name: str | None, tags: dict, run_tags: dict) -> None:
         """`run_tags` map a tag to the local key of a run whose id is its value once known."""
         self._known_runs.add(key)
         self.outbox.submit({"kind": "create_run", "key": key, "run_name": run_name, "tags": tags, "run_tags": run_tags})
+
+
+def first_step(train) -> int | None:
+    """The first optimizer step of a generation's training (None for a member that took none)."""
+    return train.step_losses[0][0] if train.step_losses else train.optimizer_step
+
+
+def member_description(info, born_at: int | None) -> str:
+    if info.parent_id is None:
+        return f"Member {info.id}, a founder: its charts start at its first optimizer step."
+    return (f"Member {info.id}: a clone of member {info.parent_id} (mutation: {info.mutation}) born in generation "
+            f"{info.generation_born}. Its points before step {born_at} are its ancestors', copied from member "
+            f"{info.parent_id}'s run, so its charts show its whole line.")
 
 
 def _numbers(hyperparameters: dict) -> dict:

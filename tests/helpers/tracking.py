@@ -72,17 +72,29 @@ class Recorder:
 
 
 # ----------------------------------------------------------------------- what should be in MLflow
-def expected_member_metrics(records) -> dict:
-    """{member id: {metric: [(step, value), ...]}} computed from the records."""
-    expected = {}
+def expected_member_metrics(records, lineage) -> dict:
+    """{member id: {metric: [(step, value), ...]}} computed from the records: `train_loss` at every
+    optimizer step, the others at the end of each generation; a clone's run begins with its
+    parent's points before its first step."""
+    own, born_at = {}, {}
     for record in records:
         for slot, member_id in enumerate(record.member_ids):
             train, fitness = record.train[slot], record.fitness[slot]
-            values = {"train_loss": train.train_loss, "test_loss": record.evaluations[slot].test_loss, "fitness": fitness,
+            born_at.setdefault(member_id, train.step_losses[0][0])
+            points = own.setdefault(member_id, {})
+            points.setdefault("train_loss", []).extend(train.step_losses)
+            values = {"test_loss": record.evaluations[slot].test_loss, "fitness": fitness,
                       "tokens_per_second": train.tokens_per_second,
                       **{name: record.hyperparameters[slot][name] for name in HYPERPARAMETER_NAMES}}
             for name, value in values.items():
-                expected.setdefault(member_id, {}).setdefault(name, []).append((train.optimizer_step, value))
+                points.setdefault(name, []).append((train.optimizer_step, value))
+    expected = {}
+    for member_id in sorted(own):  # parents before their clones
+        parent = lineage.members[member_id].parent_id
+        copied = {} if parent is None else {name: [p for p in points if p[0] < born_at[member_id]]
+                                            for name, points in expected[parent].items()}
+        expected[member_id] = {name: sorted(copied.get(name, []) + own[member_id].get(name, []))
+                               for name in MEMBER_METRICS}
     return expected
 
 
@@ -131,11 +143,13 @@ def assert_everything_logged(client, controller, records, repeated: bool = False
     its tags, parent links and every metric step (`repeated`: points may have been logged twice)."""
     parent, members = parent_and_members(client, "evolution")
     assert parent.info.status == "FINISHED"
+    assert client.get_experiment_by_name("evolution").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "each child run" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params == flatten_config(CONFIG)
     assert_metrics_equal(logged_metrics(client, parent.info.run_id, GENERATION_METRICS, repeated),
                          expected_generation_metrics(records))
     assert members.keys() == controller.lineage.members.keys()
-    expected = expected_member_metrics(records)
+    expected = expected_member_metrics(records, controller.lineage)
     for member_id, run in members.items():
         info, tags = controller.lineage.members[member_id], run.data.tags
         assert run.info.run_name == f"member-{member_id}"
@@ -158,7 +172,10 @@ def assert_artifacts(client, run_id, controller, tmp_path) -> None:
     folder = tmp_path / "downloaded"
     client.download_artifacts(run_id, "", str(folder))
     assert json.loads((folder / "lineage.json").read_text()) == controller.lineage.to_dict()
-    for picture in ("family_tree.png", "fitness_curves.png"):
+    schedule = json.loads((folder / "schedule.json").read_text())
+    assert [entry["generation"] for entry in schedule["generations"]] == list(range(1, controller.generation + 1))
+    assert schedule["member_id"] in controller.lineage.members
+    for picture in ("family_tree.png", "fitness_curves.png", "schedule.png"):
         data = (folder / picture).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), picture
     for generation in range(1, controller.generation + 1):

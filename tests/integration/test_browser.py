@@ -1,12 +1,15 @@
-"""Looking at a run as a user does (issue 6): after a small demo run, a real `mlflow server` on
-127.0.0.1 serves the run's store; headless Chromium (Debian's `chromium`, driven by Playwright,
-no browser download) opens the experiment, sees the parent run with its member runs, opens a
-member's `fitness` chart and saves screenshots under tests/artifacts/.
+"""Looking at a run as a user does (issues 6 and 24): after a small demo run, a real `mlflow
+server` on 127.0.0.1 serves the run's store; headless Chromium (Debian's `chromium`, driven by
+Playwright, no browser download) opens the experiment on its runs (not GenAI's overview) at the
+address the summary prints, sees the parent run's description and its member runs, opens a
+clone's `fitness` chart (a line from the first generation: its ancestors' points are in its
+run), shows the three pictures of the parent run, and saves screenshots under tests/artifacts/.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package (the
 `test` extra); `make test` installs both. Never skipped: a missing browser is a failure.
 """
 import os
+import re
 import signal
 import subprocess
 import time
@@ -28,7 +31,7 @@ UI_TIMEOUT_MS = 60_000
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("browser") / "demo-run"
-    sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=2",
+    sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=3",
             "evolution.steps_per_generation=2"]
     result = subprocess.run([str(BIN / "evo-sft"), "run", str(DEMO), "--run-dir", str(run_dir),
                              *[x for s in sets for x in ("--set", s)]],
@@ -71,8 +74,8 @@ def mlflow_server(demo_run):
         log.close()
 
 
-def _member_runs(run_dir: Path) -> tuple[str, dict]:
-    """(parent run name, {member run name: run}) from the store, to know what the page must show."""
+def _member_runs(run_dir: Path) -> tuple:
+    """(experiment id, parent run, {member run name: run}) from the store, to know what the page must show."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -80,7 +83,7 @@ def _member_runs(run_dir: Path) -> tuple[str, dict]:
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parent = next(r for r in runs if r.data.tags.get("evo_sft.role") == "evolution")
     members = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    return parent.info.run_name, members
+    return experiment.experiment_id, parent, members
 
 
 def assert_real_screenshot(path: Path, min_size=(1000, 700)) -> None:
@@ -97,17 +100,26 @@ def assert_real_screenshot(path: Path, min_size=(1000, 700)) -> None:
     assert max(count for count, _ in colors) / total < 0.95, f"{path}: nearly a single colour"
 
 
-def test_mlflow_ui_shows_the_evolution_and_a_member_fitness_chart(demo_run, mlflow_server):
+def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_pictures(demo_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
     from playwright.sync_api import expect, sync_playwright
 
+    from evo_sft.tracking import mlflow_runs_page
+
     assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
-    parent_name, members = _member_runs(demo_run)
+    experiment_id, parent, members = _member_runs(demo_run)
+    parent_name = parent.info.run_name
     assert len(members) >= 4
-    founder = "member-0"
-    assert founder in members and "fitness" in members[founder].data.metrics
+    # a clone born in the last generation: its run holds a fitness point for every generation
+    clone = max((run for run in members.values() if run.data.tags["evo_sft.parent_member_id"]),
+                key=lambda run: int(run.data.tags["evo_sft.generation_born"]))
+    assert clone.data.tags["evo_sft.generation_born"] == "3"
+    history = MlflowClient(f"sqlite:///{demo_run / 'mlflow.db'}").get_metric_history(clone.info.run_id, "fitness")
+    assert sorted(point.step for point in history) == [2, 4, 6]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     runs_png, chart_png = ARTIFACTS / "mlflow_experiment_runs.png", ARTIFACTS / "mlflow_member_fitness.png"
-    for png in (runs_png, chart_png):
+    pictures = {name: ARTIFACTS / f"mlflow_{name}" for name in ("fitness_curves.png", "family_tree.png", "schedule.png")}
+    for png in (runs_png, chart_png, *pictures.values()):
         png.unlink(missing_ok=True)
 
     with sync_playwright() as playwright:
@@ -117,36 +129,42 @@ def test_mlflow_ui_shows_the_evolution_and_a_member_fitness_chart(demo_run, mlfl
             page.set_default_timeout(UI_TIMEOUT_MS)
             expect.set_options(timeout=UI_TIMEOUT_MS)
 
-            # the experiments list -> the "demo" experiment's runs (MLflow 3 opens GenAI views
-            # unless "Model training" is chosen)
-            page.goto(f"{mlflow_server}/#/experiments")
-            model_training = page.get_by_text("Model training", exact=True)
-            model_training.first.wait_for()
-            model_training.first.click()
-            page.get_by_role("link", name="demo", exact=True).click()
-
-            # the parent run, expanded: its member runs appear under it
+            # the page the summary names opens on the runs, the parent run first
+            page.goto(mlflow_runs_page(mlflow_server, experiment_id))
             parent_link = page.get_by_role("link", name=parent_name, exact=True)
             expect(parent_link).to_be_visible()
             parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
-            parent_cell.get_by_role("button").first.click()  # the row's expand toggle
+            parent_cell.get_by_role("button").first.click()  # the row's expand toggle: its member runs
             for name in members:
                 expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
             page.screenshot(path=str(runs_png), full_page=True)
 
-            # a member's run page -> its `fitness` metric -> the chart
-            page.get_by_role("link", name=founder, exact=True).click()
+            # the parent run's page: its description, and its pictures among the artifacts
+            parent_link.click()
+            expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
+            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts")
+            for name, png in pictures.items():
+                page.get_by_text(name, exact=True).first.click()  # in the artifact tree
+                image = page.get_by_role("img", name=name, exact=True)
+                expect(image).to_be_visible()
+                page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
+                page.screenshot(path=str(png), full_page=True)
+
+            # the clone's run page -> its `fitness` metric -> a chart over all three generations
+            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}")
             expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
             page.get_by_role("link", name="fitness", exact=True).click()
             page.get_by_placeholder("Search metric charts").fill("fitness")
-            expect(page.get_by_text(f"{founder} (fitness)", exact=True).first).to_be_visible()
+            expect(page.get_by_text(f"{clone.info.run_name} (fitness)", exact=True).first).to_be_visible()
             chart = page.locator(".js-plotly-plot").first
             expect(chart).to_be_visible()
             assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
+            # a line through its points (from generation 1: its ancestors'), not a lone dot
+            expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
             page.wait_for_timeout(1000)  # let the plot finish its transition
             page.screenshot(path=str(chart_png), full_page=True)
         finally:
             browser.close()
 
-    assert_real_screenshot(runs_png)
-    assert_real_screenshot(chart_png)
+    for png in (runs_png, chart_png, *pictures.values()):
+        assert_real_screenshot(png)

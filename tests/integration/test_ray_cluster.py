@@ -96,13 +96,13 @@ class NodeLosingPopulation(RayPopulation):
         self.restored_in.append((self.phase, slot))
         super()._restore(slot, error)
 
-    def train(self, steps, max_tokens=None):
+    def train(self, steps, max_tokens=None, report=None):
         if self.generation == self.remove_in:
             self.before = self.locations()
             self.remover = threading.Timer(self.delay, self.cluster.remove_node, (self.node,))
             self.remover.start()
         try:
-            return super().train(steps, max_tokens)
+            return super().train(steps, max_tokens, report)
         finally:
             self.generation += 1
 

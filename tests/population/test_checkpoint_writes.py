@@ -40,10 +40,10 @@ class HeldPopulation:
     def __getattr__(self, name):
         return getattr(self.population, name)
 
-    def train(self, steps: int, max_tokens: list[int] | None = None) -> list[dict]:
+    def train(self, steps: int, max_tokens: list[int] | None = None, report=None) -> list[dict]:
         if self.held is not None:
             self.held.set()
-        return self.population.train(steps, max_tokens)
+        return self.population.train(steps, max_tokens, report)
 
     def save(self, directory):
         self.saves += 1

@@ -93,9 +93,9 @@ class KillingPopulation(RayPopulation):
         self.generation, self.killed, self.receivers_of = 1, [], {}  # the generation under way
         self.phase, self.restored_in, self.clone_pairs = None, [], []
 
-    def _calls(self, calls):
+    def _calls(self, calls, while_waiting=None):
         self.phase = ",".join(dict.fromkeys(method for _, method, _ in calls))
-        results = super()._calls(calls)
+        results = super()._calls(calls, while_waiting)
         copy_kill = self.kill_after_copy_in
         if self.phase == "save_members" and copy_kill and copy_kill[0] == self.generation - 1:
             self._kill(self.generation - 1, copy_kill[1], wait=True)
@@ -118,11 +118,11 @@ class KillingPopulation(RayPopulation):
             assert time.monotonic() < deadline, f"actor process {pid} outlived SIGKILL"
             time.sleep(0.01)
 
-    def train(self, steps, max_tokens=None):
+    def train(self, steps, max_tokens=None, report=None):
         if self.generation in self.kill_in_train:
             self._kill(self.generation, *self.kill_in_train[self.generation])
         try:
-            return super().train(steps, max_tokens)
+            return super().train(steps, max_tokens, report)
         finally:
             self.generation += 1
 
@@ -303,7 +303,7 @@ def adapter(state) -> torch.Tensor:
 
 
 def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session, tmp_path):
-    """Four members on two actors, slots {0, 1} and {2, 3}, clone in a ring where every donor is
+    """Four members on two actors, slots {0, 1} and {2, 3}, report their progress and clone in a ring where every donor is
     also a receiver: 0 <- 1 on one actor; 1 <- 2 and 2, 3 <- 0 between actors, where 3 copies on
     its actor what 2 imported. Each receiver becomes its donor as it was before the clone and
     stays a member of its own; the actor of 2 and 3, killed after the clone, is rebuilt by
@@ -314,8 +314,10 @@ def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session,
     model_path, prepared, founders = pieces(config, tmp_path)
     population = RayPopulation(build.member_recipe(config, model_path), prepared, founders, num_cpus=0.5, members_per_actor=2)
     pairs = [(0, 1), (1, 2), (2, 0), (3, 0)]
+    reports = []
     try:
-        population.train(1)
+        first = population.train(1, reports.append)
+        progress = population._progress()  # what the actors report beside training, read after it
         before = member_states(population)
         population.clone(pairs)
         after = member_states(population)
@@ -333,6 +335,7 @@ def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session,
         population.close()
 
     assert all(not torch.equal(adapter(before[a]), adapter(before[b])) for a, b in [(0, 1), (1, 2), (0, 2)])
+    assert reports[-1] == progress == {r.slot: (1, r.tokens) for r in first} and first[0].tokens > 0
     for receiver, donor in pairs:
         assert_same_state(after[receiver], before[donor])
     assert stashed == stashed_after_replay == [0, 0]  # donors stashed for the clone are freed

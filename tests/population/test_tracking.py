@@ -11,14 +11,34 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evo_sft.controller import GenerationRecord
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
-from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_ui_command
+from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_runs_page, mlflow_ui_command
 from tests.helpers.processes import free_port
 from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autouse)
-    Recorder, assert_artifacts, assert_everything_logged, has_clones, make_controller, make_tracker,
+    Recorder, assert_artifacts, assert_everything_logged, has_clones, logged_metrics, make_controller, make_tracker,
     parent_and_members, restore_http_settings,
 )
+
+
+def assert_winning_line_logged(client, controller, winner) -> None:
+    """The parent's lineage_* metrics are the winner's line, generation by generation, and the
+    winner's own run holds that line's fitness at every generation (its ancestors' points copied)."""
+    parent, members = parent_and_members(client, "evolution")
+    line = controller.lineage.line(winner, controller.generation)
+    assert len(set(line)) > 1
+    logged = logged_metrics(client, parent.info.run_id, ("lineage_member", "lineage_lr", "lineage_batch_size",
+                                                         "lineage_fitness"))
+    generations = range(1, controller.generation + 1)
+    assert logged["lineage_member"] == [(g, m) for g, m in zip(generations, line)]
+    for name in ("lr", "batch_size"):
+        assert logged[f"lineage_{name}"] == [(g, controller.lineage.hyperparameters_at(m, g)[name])
+                                             for g, m in zip(generations, line)]
+    assert [v for _, v in logged["lineage_fitness"]] == controller.fitness[winner]
+    winner_fitness = logged_metrics(client, members[winner].info.run_id, ("fitness",))["fitness"]
+    assert [v for _, v in winner_fitness] == controller.fitness[winner]
+    assert [s for s, _ in winner_fitness] == [3 * g for g in generations]
 
 
 # ----------------------------------------------------------------------- tests
@@ -27,10 +47,13 @@ def test_evolution_is_logged_to_an_embedded_store(tmp_path):
     tracker, recorder = make_tracker(uri, tmp_path), Recorder()
     controller = make_controller(tmp_path, [tracker, recorder])
     controller.run(3)
+    winner = max(m for m in controller.slot_ids if controller.lineage.members[m].parent_id is not None)  # a clone's line
+    tracker.log_schedule(line_schedule(controller.lineage, winner, controller.fitness[winner], 3))
     tracker.close()
     assert has_clones(controller)
     client = MlflowClient(uri)
     assert_everything_logged(client, controller, recorder.records)
+    assert_winning_line_logged(client, controller, winner)
     parent, members = parent_and_members(client, "evolution")
     assert parent.info.run_name == "tiny"
     assert parent.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
@@ -223,3 +246,5 @@ def test_http_settings_are_set_only_where_unset(tmp_path, monkeypatch):
 def test_mlflow_ui_command():
     assert mlflow_ui_command("sqlite:////runs/a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////runs/a b/mlflow.db'"
     assert mlflow_ui_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
+    assert mlflow_runs_page("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    assert mlflow_runs_page("sqlite:////runs/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1?")

@@ -110,3 +110,38 @@ def test_hyperparameters_at_a_generation_are_those_trained_with_not_the_latest()
     assert lineage.members[a].hyperparameters == {"lr": 4e-3}
     assert lineage.hyperparameters_at(child, 3) == {"lr": 2e-3}, "before its birth a clone answers for its parent"
     assert lineage.hyperparameters_at(child, 4) == {"lr": 8e-3}
+
+
+def slotted_family():
+    """Two slots over four generations: founders 0 (slot 0, batch 8) and 1 (slot 1, batch 16);
+    generation 2 opens with 2 = clone of 0 into slot 1 (batch 24); generation 4 opens with 3 =
+    clone of 2 into slot 0 (batch 32), and 2 mutates to batch 16 in generation 3."""
+    lineage = Lineage()
+    first = lineage.found({"batch_size": 8}, slot=0)
+    second = lineage.found({"batch_size": 16}, slot=1)
+    child = lineage.clone(first, 2, {"batch_size": 24}, "batch_size", slot=1)
+    lineage.mutate(child, 3, {"batch_size": 16}, "batch_size")
+    grandchild = lineage.clone(child, 4, {"batch_size": 32}, "batch_size", slot=0)
+    return lineage, (first, second, child, grandchild)
+
+
+def test_a_line_names_the_ancestor_that_trained_in_each_generation():
+    lineage, (first, second, child, grandchild) = slotted_family()
+    assert lineage.line(grandchild, 5) == [first, child, child, grandchild, grandchild]
+    assert lineage.line(second, 2) == [second, second]
+    assert [lineage.occupant(1, g) for g in (1, 2, 3)] == [second, child, child]
+    assert [lineage.occupant(0, g) for g in (1, 3, 4)] == [first, first, grandchild]
+    assert json_round_trip(lineage).members[grandchild].slot == 0
+
+
+def test_a_line_schedule_counts_the_rows_each_slot_gave_out_before_a_generation():
+    from evo_sft.evolution.schedule import line_schedule
+
+    lineage, (first, _, child, grandchild) = slotted_family()
+    schedule = line_schedule(lineage, grandchild, [-3.0, -2.0, float("-inf"), -1.0], steps_per_generation=10)
+    entries = schedule["generations"]
+    assert [(e["member_id"], e["slot"]) for e in entries] == [(first, 0), (child, 1), (child, 1), (grandchild, 0)]
+    assert [e["hyperparameters"]["batch_size"] for e in entries] == [8, 24, 16, 32]
+    assert [e["fitness"] for e in entries] == [-3.0, -2.0, None, -1.0]
+    # slot 1 gave 10 x 16 rows to founder 1 before generation 2; slot 0 gave 3 x 10 x 8 to founder 0 before 4
+    assert [e["rows_before"] for e in entries] == [0, 160, 160 + 240, 240]

@@ -8,14 +8,15 @@ import evo_sft
 PACKAGE = Path(evo_sft.__file__).parent
 # Layers from the bottom up; a module may import its own layer and those below it.
 LAYERS = [
-    ("evo_sft.hyperparameters", "evo_sft.config", "evo_sft.fitness", "evo_sft.evolution", "evo_sft.io"),
+    ("evo_sft.hyperparameters", "evo_sft.config", "evo_sft.fitness", "evo_sft.evolution", "evo_sft.io",
+     "evo_sft.console"),
     ("evo_sft.data",),
     ("evo_sft.kernels",),
     ("evo_sft.sft",),
     ("evo_sft.population",),
-    ("evo_sft.controller", "evo_sft.tracking"),
+    ("evo_sft.controller", "evo_sft.tracking", "evo_sft.progress"),
     ("evo_sft.build", "evo_sft.run", "evo_sft.finetune", "evo_sft.jobs"),
-    ("evo_sft.compare",),
+    ("evo_sft.compare", "evo_sft.replay"),
     ("evo_sft.cli",),
 ]
 

@@ -1,0 +1,34 @@
+"""The live progress line of a generation's training: the steps all members took out of all they
+take, the time spent and left, and the supervised tokens per second. Drawn only on a terminal; the
+line is removed when the generation's training ends, before its table is printed."""
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+@contextmanager
+def progress_line(generation: int, total_steps: int, stream=None):
+    """Yields the `report` a population's `train` calls with {slot: (steps, tokens)}, or None
+    where `stream` (default stdout) is not a terminal."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        yield None
+        return
+    bar = tqdm(total=total_steps, desc=f"generation {generation}", unit="step", leave=False, file=stream,
+               ncols=shutil.get_terminal_size().columns,  # 80 where a terminal reports no size
+               bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} elapsed, {remaining} left{postfix}")
+    start = time.perf_counter()
+
+    def report(done: dict[int, tuple[int, int]]) -> None:
+        steps, tokens = sum(s for s, _ in done.values()), sum(t for _, t in done.values())
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
+        bar.update(steps - bar.n)
+
+    try:
+        yield report
+    finally:
+        bar.refresh()  # the last count, however soon after the previous drawing it came
+        bar.close()

@@ -1,0 +1,43 @@
+"""The progress line of a generation's training, drawn by tqdm on a terminal, from what the
+members report step by step (in this process), and each step's loss in the train results."""
+import io
+from contextlib import contextmanager
+
+from evo_sft.progress import progress_line
+from tests.helpers.tracking import make_controller
+
+
+class Terminal(io.StringIO):
+    """Where the line is drawn: text kept, and a terminal as far as tqdm can tell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_counts_every_member_step_and_is_silent_off_a_terminal(tmp_path):
+    screen, reports = Terminal(), []
+
+    @contextmanager
+    def progress(generation, total):
+        assert total == 3 * 3  # three members of three steps
+        with progress_line(generation, total, screen) as report:
+            yield lambda done: (reports.append(done), report(done))
+
+    controller = make_controller(tmp_path, [])
+    controller.progress = progress
+    record = controller.run_generation()
+    drawn = screen.getvalue()
+    assert "generation 1: 9/9 steps" in drawn and "tok/s" in drawn and "left" in drawn
+    assert drawn.endswith("\r")  # the line is removed before the generation's table
+    steps = [sum(s for s, _ in report.values()) for report in reports]
+    assert steps == sorted(steps) and set(steps) == set(range(10))  # every step of every member, in order
+    assert reports[-1] == {r.slot: (3, r.tokens) for r in record.train}
+    for result in record.train:
+        assert [step for step, _ in result.step_losses] == [1, 2, 3] == list(range(1, result.optimizer_step + 1))
+        assert min(loss for _, loss in result.step_losses) <= result.train_loss <= max(l for _, l in result.step_losses)
+
+    quiet = io.StringIO()
+    with progress_line(2, 9, quiet) as report:
+        assert report is None
+    assert quiet.getvalue() == ""
+
