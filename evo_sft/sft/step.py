@@ -28,12 +28,15 @@ def optimizer_step(agent, batch: dict[str, torch.Tensor], micro_size: int,
     if training:
         agent.optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=agent.device)
-    for micro in micro_batches(batch, micro_size):
+    micros = micro_batches(batch, micro_size)
+    for micro in agent.replicas.share(micros) if agent.replicas else micros:
         with lora_weights(agent):
             loss_sum = micro_loss_sum(agent, micro)
             if training:
                 (loss_sum / tokens).backward()
         step_loss += loss_sum.detach()
+    if agent.replicas:
+        step_loss = agent.replicas.sum(step_loss)
     if training:
         agent.apply_gradients()
     return step_loss, tokens
