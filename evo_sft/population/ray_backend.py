@@ -11,8 +11,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
+from evo_sft.population.gang import Gang
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
 from evo_sft.population.protocol import TrainResult
+from evo_sft.sft import data_parallel
 
 MAX_RESTARTS_PER_GENERATION = 3
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -22,6 +24,8 @@ ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed",
                   "drop_stash")
 ACTOR_METHODS = ("save_members", "stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
+# What only rank 0 of a member on several processes does (the others hold the same member).
+RANK_0_ONLY = ("save_members", "export_portable", "export_adapter")
 
 
 def portable(state) -> tuple[dict, dict, dict]:
@@ -54,14 +58,21 @@ def lost_train_result(slot: int) -> TrainResult:
 
 class MemberActor:
     """A thin shell: builds its members (one, or several on one shared base model) inside the
-    actor and forwards every call to the member of the given slot."""
+    actor and forwards every call to the member of the given slot. With `ranks` (rank, world,
+    rendezvous address) it is one process of a member trained by `world` (a `Gang`)."""
 
-    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict]):
+    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict], ranks: tuple | None = None):
+        replicas = data_parallel.join(*ranks, use_gpu=recipe.use_gpu) if ranks else None
+        self.rank = replicas.rank if replicas else 0
         self.hosts = build_hosts(recipe, prepared, founders)
+        for host in self.hosts.values():
+            host.agent.replicas = replicas
         self.stashed = {}
         self.writes = storage.PendingWrites([])
 
     def call(self, slot: int, method: str, *args):
+        if self.rank and method in RANK_0_ONLY:
+            return None
         if method in ACTOR_METHODS:
             return getattr(self, method)(slot, *args)
         return getattr(self.hosts[slot], method)(*args)
@@ -123,13 +134,17 @@ class ActorWrites:
 
 
 class RayPopulation:
-    """The population interface over Ray actors, each hosting `members_per_actor` members.
+    """The population interface over Ray actors, each hosting `members_per_actor` members, or,
+    with `gpus_per_member` k > 1, over gangs of k actors that each train one member together.
     `num_cpus`/`num_gpus` are what one actor asks for."""
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: list[dict],
                  num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1,
-                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
+                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION, gpus_per_member: int = 1):
+        if gpus_per_member > 1 and members_per_actor > 1:
+            raise ValueError("a member on several processes has a base model of its own: members_per_actor must be 1")
         self.recipe = recipe
+        self.gang = (gpus_per_member, num_cpus, num_gpus)
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                       concurrency_groups={"writes": 1},
@@ -161,6 +176,8 @@ class RayPopulation:
 
     def _start(self, group: int, hyperparameters: list[dict]):
         founders = {slot: hyperparameters[slot] for slot in self.groups[group]}
+        if self.gang[0] > 1:
+            return Gang(self.actor_class, *self.gang, self.recipe, self.prepared_ref, founders)
         return self.actor_class.remote(self.recipe, self.prepared_ref, founders)
 
     def _restore(self, group: int, error: Exception) -> None:
@@ -209,6 +226,9 @@ class RayPopulation:
                 self.on_failure("lost", slot, str(error))
 
     def _stop_actor(self, group: int) -> None:
+        if isinstance(self.actors[group], Gang):
+            self.actors[group].kill()
+            return
         try:
             ray.kill(self.actors[group], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -310,5 +330,5 @@ class RayPopulation:
         return [per_actor[self.group_of[slot]] for slot in range(self.size)]
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for group in range(len(self.actors)):
+            self._stop_actor(group)

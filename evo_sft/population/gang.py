@@ -1,0 +1,55 @@
+"""A member on several processes: k Ray actors in one placement group (STRICT_PACK: one node),
+each a rank of the member's torch.distributed group (`evo_sft.sft.data_parallel`). To the Ray
+backend a gang is one actor: each call goes to every rank, in order, and rank 0 answers."""
+import socket
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+@ray.remote(num_cpus=0)
+def rendezvous() -> str:
+    """An address for the group's store on this node: its IP and a port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"tcp://{ray.util.get_node_ip_address()}:{s.getsockname()[1]}"
+
+
+def largest_node() -> dict[str, float]:
+    """The most CPUs and GPUs any one live node of the cluster has."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return {kind: max((resources.get(kind, 0.0) for resources in nodes), default=0.0) for kind in ("CPU", "GPU")}
+
+
+class EveryRank:
+    """`remote(*args)` calls the method on every rank in turn and returns rank 0's object reference."""
+
+    def __init__(self, methods):
+        self.methods = methods
+
+    def remote(self, *args):
+        return [method.remote(*args) for method in self.methods][0]
+
+
+class Gang:
+    """`size` actors of `actor_class` on one node, built with `args` and each with its rank."""
+
+    def __init__(self, actor_class, size: int, num_cpus: float, num_gpus: float, *args):
+        bundle = {kind: amount for kind, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount > 0}
+        self.group = placement_group([bundle] * size, strategy="STRICT_PACK")
+        ray.get(self.group.ready())
+        place = lambda rank: PlacementGroupSchedulingStrategy(self.group, rank)  # noqa: E731
+        address = ray.get(rendezvous.options(scheduling_strategy=place(0)).remote())
+        self.actors = [actor_class.options(scheduling_strategy=place(rank)).remote(*args, (rank, size, address))
+                       for rank in range(size)]
+        self.call = EveryRank([actor.call for actor in self.actors])
+        self.wait_saved, self.location = self.actors[0].wait_saved, self.actors[0].location
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        remove_placement_group(self.group)
