@@ -2,6 +2,8 @@
 and scored in parallel; clones travel actor to actor as object references (or stay on the device
 within one actor); a dead actor is rebuilt from the last checkpoint."""
 import math
+import os
+import traceback
 import warnings
 from pathlib import Path
 
@@ -63,7 +65,7 @@ class MemberActor:
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict], ranks: tuple | None = None):
         replicas = data_parallel.join(*ranks, use_gpu=recipe.use_gpu) if ranks else None
-        self.rank = replicas.rank if replicas else 0
+        self.rank, self.in_gang = (replicas.rank, True) if replicas else (0, False)
         self.hosts = build_hosts(recipe, prepared, founders)
         for host in self.hosts.values():
             host.agent.replicas = replicas
@@ -71,11 +73,20 @@ class MemberActor:
         self.writes = storage.PendingWrites([])
 
     def call(self, slot: int, method: str, *args):
+        """In a gang, a call that fails (a peer died inside a collective, or anything else) leaves
+        the ranks out of step: this process prints the error and exits, so that the backend sees
+        an actor death and rebuilds the whole member from its checkpoint."""
         if self.rank and method in RANK_0_ONLY:
             return None
-        if method in ACTOR_METHODS:
-            return getattr(self, method)(slot, *args)
-        return getattr(self.hosts[slot], method)(*args)
+        try:
+            if method in ACTOR_METHODS:
+                return getattr(self, method)(slot, *args)
+            return getattr(self.hosts[slot], method)(*args)
+        except Exception:
+            if not self.in_gang:
+                raise
+            traceback.print_exc()
+            os._exit(1)
 
     def save_members(self, slot: int, directory: str) -> None:
         """Copy every member of this actor in turn (`slot` is any of them); the copies are written
@@ -110,8 +121,6 @@ class MemberActor:
             self.stashed[stash_as] = self.hosts[slot].export_state(on_device=True)
 
     def location(self) -> dict:
-        import os
-
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 

@@ -1,6 +1,10 @@
 """Members on two processes each (`population.gpus_per_member: 2`: gangs of two Ray actors in a
-placement group, gloo on the CPU) decide the same evolution as the same members in one process."""
+placement group, gloo on the CPU) decide the same evolution as the same members in one process,
+even when one process of a member is killed mid-training."""
 import json
+import os
+import signal
+import threading
 import warnings
 
 import pytest
@@ -10,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from evo_sft import run
 from evo_sft.config import ConfigError, config_from_dict
+from evo_sft.population import ray_backend
 from tests.helpers.evolution_run import assert_same_run, experiment, last_controller_state, run_local
 
 ray = pytest.importorskip("ray")
@@ -28,7 +33,25 @@ def spanning(backend: str, run_dir, gpus_per_member: int = 1) -> dict:
     return config
 
 
-def test_members_on_two_processes_decide_as_members_in_one(ray_session, tmp_path):
+class KillingSecondRank(ray_backend.RayPopulation):
+    """SIGKILLs the second process of slot 1's member 0.01 s after generation 2's training was sent."""
+
+    killed: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainings = 0
+
+    def train(self, steps):
+        self.trainings += 1
+        if self.trainings == 2:
+            pid = ray.get(self.actors[1].actors[1].location.remote())["pid"]
+            self.killed.append(pid)
+            threading.Timer(0.01, os.kill, (pid, signal.SIGKILL)).start()
+        return super().train(steps)
+
+
+def test_members_on_two_processes_decide_as_members_in_one(ray_session, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in an actor with num_cpus < 1
     try:
@@ -36,11 +59,16 @@ def test_members_on_two_processes_decide_as_members_in_one(ray_session, tmp_path
     finally:
         torch.set_num_threads(threads)
 
+    monkeypatch.setattr(ray_backend, "RayPopulation", KillingSecondRank)  # what run.start builds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run.start(config_from_dict(spanning("ray", tmp_path / "gang", gpus_per_member=2)))
 
-    assert_same_run(last_controller_state(tmp_path / "gang"), json.loads(json.dumps(reference)), rel=1e-5)
+    state = last_controller_state(tmp_path / "gang")
+    assert len(KillingSecondRank.killed) == 1
+    restarts = [(e["generation"], e["slot"]) for e in state["lineage"]["events"] if e["kind"] == "restart"]
+    assert restarts == [(2, 1)]  # the whole member was rebuilt from checkpoint 1 and its calls replayed
+    assert_same_run(state, json.loads(json.dumps(reference)), rel=1e-5)
     # rank 0 wrote each checkpoint's members and the best adapter as PEFT folders that load
     members = sorted((tmp_path / "gang" / "checkpoints").glob("generation_*/members/slot_*/actor"))
     assert len(members) == 3 * 3
