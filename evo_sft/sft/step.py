@@ -5,7 +5,8 @@ A micro-batch runs either as one padding-free packed row (`agent.packing`, varle
 as a right-padded batch; either way the decoder's hidden states are kept only at supervised
 positions and the head's loss is computed in chunks (`evo_sft.kernels.loss`). Members stepped
 together on one base model (`evo_sft.population.step_together`) use `packed_rows` and
-`head_losses` from here.
+`head_losses` from here. An agent trained by several processes (`agent.replicas`,
+`evo_sft.sft.data_parallel`) runs its share of the micro-batches and sums the step over them.
 """
 import warnings
 from contextlib import nullcontext
