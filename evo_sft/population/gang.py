@@ -1,7 +1,9 @@
 """A member on several processes: k Ray actors in one placement group (STRICT_PACK: one node),
 each a rank of the member's torch.distributed group (`evo_sft.sft.data_parallel`). To the Ray
 backend a gang is one actor: each call goes to every rank, in order, and rank 0 answers."""
-import socket
+import tempfile
+import uuid
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -10,10 +12,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 @ray.remote(num_cpus=0)
 def rendezvous() -> str:
-    """An address for the group's store on this node: its IP and a port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return f"tcp://{ray.util.get_node_ip_address()}:{s.getsockname()[1]}"
+    """Where the group's processes meet: a file of their own on this node (a port picked here
+    could be picked by another gang too before either binds it). The file stays behind (a few
+    hundred bytes in the node's temp folder) when the gang's processes are killed."""
+    return f"file://{Path(tempfile.gettempdir()) / f'evo-sft-gang-{uuid.uuid4().hex}'}"
 
 
 def largest_node() -> dict[str, float]:

@@ -67,8 +67,10 @@ class MemberActor:
         replicas = data_parallel.join(*ranks, use_gpu=recipe.use_gpu) if ranks else None
         self.rank, self.in_gang = (replicas.rank, True) if replicas else (0, False)
         self.hosts = build_hosts(recipe, prepared, founders)
-        for host in self.hosts.values():
+        if replicas:  # one member, on several processes
+            (host,) = self.hosts.values()
             host.agent.replicas = replicas
+            data_parallel.shard_base(host.agent, replicas)
         self.stashed = {}
         self.writes = storage.PendingWrites([])
 

@@ -1,5 +1,6 @@
-"""A member trained by two gloo processes (evo_sft.sft.data_parallel) against the same member
-trained alone in this process: the same loss, gradients and adapter after three steps."""
+"""A member trained by two gloo processes (evo_sft.sft.data_parallel: the base sharded with FSDP2,
+the adapter whole on each) against the same member trained alone in this process: the same
+loss, gradients and adapter after three steps."""
 import subprocess
 import sys
 
@@ -24,11 +25,14 @@ def test_two_processes_train_a_member_as_one_process_does(tmp_path):
     for rank in ranks:
         output, _ = rank.communicate(timeout=240)
         assert rank.returncode == 0, output.decode()[-3000:]
-    alone_losses, alone = train()
+    alone_losses, alone, _ = train()
 
-    for rank in range(2):
-        losses, tensors = storage.load_json(tmp_path / f"rank{rank}.json"), load_file(tmp_path / f"rank{rank}.safetensors")
-        assert losses == pytest.approx(alone_losses, rel=1e-5, abs=1e-6)
+    reports = [storage.load_json(tmp_path / f"rank{rank}.json") for rank in range(2)]
+    for weight, (held, whole) in reports[0]["rows"].items():  # each rank holds its half of the base's weights
+        assert held + reports[1]["rows"][weight][0] == whole and held < whole, weight
+    for rank, report in enumerate(reports):
+        tensors = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert report["losses"] == pytest.approx(alone_losses, rel=1e-5, abs=1e-6)
         assert tensors.keys() == alone.keys()
         for name, expected in alone.items():
             torch.testing.assert_close(tensors[name], expected, rtol=1e-5, atol=1e-6, msg=name)

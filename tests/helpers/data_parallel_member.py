@@ -12,13 +12,15 @@ from safetensors.torch import save_file
 from evo_sft import SFT, SFTGym
 from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
 from evo_sft.io import storage
+from evo_sft.sft.data_parallel import shard_base
 
-STEPS, BATCH, MICRO = 3, 8, 2  # four micro-batches per optimizer step
+STEPS, BATCH, MICRO = 3, 6, 2  # three micro-batches per optimizer step: two on rank 0, one on rank 1
 
 
-def train(replicas=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+def train(replicas=None) -> tuple[list[float], dict[str, torch.Tensor], SFT]:
     """(each step's mean loss, each step's gradients as `step{i}/{name}` and the final weights as
-    `final/{name}`) of the member, with `replicas` (a `Replicas`) or alone."""
+    `final/{name}`, the agent) of the member, alone or with `replicas` (a `Replicas`), its base
+    then sharded."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer(chat_template=True)
     agent = SFT(tokenizer.pad_token_id, tokenizer.pad_token,
@@ -26,7 +28,9 @@ def train(replicas=None) -> tuple[list[float], dict[str, torch.Tensor]]:
                 lora_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]),
                 batch_size=BATCH, micro_batch_size_per_gpu=MICRO, lr=1e-2, max_grad_norm=1e6,
                 gradient_checkpointing=False, seed=42)
-    agent.replicas = replicas
+    if replicas:
+        agent.replicas = replicas
+        shard_base(agent, replicas)
     gym = SFTGym(demo_dataset(STEPS * BATCH, seed=0), demo_dataset(4, seed=1), tokenizer, data_batch_size_per_gpu=BATCH)
     losses, tensors = [], {}
     stream = gym.new_stream(0)
@@ -34,7 +38,7 @@ def train(replicas=None) -> tuple[list[float], dict[str, torch.Tensor]]:
         losses.append(agent.learn(gym.batch(stream, BATCH))["mean_loss"])
         tensors.update({f"step{step}/{name}": p.grad.detach().clone() for name, p in agent.trainable_parameters().items()})
     tensors.update({f"final/{name}": p.detach().clone() for name, p in agent.trainable_parameters().items()})
-    return losses, tensors
+    return losses, tensors, agent
 
 
 if __name__ == "__main__":
@@ -42,6 +46,9 @@ if __name__ == "__main__":
 
     rank, world, init_method, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     torch.set_num_threads(1)
-    step_losses, step_tensors = train(join(rank, world, init_method, use_gpu=False))
+    step_losses, step_tensors, trained = train(join(rank, world, init_method, use_gpu=False))
     save_file({k: v.contiguous() for k, v in step_tensors.items()}, str(out / f"rank{rank}.safetensors"))
-    storage.save_json(out / f"rank{rank}.json", step_losses)
+    decoder = trained.actor.get_base_model().model
+    sharded = {"embedding": decoder.embed_tokens.weight, "layer_0.mlp": decoder.layers[0].mlp.up_proj.weight}
+    storage.save_json(out / f"rank{rank}.json", {
+        "losses": step_losses, "rows": {name: [w.to_local().shape[0], w.shape[0]] for name, w in sharded.items()}})
