@@ -85,8 +85,8 @@ class PopulationConfig:
     num_cpus: float = 1.0
     members_per_actor: int = 1
     step_together: bool = True  # members on one base model share each forward/backward where they can
-    # Processes one member trains on (ray backend), each with num_gpus (1) or none (CPU, gloo): data
-    # parallel, the model and adapter replicated on every process.
+    # Processes one member trains on (ray backend, one node), each with num_gpus (1) or none (CPU,
+    # gloo): data parallel, the frozen decoder sharded (FSDP2), the adapter whole on each.
     gpus_per_member: int = 1
 
 

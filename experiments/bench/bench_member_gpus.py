@@ -7,13 +7,12 @@ has run, and its numbers mean nothing.
 For each model shape (Qwen2.5-3B / -7B, random bf16 weights saved with `save_pretrained`) and
 each process count k, it starts k processes (one GPU each, NCCL; gloo on the CPU), each an SFT
 agent of the saved model with LoRA as `common.LORA` (dropout off) and gradient checkpointing,
-joined as `Replicas`; each optimizer step is 16 sequences (`common.make_rows`) in micro-batches
+joined as `Replicas`, its decoder sharded over the processes (`shard_base`, as a gang does); each optimizer step is 16 sequences (`common.make_rows`) in micro-batches
 of `--micro`, every process taking every k-th micro-batch and the gradients summed in one
 all-reduce. After `--warmup` steps it times `--steps` steps and prints, per row: supervised
 tokens/s of the member, its scaling against k = 1 of the same shape, the peak GPU memory of
 each process, and MFU (useful FLOPs of `common.useful_flops` over k times a bf16 matmul
-measured on rank 0's card). Nothing is sharded: every process holds the whole base model, so a
-shape must fit one card.
+measured on rank 0's card). The output head and the adapter are whole on every process.
 
     python experiments/bench/bench_member_gpus.py --gpus 1,2,4               # a 4-GPU machine
     python experiments/bench/bench_member_gpus.py --tiny --device cpu --gpus 1,2   # CPU smoke run
@@ -35,7 +34,7 @@ from common import (
 
 from evo_sft.data import collate
 from evo_sft.sft import SFT
-from evo_sft.sft.data_parallel import join
+from evo_sft.sft.data_parallel import join, shard_base
 
 BATCH = 16
 
@@ -51,6 +50,8 @@ def member(rank: int, world: int, args, shape_name: str, model_path: str, port: 
                 batch_size=BATCH, micro_batch_size_per_gpu=args.micro, lr=1e-4, device=str(device),
                 gradient_checkpointing=True)
     agent.replicas = replicas
+    if world > 1:
+        shard_base(agent, replicas)
     shape = SHAPES[shape_name]
     rows = make_rows(BATCH * (args.warmup + args.steps), shape["vocab_size"], args.tiny)
     batches = [collate(rows, range(i * BATCH, (i + 1) * BATCH), 0) for i in range(args.warmup + args.steps)]
