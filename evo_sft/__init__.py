@@ -10,6 +10,7 @@ _EXPORTS = {
     "HyperparameterConfig": "evo_sft.evolution", "Mutations": "evo_sft.evolution",
     "RLParameter": "evo_sft.evolution", "RLChoice": "evo_sft.evolution", "Explore": "evo_sft.evolution",
     "TournamentSelection": "evo_sft.evolution",
+    "TruncationSelection": "evo_sft.evolution",
 }
 __all__ = list(_EXPORTS)
 

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from evo_sft.config import ExperimentConfig, founder_values
-from evo_sft.evolution import Explore, HyperparameterConfig, Mutations, RLChoice, RLParameter, TournamentSelection
+from evo_sft.evolution import (
+    Explore, HyperparameterConfig, Mutations, RLChoice, RLParameter, TournamentSelection, TruncationSelection,
+)
 from evo_sft.hyperparameters import HYPERPARAMETERS
 
 
@@ -98,10 +100,12 @@ def hp_config(config: ExperimentConfig) -> HyperparameterConfig:
     return HyperparameterConfig(**{name: parameter(name, r) for name, r in config.evolution.hyperparameters.items()})
 
 
-def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelection, Mutations]:
-    evolution = config.evolution
-    selection = TournamentSelection(evolution.tournament_size, evolution.elitism, config.population.size,
-                                    eval_loop=evolution.eval_loop)
+def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelection | TruncationSelection, Mutations]:
+    evolution, size = config.evolution, config.population.size
+    if evolution.selection == "truncation":
+        selection = TruncationSelection(evolution.truncation_quantile, size, eval_loop=evolution.eval_loop)
+    else:
+        selection = TournamentSelection(evolution.tournament_size, evolution.elitism, size, eval_loop=evolution.eval_loop)
     m = evolution.mutation
     mutations = Mutations(no_mutation=m.no_mutation, rl_hp=m.rl_hp, mutate_elite=m.mutate_elite,
                           explore=Explore(tuple(m.explore.perturb_factors), m.explore.resample_probability))

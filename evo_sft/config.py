@@ -138,12 +138,17 @@ class FitnessOptions:
     reference_column: str | None = None  # what generations are compared with; null: data.response_column
 
 
+SELECTIONS = ("tournament", "truncation")
+
+
 @dataclass
 class EvolutionConfig:
     generations: int = 5
     steps_per_generation: int = 10
+    selection: str = "tournament"  # AgileRL's tournament with elitism, or "truncation" (PBT's exploit step)
     tournament_size: int = 2
     elitism: bool = True
+    truncation_quantile: float = 0.25  # with truncation: the bottom quantile is replaced by clones of the top one
     eval_loop: int = 1
     fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES, or a user function module:function
     fitness_options: FitnessOptions = field(default_factory=FitnessOptions)
@@ -344,6 +349,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         "evolution.tournament_size",
         f"{evolution.tournament_size} exceeds population.size {population.size}",
     )
+    _require(evolution.selection in SELECTIONS, "evolution.selection",
+             f"must be one of {', '.join(SELECTIONS)}, got {evolution.selection!r}")
+    _require(0 < evolution.truncation_quantile <= 0.5, "evolution.truncation_quantile",
+             f"must be in (0, 0.5], got {evolution.truncation_quantile}")
     _validate_fitness(evolution.fitness, evolution.fitness_options)
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evo_sft.evolution import (
-    HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, apply_plan_to_lineage, elite,
-    plan_generation, score,
+    HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, TruncationSelection,
+    apply_plan_to_lineage, elite, plan_generation, score,
 )
 from evo_sft.population.protocol import Population, TrainResult
 
@@ -44,7 +44,7 @@ class Controller:
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
-                 selection: TournamentSelection | None = None, mutations: Mutations | None = None,
+                 selection: TournamentSelection | TruncationSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation

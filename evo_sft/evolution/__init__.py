@@ -4,7 +4,7 @@ from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLChoice, RL
 from evo_sft.evolution.lineage import Lineage, MemberInfo
 from evo_sft.evolution.mutation import Explore, Mutations
 from evo_sft.evolution.plan import MemberState, SlotDecision, apply_plan_to_lineage, plan_generation
-from evo_sft.evolution.selection import TournamentSelection, elite, score
+from evo_sft.evolution.selection import TournamentSelection, TruncationSelection, elite, score
 
 __all__ = [
     "Explore",
@@ -17,6 +17,7 @@ __all__ = [
     "RLParameter",
     "SlotDecision",
     "TournamentSelection",
+    "TruncationSelection",
     "apply_plan_to_lineage",
     "elite",
     "score",

@@ -99,11 +99,13 @@ class Mutations:
         hp_config: HyperparameterConfig,
         rng: np.random.Generator,
         multiple_of: dict[str, int] | None = None,
+        surely: bool = False,
     ) -> tuple[dict, str]:
-        """Return (new hyperparameters, name of the mutated one or "none")."""
+        """Return (new hyperparameters, name of the mutated one or "none"); `surely` skips the
+        draw of `no_mutation`."""
         new = copy.deepcopy(hyperparameters)
         names = hp_config.names()
-        if rng.random() < self.no_mutation / (self.no_mutation + self.rl_hp) or not names:
+        if not names or (not surely and rng.random() < self.no_mutation / (self.no_mutation + self.rl_hp)):
             return new, "none"
         name = names[rng.integers(len(names))]
         step = (multiple_of or {}).get(name, 1)

@@ -9,7 +9,7 @@ import numpy as np
 from evo_sft.evolution.hyperparameters import HyperparameterConfig
 from evo_sft.evolution.lineage import Lineage
 from evo_sft.evolution.mutation import Mutations
-from evo_sft.evolution.selection import TournamentSelection
+from evo_sft.evolution.selection import TournamentSelection, TruncationSelection
 
 
 @dataclass(frozen=True)
@@ -30,14 +30,15 @@ class SlotDecision:
 
 def plan_generation(
     members: list[MemberState],
-    selection: TournamentSelection,
+    selection: TournamentSelection | TruncationSelection,
     mutations: Mutations,
     hp_config: HyperparameterConfig,
     rng: np.random.Generator,
     multiple_of: dict[str, int] | None = None,
 ) -> list[SlotDecision]:
-    """Select a parent for every slot and mutate its hyperparameters.
-    A member with a non-finite fitness (a NaN loss, a lost worker) is replaced by a clone of the elite."""
+    """Select a parent for every slot and mutate its hyperparameters (a selection that keeps its
+    survivors as they are mutates only the clones, each surely). A member with a non-finite
+    fitness (a NaN loss, a lost worker) is replaced by a clone of the elite."""
     elite_slot, parents = selection.select([m.fitness for m in members], rng)
     if math.isfinite(members[elite_slot].fitness):
         parents = [elite_slot if not math.isfinite(members[slot].fitness) else parent
@@ -45,11 +46,14 @@ def plan_generation(
     decisions = []
     for slot, parent_slot in enumerate(parents):
         parent = members[parent_slot]
-        if selection.elitism and slot == elite_slot and not mutations.mutate_elite:
+        clone = parent.id != members[slot].id
+        kept = (selection.elitism and slot == elite_slot and not mutations.mutate_elite) or \
+            (not clone and not selection.mutates_survivors)
+        if kept:
             hyperparameters, mutation = copy.deepcopy(parent.hyperparameters), "none"
         else:
-            hyperparameters, mutation = mutations.mutate(parent.hyperparameters, hp_config, rng, multiple_of)
-        clone = parent.id != members[slot].id
+            hyperparameters, mutation = mutations.mutate(parent.hyperparameters, hp_config, rng, multiple_of,
+                                                         surely=not selection.mutates_survivors)
         decisions.append(SlotDecision(slot, parent.id, clone, hyperparameters, mutation))
     return decisions
 

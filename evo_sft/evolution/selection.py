@@ -1,4 +1,5 @@
-"""Tournament selection with elitism."""
+"""Who each slot's next member descends from: AgileRL's tournament with elitism, or PBT's
+truncation (exploit) step."""
 
 import math
 
@@ -6,7 +7,10 @@ import numpy as np
 
 
 class TournamentSelection:
-    """Pick a parent for every population slot by tournament, keeping the elite."""
+    """Pick a parent for every population slot by tournament, keeping the elite. Every member,
+    survivor or clone, may then be mutated."""
+
+    mutates_survivors = True
 
     def __init__(self, tournament_size: int, elitism: bool, population_size: int, eval_loop: int = 1):
         if population_size < 1:
@@ -42,6 +46,42 @@ class TournamentSelection:
             contestants = rng.choice(self.population_size, size=self.tournament_size, replace=False)
             parents.append(elite(fitness, contestants))
         return elite_slot, parents
+
+
+class TruncationSelection:
+    """PBT's exploit step: the bottom `quantile` of the population by fitness is replaced by
+    clones of members drawn uniformly from the top `quantile` (at most half the population each,
+    as Ray Tune's PopulationBasedTraining does); every other member keeps its slot and its
+    hyperparameters, and only the clones are mutated (PBT's explore)."""
+
+    elitism = True
+    mutates_survivors = False
+
+    def __init__(self, quantile: float, population_size: int, eval_loop: int = 1):
+        if population_size < 1:
+            raise ValueError(f"TruncationSelection: population_size must be >= 1, got {population_size}")
+        if not 0 < quantile <= 0.5:
+            raise ValueError(f"TruncationSelection: quantile must be in (0, 0.5], got {quantile}")
+        if eval_loop < 1:
+            raise ValueError(f"TruncationSelection: eval_loop must be >= 1, got {eval_loop}")
+        self.quantile = quantile
+        self.population_size = population_size
+        self.eval_loop = eval_loop
+
+    def select(self, fitnesses: list[float], rng: np.random.Generator) -> tuple[int, list[int]]:
+        """Return (elite_slot, parents): parents[i] is the slot whose member slot i receives."""
+        if len(fitnesses) != self.population_size:
+            raise ValueError(
+                f"TruncationSelection: got {len(fitnesses)} fitnesses for population_size={self.population_size}"
+            )
+        fitness = [-math.inf if math.isnan(f) else float(f) for f in fitnesses]
+        n = self.population_size
+        ranked = sorted(range(n), key=lambda s: (-fitness[s], s))  # best first, ties to the lowest slot
+        k = min(math.ceil(n * self.quantile), n // 2)
+        parents = list(range(n))
+        for slot in sorted(ranked[n - k:]):
+            parents[slot] = ranked[int(rng.integers(k))]
+        return ranked[0], parents
 
 
 def score(fitness_history: list[float], eval_loop: int = 1) -> float:

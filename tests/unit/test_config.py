@@ -316,6 +316,8 @@ INVALID = [
     (nested("evolution.mutation.explore.perturb_factors", []), "evolution.mutation.explore.perturb_factors: must not be empty"),
     (nested("evolution.mutation.explore.resample_probability", 1.5),
      "evolution.mutation.explore.resample_probability: must be in [0, 1], got 1.5"),
+    (nested("evolution.selection", "roulette"), "evolution.selection: must be one of tournament, truncation, got 'roulette'"),
+    (nested("evolution.truncation_quantile", 0.75), "evolution.truncation_quantile: must be in (0, 0.5], got 0.75"),
     # fitness (issue 23)
     (nested("evolution.fitness", "exactmatch"), "evolution.fitness: unknown fitness 'exactmatch' (did you mean 'exact_match'?)"),
     (nested("evolution.fitness", "no_such_module_here:score"),

@@ -11,6 +11,7 @@ from evo_sft.evolution import (
     Mutations,
     RLParameter,
     TournamentSelection,
+    TruncationSelection,
     apply_plan_to_lineage,
     plan_generation,
 )
@@ -155,3 +156,18 @@ def test_evolution_package_imports_neither_torch_nor_ray():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_truncation_mutates_only_the_clones_and_each_of_them():
+    """PBT's exploit and explore: survivors keep their hyperparameters even where no_mutation is
+    0; the clone is mutated even where no_mutation is 1 less than certain."""
+    members = make_members([-2.0, -1.0, -3.0, -1.5], first_id=30)
+    for seed in range(20):
+        decisions = plan_generation(members, TruncationSelection(0.25, 4), Mutations(no_mutation=0.9, rl_hp=0.1),
+                                    CONFIG, np.random.default_rng(seed))
+        kept = [d for d in decisions if d.slot != 2]
+        assert all(not d.clone and d.mutation == "none" and d.hyperparameters == members[d.slot].hyperparameters
+                   for d in kept)
+        clone = decisions[2]
+        assert (clone.parent_id, clone.clone) == (31, True)
+        assert clone.mutation in ("lr", "batch_size") and clone.hyperparameters != members[1].hyperparameters

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evo_sft.evolution import TournamentSelection
+from evo_sft.evolution import TournamentSelection, TruncationSelection
 
 NAN, INF = float("nan"), float("inf")
 
@@ -120,3 +120,41 @@ def test_same_seed_same_selection():
     fitnesses = [0.3, 0.1, 0.6, 0.2, 0.5, 0.4]
     a = [selection.select(fitnesses, np.random.default_rng(7)) for _ in range(3)]
     assert a[0] == a[1] == a[2]
+
+
+def test_truncation_replaces_the_bottom_quantile_with_the_top_one_uniformly():
+    """Population 8, quantile 0.25: the two worst slots (5 and 2) receive the two best members
+    (slots 3 and 0), each about half the time; every other slot keeps its member."""
+    fitness = [-1.0, -4.0, -9.0, -0.5, -3.0, -8.0, -2.0, -5.0]
+    selection, rng = TruncationSelection(0.25, 8), np.random.default_rng(3)
+    drawn = Counter()
+    for _ in range(2000):
+        elite, parents = selection.select(fitness, rng)
+        assert elite == 3
+        assert [parents[s] for s in (0, 1, 3, 4, 6, 7)] == [0, 1, 3, 4, 6, 7]
+        assert parents[2] in (3, 0) and parents[5] in (3, 0)
+        drawn.update((parents[2], parents[5]))
+    assert drawn[3] / 4000 == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("size, quantile, replaced", [(4, 0.25, 1), (5, 0.25, 2), (4, 0.5, 2), (3, 0.5, 1),
+                                                      (1, 0.5, 0), (10, 0.3, 3)])
+def test_truncation_replaces_ceil_of_the_quantile_and_at_most_half(size, quantile, replaced):
+    """As Ray Tune's PopulationBasedTraining: ceil(n * quantile) members, at most floor(n / 2)."""
+    fitness = [-float(slot) for slot in range(size)]  # slot 0 best
+    _, parents = TruncationSelection(quantile, size).select(fitness, np.random.default_rng(0))
+    assert sum(parent != slot for slot, parent in enumerate(parents)) == replaced
+    assert all(parent < replaced for parent in parents[size - replaced:])
+
+
+def test_truncation_puts_non_finite_members_at_the_bottom():
+    _, parents = TruncationSelection(0.25, 4).select([-1.0, NAN, -2.0, -3.0], np.random.default_rng(0))
+    assert parents == [0, 0, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(quantile=0.0, population_size=4), "quantile"),
+                                          (dict(quantile=0.6, population_size=4), "quantile"),
+                                          (dict(quantile=0.25, population_size=0), "population_size")])
+def test_truncation_invalid_arguments_raise_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TruncationSelection(**kwargs)
