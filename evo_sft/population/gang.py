@@ -13,9 +13,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 @ray.remote(num_cpus=0)
 def rendezvous() -> str:
     """Where the group's processes meet: a file of their own on this node (a port picked here
-    could be picked by another gang too before either binds it). The file stays behind (a few
-    hundred bytes in the node's temp folder) when the gang's processes are killed."""
+    could be picked by another gang too before either binds it)."""
     return f"file://{Path(tempfile.gettempdir()) / f'evo-sft-gang-{uuid.uuid4().hex}'}"
+
+
+@ray.remote(num_cpus=0)
+def forget(address: str) -> None:
+    """Remove the file of a group whose processes are gone (killed, they do not remove it)."""
+    Path(address.removeprefix("file://")).unlink(missing_ok=True)
 
 
 def largest_node() -> dict[str, float]:
@@ -41,12 +46,14 @@ class Gang:
         bundle = {kind: amount for kind, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount > 0}
         self.group = placement_group([bundle] * size, strategy="STRICT_PACK")
         ray.get(self.group.ready())
-        place = lambda rank: PlacementGroupSchedulingStrategy(self.group, rank)  # noqa: E731
-        address = ray.get(rendezvous.options(scheduling_strategy=place(0)).remote())
-        self.actors = [actor_class.options(scheduling_strategy=place(rank)).remote(*args, (rank, size, address))
+        self.address = ray.get(rendezvous.options(scheduling_strategy=self.place(0)).remote())
+        self.actors = [actor_class.options(scheduling_strategy=self.place(rank)).remote(*args, (rank, size, self.address))
                        for rank in range(size)]
         self.call = EveryRank([actor.call for actor in self.actors])
         self.wait_saved, self.location = self.actors[0].wait_saved, self.actors[0].location
+
+    def place(self, rank: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.group, rank)
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -54,4 +61,5 @@ class Gang:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        ray.wait([forget.options(scheduling_strategy=self.place(0)).remote(self.address)], timeout=10)  # a lost node: no wait
         remove_placement_group(self.group)
