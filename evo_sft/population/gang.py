@@ -47,8 +47,8 @@ class Gang:
         self.group = placement_group([bundle] * size, strategy="STRICT_PACK")
         ray.get(self.group.ready())
         self.address = ray.get(rendezvous.options(scheduling_strategy=self.place(0)).remote())
-        self.actors = [actor_class.options(scheduling_strategy=self.place(rank)).remote(*args, (rank, size, self.address))
-                       for rank in range(size)]
+        self.actors = [actor_class.options(scheduling_strategy=self.place(rank)).remote(
+            *args, (rank, size, self.address)) for rank in range(size)]
         self.call = EveryRank([actor.call for actor in self.actors])
         self.wait_saved, self.location = self.actors[0].wait_saved, self.actors[0].location
 
@@ -61,5 +61,6 @@ class Gang:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        ray.wait([forget.options(scheduling_strategy=self.place(0)).remote(self.address)], timeout=10)  # a lost node: no wait
+        removed = forget.options(scheduling_strategy=self.place(0)).remote(self.address)
+        ray.wait([removed], timeout=10)  # not forever: the node may be lost
         remove_placement_group(self.group)
