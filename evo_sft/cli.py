@@ -20,8 +20,9 @@ class UsageError(Exception):
 
 def _resources(config) -> str:
     p = config.population
-    actors = -(-p.size // p.members_per_actor)
-    return (f"population: {p.size} members on the '{p.backend}' backend, {p.members_per_actor} per base model; "
+    actors = -(-p.size // p.members_per_actor) * p.gpus_per_member
+    spans = f", each on {p.gpus_per_member} processes of one node" if p.gpus_per_member > 1 else ""
+    return (f"population: {p.size} members on the '{p.backend}' backend, {p.members_per_actor} per base model{spans}; "
             f"{actors} actors, each {p.num_cpus:g} CPU and {p.num_gpus:g} GPU -> {actors * p.num_cpus:g} CPUs, "
             f"{actors * p.num_gpus:g} GPUs in all; "
             f"{config.evolution.generations} generations x {config.evolution.steps_per_generation} steps; "

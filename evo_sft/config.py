@@ -85,6 +85,9 @@ class PopulationConfig:
     num_cpus: float = 1.0
     members_per_actor: int = 1
     step_together: bool = True  # members on one base model share each forward/backward where they can
+    # Processes one member trains on (ray backend, one node), each with num_gpus (1) or none (CPU,
+    # gloo): data parallel, the frozen decoder sharded (FSDP2), the adapter whole on each.
+    gpus_per_member: int = 1
 
 
 @dataclass
@@ -338,6 +341,7 @@ def _validate(cfg: ExperimentConfig) -> None:
     _require(population.num_gpus >= 0, "population.num_gpus", f"must be >= 0, got {population.num_gpus}")
     _require(population.num_cpus >= 0, "population.num_cpus", f"must be >= 0, got {population.num_cpus}")
     _require(population.members_per_actor >= 1, "population.members_per_actor", f"must be >= 1, got {population.members_per_actor}")
+    _validate_gpus_per_member(population)
 
     evolution = cfg.evolution
     _require(evolution.generations >= 1, "evolution.generations", f"must be >= 1, got {evolution.generations}")
@@ -388,6 +392,20 @@ def _validate(cfg: ExperimentConfig) -> None:
 
     _require(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+
+
+def _validate_gpus_per_member(population: PopulationConfig) -> None:
+    k, key = population.gpus_per_member, "population.gpus_per_member"
+    _require(k >= 1, key, f"must be >= 1, got {k}")
+    if k == 1:
+        return
+    _require(population.backend == "ray", key, f"{k} processes per member need population.backend: ray")
+    _require(population.members_per_actor == 1, key,
+             f"{k} processes per member cannot share a base model with other members "
+             f"(population.members_per_actor {population.members_per_actor}); set members_per_actor: 1")
+    _require(population.num_gpus in (0, 1), key,
+             f"each of a member's {k} processes takes a whole GPU (population.num_gpus: 1) or none "
+             f"(num_gpus: 0, CPU), got population.num_gpus {population.num_gpus}")
 
 
 def _validate_fitness(name: str, options: FitnessOptions) -> None:

@@ -14,7 +14,7 @@ from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
-from evo_sft.config import ExperimentConfig, config_from_dict, flatten_config, load_config
+from evo_sft.config import ConfigError, ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.evolution import elite
 from evo_sft.evolution.schedule import line_schedule
@@ -157,9 +157,27 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
             init.setdefault("_temp_dir", str(run_dir / "ray"))
         init.setdefault("logging_level", logging.WARNING)  # not Ray's start-up INFO lines
         ray.init(address=config.ray.address, **init)
+    _check_gang_fits(config)
     return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
-                         members_per_actor=config.population.members_per_actor)
+                         members_per_actor=config.population.members_per_actor,
+                         gpus_per_member=config.population.gpus_per_member)
+
+
+def _check_gang_fits(config: ExperimentConfig) -> None:
+    """The processes of a member share one node: refuse a member larger than every node of the cluster."""
+    population = config.population
+    if population.gpus_per_member == 1:
+        return
+    from evo_sft.population.gang import largest_node
+
+    largest = largest_node()
+    for kind, each in (("GPU", population.num_gpus), ("CPU", population.num_cpus)):
+        needed = population.gpus_per_member * each
+        if needed > largest[kind]:
+            raise ConfigError(f"population.gpus_per_member: {population.gpus_per_member} processes of "
+                              f"population.num_{kind.lower()}s {each} need {needed:g} {kind}s on one node; "
+                              f"the largest node of the Ray cluster has {largest[kind]:g}")
 
 
 def _ray_initialized() -> bool:

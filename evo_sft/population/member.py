@@ -76,9 +76,12 @@ class MemberHost:
         return self.agent.hyperparameters
 
     def set_hyperparameters(self, hyperparameters: dict) -> None:
-        """With this member's generator: a grown LoRA rank draws its new rows from it."""
+        """With this member's generator: a grown LoRA rank draws its new rows from it (rank 0's,
+        where several processes train the member)."""
         with self.own_rng():
             self.agent.set_hyperparameters(**hyperparameters)
+        if self.agent.replicas:
+            self.agent.replicas.broadcast(self.agent.trainable_parameters().values())
 
     def export_state(self, on_device: bool = False):
         """The member as tensors + JSON: on the CPU to travel to another process, or on the

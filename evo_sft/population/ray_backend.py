@@ -2,6 +2,8 @@
 and scored in parallel; clones travel actor to actor as object references (or stay on the device
 within one actor); a dead actor is rebuilt from the last checkpoint."""
 import math
+import os
+import traceback
 import warnings
 from pathlib import Path
 
@@ -12,8 +14,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from evo_sft.console import quiet_libraries
 from evo_sft.fitness import Evaluation
 from evo_sft.io import storage
+from evo_sft.population.gang import Gang
 from evo_sft.population.hosting import MemberRecipe, build_hosts, slot_groups
 from evo_sft.population.protocol import TrainResult
+from evo_sft.sft import data_parallel
 
 MAX_RESTARTS_PER_GENERATION = 3
 PROGRESS_SECONDS = 0.5  # how often a `train` with a `report` asks the actors how far they are
@@ -24,6 +28,8 @@ ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 STATE_CHANGING = ("train_group", "import_portable", "set_hyperparameters", "load", "stash", "import_stashed",
                   "drop_stash")
 ACTOR_METHODS = ("save_members", "stash", "import_stashed", "drop_stash", "export_portable", "import_portable")
+# What only rank 0 of a member on several processes does (the others hold the same member).
+RANK_0_ONLY = ("save_members", "export_portable", "export_adapter")
 
 
 def portable(state) -> tuple[dict, dict, dict]:
@@ -56,18 +62,36 @@ def lost_train_result(slot: int) -> TrainResult:
 
 class MemberActor:
     """A thin shell: builds its members (one, or several on one shared base model) inside the
-    actor and forwards every call to the member of the given slot."""
+    actor and forwards every call to the member of the given slot. With `ranks` (rank, world,
+    rendezvous address) it is one process of a member trained by `world` (a `Gang`)."""
 
-    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict]):
+    def __init__(self, recipe: MemberRecipe, prepared: dict, founders: dict[int, dict], ranks: tuple | None = None):
         quiet_libraries()
+        replicas = data_parallel.join(*ranks, use_gpu=recipe.use_gpu) if ranks else None
+        self.rank, self.in_gang = (replicas.rank, True) if replicas else (0, False)
         self.hosts = build_hosts(recipe, prepared, founders)
+        if replicas:  # one member, on several processes
+            (host,) = self.hosts.values()
+            host.agent.replicas = replicas
+            data_parallel.shard_base(host.agent, replicas)
         self.stashed = {}
         self.writes = storage.PendingWrites([])
 
     def call(self, slot: int, method: str, *args):
-        if method in ACTOR_METHODS:
-            return getattr(self, method)(slot, *args)
-        return getattr(self.hosts[slot], method)(*args)
+        """In a gang, a call that fails (a peer died inside a collective, or anything else) leaves
+        the ranks out of step: this process prints the error and exits, so that the backend sees
+        an actor death and rebuilds the whole member from its checkpoint."""
+        if self.rank and method in RANK_0_ONLY:
+            return None
+        try:
+            if method in ACTOR_METHODS:
+                return getattr(self, method)(slot, *args)
+            return getattr(self.hosts[slot], method)(*args)
+        except Exception:
+            if not self.in_gang:
+                raise
+            traceback.print_exc()
+            os._exit(1)
 
     def save_members(self, slot: int, directory: str) -> None:
         """Copy every member of this actor in turn (`slot` is any of them); the copies are written
@@ -107,8 +131,6 @@ class MemberActor:
             self.stashed[stash_as] = self.hosts[slot].export_state(on_device=True)
 
     def location(self) -> dict:
-        import os
-
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
@@ -131,13 +153,17 @@ class ActorWrites:
 
 
 class RayPopulation:
-    """The population interface over Ray actors, each hosting `members_per_actor` members.
+    """The population interface over Ray actors, each hosting `members_per_actor` members, or,
+    with `gpus_per_member` k > 1, over gangs of k actors that each train one member together.
     `num_cpus`/`num_gpus` are what one actor asks for."""
 
     def __init__(self, recipe: MemberRecipe, prepared: dict, founders: list[dict],
                  num_cpus: float = 1.0, num_gpus: float = 0.0, members_per_actor: int = 1,
-                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION):
+                 max_restarts_per_generation: int = MAX_RESTARTS_PER_GENERATION, gpus_per_member: int = 1):
+        if gpus_per_member > 1 and members_per_actor > 1:
+            raise ValueError("a member on several processes has a base model of its own: members_per_actor must be 1")
         self.recipe = recipe
+        self.gang = (gpus_per_member, num_cpus, num_gpus)
         self.prepared_ref = ray.put(prepared)
         self.actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
                                       concurrency_groups={"writes": 1, "progress": 1},
@@ -169,6 +195,8 @@ class RayPopulation:
 
     def _start(self, group: int, hyperparameters: list[dict]):
         founders = {slot: hyperparameters[slot] for slot in self.groups[group]}
+        if self.gang[0] > 1:
+            return Gang(self.actor_class, *self.gang, self.recipe, self.prepared_ref, founders)
         return self.actor_class.remote(self.recipe, self.prepared_ref, founders)
 
     def _restore(self, group: int, error: Exception) -> None:
@@ -217,6 +245,9 @@ class RayPopulation:
                 self.on_failure("lost", slot, str(error))
 
     def _stop_actor(self, group: int) -> None:
+        if isinstance(self.actors[group], Gang):
+            self.actors[group].kill()
+            return
         try:
             ray.kill(self.actors[group], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -337,5 +368,5 @@ class RayPopulation:
         return [per_actor[self.group_of[slot]] for slot in range(self.size)]
 
     def close(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for group in range(len(self.actors)):
+            self._stop_actor(group)

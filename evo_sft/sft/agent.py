@@ -86,6 +86,7 @@ class SFT:
 
             self.liger_loss = liger_loss()
         self.adapter_parameters: tuple = (None, {})  # see evo_sft.sft.state.adapter_state
+        self.replicas = None  # an evo_sft.sft.data_parallel.Replicas where several processes train this agent
 
         torch.manual_seed(seed)
         if actor_network is None:
@@ -214,6 +215,8 @@ class SFT:
     def apply_gradients(self) -> None:
         """Clip the accumulated gradients, take the optimizer and scheduler step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.replicas:
+            self.replicas.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()

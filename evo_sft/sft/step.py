@@ -5,7 +5,8 @@ A micro-batch runs either as one padding-free packed row (`agent.packing`, varle
 as a right-padded batch; either way the decoder's hidden states are kept only at supervised
 positions and the head's loss is computed in chunks (`evo_sft.kernels.loss`). Members stepped
 together on one base model (`evo_sft.population.step_together`) use `packed_rows` and
-`head_losses` from here.
+`head_losses` from here. An agent trained by several processes (`agent.replicas`,
+`evo_sft.sft.data_parallel`) runs its share of the micro-batches and sums the step over them.
 """
 import warnings
 from contextlib import nullcontext
@@ -28,12 +29,15 @@ def optimizer_step(agent, batch: dict[str, torch.Tensor], micro_size: int,
     if training:
         agent.optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=agent.device)
-    for micro in micro_batches(batch, micro_size):
+    micros = micro_batches(batch, micro_size)
+    for micro in agent.replicas.share(micros) if agent.replicas else micros:
         with lora_weights(agent):
             loss_sum = micro_loss_sum(agent, micro)
             if training:
                 (loss_sum / tokens).backward()
         step_loss += loss_sum.detach()
+    if agent.replicas:
+        step_loss = agent.replicas.sum(step_loss)
     if training:
         agent.apply_gradients()
     return step_loss, tokens

@@ -6,9 +6,7 @@ One Ray session serves the whole module (starting Ray costs seconds); every run 
 import json
 import math
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -27,23 +25,6 @@ from tests.helpers.evolution_run import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.integration  # a Ray session and actors killed mid-run: about a minute
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray cluster for the module, its temp folder under a short /tmp path
-    (Ray's socket paths must stay under ~107 characters)."""
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=False, log_to_driver=False)
-    yield temp_dir
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    if previous is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = previous
 
 
 @pytest.fixture(scope="module")
