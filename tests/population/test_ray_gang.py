@@ -42,13 +42,13 @@ class KillingSecondRank(ray_backend.RayPopulation):
         super().__init__(*args, **kwargs)
         self.trainings = 0
 
-    def train(self, steps):
+    def train(self, *args, **kwargs):
         self.trainings += 1
         if self.trainings == 2:
             pid = ray.get(self.actors[1].actors[1].location.remote())["pid"]
             self.killed.append(pid)
             threading.Timer(0.01, os.kill, (pid, signal.SIGKILL)).start()
-        return super().train(steps)
+        return super().train(*args, **kwargs)
 
 
 def test_members_on_two_processes_decide_as_members_in_one(ray_session, tmp_path, monkeypatch):
