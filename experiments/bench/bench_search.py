@@ -87,7 +87,7 @@ def _row(qualified: str, obj) -> dict | None:
     return {"prompt": prompt, "response": first}
 
 
-def task_config(task: str, device: str, folder: Path) -> dict:
+def task_config(task: str, device: str, folder: Path, selection: str) -> dict:
     cuda = device == "cuda"
     config = {
         "name": f"bench-search-{task}", "seed": 42,
@@ -98,7 +98,8 @@ def task_config(task: str, device: str, folder: Path) -> dict:
                                     "lm_head"]},
         "agent": {"lr": 1.0e-3, "batch_size": 16, "micro_batch_size_per_gpu": 8, "max_grad_norm": 1.0},
         "population": {"size": 4, "backend": "ray", "num_cpus": 0.5},
-        "evolution": {"generations": 6, "steps_per_generation": 25, "tournament_size": 2, "fitness": "test_loss",
+        "evolution": {"generations": 6, "steps_per_generation": 25, "selection": selection, "tournament_size": 2,
+                      "fitness": "test_loss",
                       "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 8, "max": 32}}},
     }
     if task == "stdlib":
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="demo,stdlib")
     parser.add_argument("--strategies", default="evolution,pbt,asha,random,grid")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--selection", default="tournament", choices=["tournament", "truncation"],
+                        help="the evolution's evolution.selection")
     parser.add_argument("--out", help="where results.jsonl and the tables go (see common.output_folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (MLflow store, Tune trials)")
     args = parser.parse_args()
@@ -138,11 +141,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bs", dir="/tmp"))  # Ray's socket paths stay short
     try:
         for task in args.tasks.split(","):
-            config = config_from_dict(task_config(task, args.device, scratch))
+            config = config_from_dict(task_config(task, args.device, scratch, args.selection))
             comparison = runner.plan(config, args.strategies, args.seeds, None, scratch / task)
             runs = runner.run(comparison)
             append_results(folder, [{"task": task, "device": args.device, "budget": comparison.budget,
-                                     **run.to_dict()} for run in runs], stamp, device)
+                                     "selection": args.selection, **run.to_dict()} for run in runs], stamp, device)
             for name, suffix in (("table.md", ".md"), ("best_fitness_vs_tokens.png", ".png")):
                 shutil.copy(scratch / task / name, folder / f"{task}_{args.device}{suffix}")
     finally:

@@ -297,7 +297,7 @@ def test_clones_within_and_between_actors_copy_each_donor_as_it_was(ray_session,
     pairs = [(0, 1), (1, 2), (2, 0), (3, 0)]
     reports = []
     try:
-        first = population.train(1, reports.append)
+        first = population.train(1, report=reports.append)
         progress = population._progress()  # what the actors report beside training, read after it
         before = member_states(population)
         population.clone(pairs)
