@@ -88,9 +88,9 @@ class NodeLosingPopulation(RayPopulation):
         self.generation, self.phase, self.restored_in, self.before = 1, None, [], None  # generations from 1
         self.remover = None
 
-    def _call(self, slots, method, args_of=lambda slot: ()):
-        self.phase = method
-        return super()._call(slots, method, args_of)
+    def _calls(self, calls, while_waiting=None):
+        self.phase = ",".join(dict.fromkeys(method for _, method, _ in calls))
+        return super()._calls(calls, while_waiting)
 
     def _restore(self, slot, error):
         self.restored_in.append((self.phase, slot))
