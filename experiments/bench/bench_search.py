@@ -87,7 +87,13 @@ def _row(qualified: str, obj) -> dict | None:
     return {"prompt": prompt, "response": first}
 
 
-def task_config(task: str, device: str, folder: Path, selection: str) -> dict:
+# The wider search space of issue 22 (`--space wide`), on top of lr and batch size.
+WIDE_SPACE = {"weight_decay": {"min": 0.0, "max": 0.1}, "warmup_steps": {"min": 0, "max": 20, "multiple_of": 5},
+              "scheduler": {"choices": ["constant", "cosine", "linear"]}, "lora_r": {"choices": [8, 16, 32]},
+              "lora_alpha": {"min": 16.0, "max": 64.0, "scale": "log"}}
+
+
+def task_config(task: str, device: str, folder: Path, selection: str, space: str) -> dict:
     cuda = device == "cuda"
     config = {
         "name": f"bench-search-{task}", "seed": 42,
@@ -121,6 +127,8 @@ def task_config(task: str, device: str, folder: Path, selection: str) -> dict:
                                    hyperparameters={"lr": {"min": 1.0e-5, "max": 3.0e-3},
                                                     "batch_size": {"min": 8, "max": 64}})
         config["lora"]["lora_dropout"] = 0.0
+    if space == "wide":
+        config["evolution"]["hyperparameters"].update(WIDE_SPACE)
     return config
 
 
@@ -132,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--selection", default="tournament", choices=["tournament", "truncation"],
                         help="the evolution's evolution.selection")
+    parser.add_argument("--space", default="lr+batch", choices=["lr+batch", "wide"],
+                        help="what mutates: lr and batch size, or also weight decay, warm-up, scheduler, LoRA r and alpha")
     parser.add_argument("--out", help="where results.jsonl and the tables go (see common.output_folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (MLflow store, Tune trials)")
     args = parser.parse_args()
@@ -141,11 +151,11 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bs", dir="/tmp"))  # Ray's socket paths stay short
     try:
         for task in args.tasks.split(","):
-            config = config_from_dict(task_config(task, args.device, scratch, args.selection))
+            config = config_from_dict(task_config(task, args.device, scratch, args.selection, args.space))
             comparison = runner.plan(config, args.strategies, args.seeds, None, scratch / task)
             runs = runner.run(comparison)
             append_results(folder, [{"task": task, "device": args.device, "budget": comparison.budget,
-                                     "selection": args.selection, **run.to_dict()} for run in runs], stamp, device)
+                                     "selection": args.selection, "space": args.space, **run.to_dict()} for run in runs], stamp, device)
             for name, suffix in (("table.md", ".md"), ("best_fitness_vs_tokens.png", ".png")):
                 shutil.copy(scratch / task / name, folder / f"{task}_{args.device}{suffix}")
     finally:
