@@ -9,7 +9,6 @@ saw: the stream of the slot the line's member lived in, from where that slot's s
 the generation began. What it cannot reproduce is the torch generator of a slot that a line moved
 into: LoRA dropout masks and the rows a grown LoRA rank draws come from it, so a line with
 either is retrained close to, not exactly as, the run (`exact` in the result says which)."""
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from evo_sft import build
 from evo_sft.console import quiet_libraries
 from evo_sft.data import DataStream
 from evo_sft.data.sources import load_tokenizer
+from evo_sft.io.storage import load_json
 from evo_sft.population.hosting import build_hosts
 from evo_sft.population.member import stream_seed
 from evo_sft.run import config_of
@@ -43,7 +43,7 @@ def replay(run_dir: Path, schedule_file: Path) -> tuple[list[Replayed], bool]:
     exact (no LoRA dropout, no rank grown along the line)."""
     quiet_libraries()
     run_dir = Path(run_dir).resolve()
-    schedule = json.loads(Path(schedule_file).read_text())
+    schedule = load_json(schedule_file)
     config = config_of(run_dir)
     entries = schedule["generations"]
     if any(entry["slot"] is None for entry in entries):

@@ -1,5 +1,4 @@
 """Start, resume and summarise an evolution described by an experiment config."""
-import json
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from evo_sft.evolution import elite
 from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
-from evo_sft.io.storage import CheckpointError, replace_directory
+from evo_sft.io.storage import CheckpointError, replace_directory, save_json
 
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder besides the config and the tracking store and queue
@@ -240,7 +239,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool,
         tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
     schedule = line_schedule(controller.lineage, controller.slot_ids[best], controller.fitness[controller.slot_ids[best]],
                              controller.steps_per_generation)
-    (run_dir / SCHEDULE_FILE).write_text(json.dumps(schedule, indent=1))
+    save_json(run_dir / SCHEDULE_FILE, schedule)
     tracker.log_schedule(schedule)
     target = run_dir / "best_adapter"
     if not interrupted:
