@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from common import (
-    SHAPES, STORAGE_PATHS, about, append_results, make_rows, module_at, output_folder, population_experiment, save_base, sync,
-    utc_stamp,
+    STORAGE_PATHS, about, append_results, module_at, output_folder, population_data, population_experiment, save_base,
+    sync, utc_stamp,
 )
 
 import evo_sft.population.local
@@ -37,6 +37,7 @@ import evo_sft.sft.state
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from evo_sft.data.demo import build_tokenizer
+from evo_sft.data.sources import load_tokenizer
 from evo_sft.io import storage
 from evo_sft.population.local import LocalPopulation
 
@@ -97,13 +98,11 @@ def main():
     print(about(device, stamp))
     rows, profiles = [], []
     for model in ["tiny"] if args.tiny else args.models.split(","):
-        vocab = SHAPES[model]["vocab_size"]
-        prepared = {"train": make_rows(256, vocab, args.tiny).to_dict(),
-                    "test": make_rows(16, vocab, args.tiny, seed=1).to_dict()}
         config = config_from_dict(population_experiment(
             args.members, args.members, True, "local",
             save_base(model, work, torch.bfloat16 if device.type == "cuda" else torch.float32), tokenizer,
-            work / f"run-{model}", device, 1))
+            population_data(work, args.tiny), work / f"run-{model}", device, 1))
+        prepared = build.prepare_data(config, load_tokenizer(str(tokenizer)))
         population = LocalPopulation(build.local_hosts(config, config.model.name, prepared,
                                                        build.founder_hyperparameters(config)))
         population.train(2)

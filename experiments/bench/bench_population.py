@@ -3,7 +3,8 @@
 (issue 9), through the product's own path (`build.local_hosts`, `Controller`, checkpoints).
 
 For each model shape (Qwen2.5-0.5B / -3B, random bf16 weights saved with `save_pretrained`) and
-each population size k, it builds the population, trains every member `--warmup` steps, then
+each population size k, it builds the population, runs a first generation of `--warmup` steps (untimed:
+compilation, and no evolution step, since selection opens a generation), then
 times `--generations` full generations of `--steps` optimizer steps (train, evaluate, select,
 clone, mutate, record, checkpoint; medians reported). It prints, per row: peak GPU memory (and
 its ratio to one member alone), aggregate supervised tokens/s (and its ratio to one member
@@ -21,8 +22,10 @@ each row records how much slower that training ran (`train_with_writes_x`).
   ray xG GPU  (--ray-gpus) G Ray actors of one GPU each, --per-gpu members sharing the base
               model in each (stepped together): the population over G GPUs against 1 GPU
 
-Data: random token ids, prompts 16-128 tokens, responses lognormal with median ~180
-(`common.make_rows`, as in bench_sft_step.py); 16 sequences per optimizer step and member; LoRA
+Data: rows of random letters, prompts 16-128 tokens, responses lognormal with median ~180 (the
+lengths of `common.make_rows`, as in bench_sft_step.py; `common.write_text_rows`), one token a
+letter with the demo's byte-level tokenizer, prepared as a run prepares its data
+(`build.prepare_data`: chat template, 64 rows held out as the test set); 16 sequences per optimizer step and member; LoRA
 r=16/alpha 64 on q,k,v,o without dropout (stepping together needs lora_dropout 0); gradient
 checkpointing on (so that 8 copies of the 3B shape fit on one card). `--check` first compares, on
 the 0.5B shape, members stepped together with the same members trained alone (losses and adapter
@@ -46,15 +49,16 @@ from pathlib import Path
 
 import torch
 from common import (
-    SHAPES, append_jsonl, card, free, make_rows, matmul_tflops, output_folder, population_experiment, profile,
+    SHAPES, append_jsonl, card, free, matmul_tflops, output_folder, population_data, population_experiment, profile,
     save_base, step_stats, sync, useful_flops, versions,
 )
 
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from evo_sft.controller import Controller
-from evo_sft.data import collate
+from evo_sft.data import TokenizedSplit, collate
 from evo_sft.data.demo import build_tokenizer
+from evo_sft.data.sources import load_tokenizer
 from evo_sft.io.checkpoint import EvolutionCheckpointer
 from evo_sft.kernels.loss import supervised_token_count
 from evo_sft.population import step_together
@@ -128,7 +132,7 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
     if compile_layers:
         layout += " +compile"
     config = config_from_dict(population_experiment(
-        k, members_per_actor, together, "ray" if gpus else "local", paths["model"], paths["tokenizer"],
+        k, members_per_actor, together, "ray" if gpus else "local", paths["model"], paths["tokenizer"], paths["data"],
         paths["runs"] / f"{size}-{k}-{layout.replace(' ', '')}", device, args.steps, compile_layers))
     start = time.perf_counter()
     founders = build.founder_hyperparameters(config)
@@ -145,11 +149,14 @@ def measure(size, k, layout, args, device, paths, prepared, flops_per_token, pea
             LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared, founders)), device)
     build_s = time.perf_counter() - start
     selection, mutations = build.selection_and_mutations(config)
-    controller = Controller(population, build.hp_config(config), args.steps, config.seed, selection=selection,
+    controller = Controller(population, build.hp_config(config), args.warmup, config.seed, selection=selection,
                             mutations=mutations, micro_batch_size=16,
                             checkpointer=EvolutionCheckpointer(Path(config.run_dir), 1, 1))
-    population.train(args.warmup)
-    population.evaluate()  # compiled layers compile their no-grad graph here, not in the timed generation
+    # The first generation warms up (compiled layers compile their training and no-grad graphs);
+    # selection opens a generation, so every timed one has its evolution step.
+    controller.run_generation()
+    controller.checkpointer.settle(controller)
+    controller.steps_per_generation = args.steps
     generations = [timed_generation(population, controller, args.steps, device) for _ in range(args.generations)]
     timed = {key: statistics.median(g[key] for g in generations) for key in generations[0] if key != "record"}
     record = generations[-1]["record"]
@@ -185,7 +192,7 @@ def check_together(size, args, device, paths, prepared, k: int = 4) -> dict:
     own packed step, and (the bf16 noise floor) each member's packed step against its padded step;
     each member's step with compiled decoder layers against its eager packed step."""
     def agents_and_batches(members_per_actor: int, packing: bool, compile_layers: bool = False):
-        config = population_experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"],
+        config = population_experiment(k, members_per_actor, True, "local", paths["model"], paths["tokenizer"], paths["data"],
                                        paths["runs"] / f"check-{size}-{members_per_actor}", device, 1,
                                        compile_layers)
         config["agent"]["packing"] = packing
@@ -233,7 +240,7 @@ def profile_together(size, args, device, paths, prepared, out: Path, k: int = 8)
     """A torch.profiler trace summary of 2 optimizer steps of k members stepped together, with
     compiled layers where `--compile` has "on" (the next row frees the population's GPU memory)."""
     compile_layers = "on" in args.compile.split(",")
-    config = config_from_dict(population_experiment(k, k, True, "local", paths["model"], paths["tokenizer"],
+    config = config_from_dict(population_experiment(k, k, True, "local", paths["model"], paths["tokenizer"], paths["data"],
                                                     paths["runs"] / f"profile-{size}", device, 1, compile_layers))
     population = LocalPopulation(build.local_hosts(config, str(paths["model"]), prepared,
                                                    build.founder_hyperparameters(config)))
@@ -271,23 +278,28 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke run)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke run: the tiny model; unless given, members 1,2, 1 warm-up and 1 timed step, "
+                             "compile off")
     parser.add_argument("--models", default="0.5b,3b")
-    parser.add_argument("--members", default="1,4,8")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per member")
+    parser.add_argument("--members", help="population sizes (default: 1,4,8)")
+    parser.add_argument("--warmup", type=int, help="optimizer steps of the untimed first generation (default: 2)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per member (default: 5)")
     parser.add_argument("--layouts", default="together,shared,copies", help="for more than one member on one GPU")
     parser.add_argument("--check", action="store_true", help="first compare stepping together with training alone")
     parser.add_argument("--profile", action="store_true", help="profile 8 members stepped together (top kernels)")
     parser.add_argument("--ray-gpus", default="", help="e.g. 1,2: Ray actors of one GPU each, --per-gpu members each")
     parser.add_argument("--per-gpu", type=int, default=4, help="members sharing the base model on each GPU (Ray rows)")
-    parser.add_argument("--compile", default="on", help="agent.compile_layers for every row: on (the default on a "
-                                                        "GPU), off, or off,on")
+    parser.add_argument("--compile", help="agent.compile_layers for every row: on (the default on a GPU), off, or "
+                                          "off,on (default: on)")
     parser.add_argument("--generations", type=int, default=1, help="timed generations per row (medians reported)")
     parser.add_argument("--work", help="folder for the saved models, kept between runs (default: a new temp folder)")
     parser.add_argument("--out", help="folder for results.jsonl and profiles; default $OUT/bench_population, else "
                                       "experiments/results/bench_population (a new temporary folder with --tiny)")
     args = parser.parse_args()
+    for name, full, tiny in (("members", "1,4,8", "1,2"), ("warmup", 2, 1), ("steps", 5, 1), ("compile", "on", "off")):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -310,12 +322,14 @@ def main():
     print(f"results: {out / 'results.jsonl'}", flush=True)
     rows = []
     for size in models:
-        split = make_rows(512, SHAPES[size]["vocab_size"], args.tiny)
-        test = make_rows(64, SHAPES[size]["vocab_size"], args.tiny, seed=1)
-        prepared = {"train": split.to_dict(), "test": test.to_dict()}
+        paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path,
+                 "data": population_data(work, args.tiny), "runs": work / "runs"}
+        prepared = build.prepare_data(config_from_dict(population_experiment(
+            1, 1, True, "local", paths["model"], paths["tokenizer"], paths["data"], paths["runs"] / "data", device,
+            1)), load_tokenizer(str(tokenizer_path)))
+        split = TokenizedSplit.from_dict(prepared["train"])
         stats = step_stats(collate(split, range(len(split)), pad_token_id=0))
         flops_per_token = useful_flops(SHAPES[size], stats) / stats["supervised"]
-        paths = {"model": save_base(size, work, dtype), "tokenizer": tokenizer_path, "runs": work / "runs"}
         extras = ([check_together(size, args, device, paths, prepared)] if args.check else []) + (
             [profile_together(size, args, device, paths, prepared, out)] if args.profile else [])
         for extra in extras:

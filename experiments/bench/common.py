@@ -199,15 +199,36 @@ def lora_config():
     return LoraConfig(task_type="CAUSAL_LM", **LORA)
 
 
-def make_rows(num_rows: int, vocab: int, tiny: bool, seed: int = 0) -> TokenizedSplit:
-    """Random token ids: prompts of 16-128 tokens, responses lognormal with median ~180 (an
-    eighth of both with `tiny`)."""
-    rng = np.random.default_rng(seed)
+def _row_lengths(rng, num_rows: int, tiny: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of 16-128, responses lognormal with median ~180 and at most 900 (an eighth of both
+    with `tiny`)."""
     scale = 8 if tiny else 1
     prompts = rng.integers(16, 129, num_rows) // scale
     responses = np.clip(np.round(rng.lognormal(math.log(180), 0.6, num_rows)), 16, 900).astype(int) // scale
+    return prompts, responses
+
+
+def make_rows(num_rows: int, vocab: int, tiny: bool, seed: int = 0) -> TokenizedSplit:
+    """Random token ids of the lengths of `_row_lengths`."""
+    rng = np.random.default_rng(seed)
+    prompts, responses = _row_lengths(rng, num_rows, tiny)
     ids = [rng.integers(3, vocab, int(p + r)).tolist() for p, r in zip(prompts, responses)]
     return TokenizedSplit(ids, [int(p) for p in prompts], list(range(num_rows)))
+
+
+def write_text_rows(path: Path, num_rows: int, tiny: bool, seed: int = 0) -> Path:
+    """A JSON-lines file of `num_rows` rows {"prompt", "response"} of random lowercase letters,
+    as many characters as `_row_lengths` gives tokens: with the demo's byte-level tokenizer
+    (`evo_sft.data.demo.build_tokenizer`) a letter is one token, so the package's own data path
+    (`build.prepare_data`) makes rows of those lengths plus its chat template's few tokens."""
+    rng = np.random.default_rng(seed)
+    prompts, responses = _row_lengths(rng, num_rows, tiny)
+
+    def letters(count) -> str:
+        return "".join(map(chr, rng.integers(ord("a"), ord("z") + 1, int(count))))
+
+    append_jsonl(path, *({"prompt": letters(p), "response": letters(r)} for p, r in zip(prompts, responses)))
+    return path
 
 
 def step_stats(batch) -> dict:
@@ -235,16 +256,29 @@ def useful_flops(shape: dict, stats: dict) -> float:
     return 4 * body * stats["real"] + 6 * lora * stats["real"] + 3 * attn_fwd + 2 * head
 
 
+POPULATION_ROWS = {"train": 512, "test": 64}  # of `population_data`
+
+
+def population_data(folder: Path, tiny: bool) -> Path:
+    """The rows file of `population_experiment`: `write_text_rows` of its train and test rows."""
+    path = Path(folder) / f"rows{'-tiny' if tiny else ''}.jsonl"
+    if not path.exists():
+        write_text_rows(path, sum(POPULATION_ROWS.values()), tiny)
+    return path
+
+
 def population_experiment(k: int, members_per_actor: int, together: bool, backend: str, model_path: Path,
-                          tokenizer_path: Path, run_dir: Path, device, steps: int,
+                          tokenizer_path: Path, data_path: Path, run_dir: Path, device, steps: int,
                           compile_layers: bool = False) -> dict:
     """The config (as a dict) of a population of k members of the saved model: LoRA as `LORA`
-    without dropout, 16 sequences a step, packed, gradient checkpointing on, one generation."""
+    without dropout, 16 sequences a step, packed, gradient checkpointing on, one generation; its
+    data the rows file `data_path` (`population_data`), nothing truncated, 64 rows held out."""
     return {
         "name": "bench-population", "seed": 0, "run_dir": str(run_dir),
         "model": {"name": str(model_path), "dtype": "bfloat16" if device.type == "cuda" else "float32",
                   "attn_implementation": "sdpa"},
         "tokenizer": str(tokenizer_path),
+        "data": {"source": str(data_path), "test_size": POPULATION_ROWS["test"], "max_length": 2048},
         "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0,
                  "target_modules": LORA["target_modules"]},
         "agent": {"lr": 1e-4, "batch_size": 16, "micro_batch_size_per_gpu": 16, "gradient_checkpointing": True,
