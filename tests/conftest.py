@@ -4,6 +4,7 @@ tests/unit runs where torch is not installed.
   tests/unit/         pure logic, no torch
   tests/agent/        one SFT agent: data, packing and kernels, its checkpoints, finetune in-process
   tests/population/   members trained together, in this process or on a local Ray session
+  tests/bench/        the benchmark scripts of experiments/bench/ in their tiny CPU mode
   tests/integration/  the product as a user runs it: CLI, clusters, servers, browser, docker files
 
 `integration` marks what starts clusters, servers, browsers or whole runs through the command
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-LAYERS = ("unit", "agent", "population", "integration")  # the order the layers run in
+LAYERS = ("unit", "agent", "population", "bench", "integration")  # the order the layers run in
 
 
 def _layer(item: pytest.Item) -> str | None:

@@ -9,14 +9,16 @@ This is host-side Python: the CPU measures it as well as a GPU machine's host (n
 
     python experiments/bench/bench_adapter_state.py --models 0.5b          # CPU
     python experiments/bench/bench_adapter_state.py --models 0.5b,3b --device cuda
-    python experiments/bench/bench_adapter_state.py --models tiny          # quick CPU smoke run
+    python experiments/bench/bench_adapter_state.py --tiny                 # quick CPU smoke run
+
+The rows are appended to results.jsonl in --out (see --help).
 """
 import argparse
 import statistics
 import time
 
 import torch
-from common import SHAPES, about, build_model, lora_config, make_rows, sync, utc_stamp
+from common import SHAPES, about, append_results, build_model, lora_config, make_rows, output_folder, sync, utc_stamp
 from peft import get_peft_model_state_dict
 
 from evo_sft.data import collate
@@ -41,12 +43,19 @@ def main():
     parser.add_argument("--models", default="0.5b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape, one repeat: a smoke run")
+    parser.add_argument("--out", help="folder for results.jsonl; default $OUT/bench_adapter_state, else "
+                                      "experiments/results/bench_adapter_state (a new temporary folder with --tiny)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(about(device, utc_stamp()))
+    models, repeats = (["tiny"], 1) if args.tiny else (args.models.split(","), args.repeats)
+    out = output_folder("bench_adapter_state", args.out, args.tiny)
+    stamp = utc_stamp()
+    print(about(device, stamp))
     print("| model | adapter tensors | read | ms (median) | x baseline |")
     print("|---|---:|---|---:|---:|")
-    for model_name in args.models.split(","):
+    rows = []
+    for model_name in models:
         model = build_model(model_name, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         agent = SFT(pad_token_id=0, pad_token="<pad>", actor_network=model, lora_config=lora_config(), batch_size=2,
                     lr=1e-4, device=str(device), compile_layers=False)
@@ -69,10 +78,13 @@ def main():
                  ("checkpoint_snapshot", agent.checkpoint_snapshot)]
         baseline_ms = None
         for index, (way, fn) in enumerate(pairs):
-            ms = median_ms(fn, device, args.repeats)
+            ms = median_ms(fn, device, repeats)
             if index % 2 == 0:
                 baseline_ms = ms
+            rows.append(dict(model=model_name, tensors=tensors, read=way, ms=ms, x_baseline=baseline_ms / ms))
             print(f"| {model_name} | {tensors} | {way} | {ms:.1f} | {baseline_ms / ms:.2f} |", flush=True)
+    append_results(out, rows, stamp, device)
+    print(f"results: {out / 'results.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -83,11 +83,12 @@ def main():
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda where there is one, cpu with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU")
     parser.add_argument("--out", help="folder for results.jsonl; default $OUT/bench_checkpoint_copy, else "
                                       "experiments/results/bench_checkpoint_copy (a new temporary folder with --tiny)")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     impls = {f"baseline {args.baseline_rev}": module_at(STORAGE_PATHS, args.baseline_rev, args.baseline_file),
              "this tree": storage}
     out = output_folder("bench_checkpoint_copy", args.out, args.tiny)

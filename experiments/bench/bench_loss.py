@@ -50,11 +50,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compiled-chunks", default="",
                         help="powers of two: also the compiled loss with chunks of 2^N logits, e.g. 25,26,27")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda where there is one, cpu with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="the tiny shape and 500 rows, on the CPU")
     parser.add_argument("--out", help="folder for results.jsonl; default $OUT/bench_loss, else "
                                       "experiments/results/bench_loss (a new temporary folder with --tiny)")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     baseline = module_at(LOSS_PATHS, args.baseline_rev, args.baseline_file)
     out = output_folder("bench_loss", args.out, args.tiny)

@@ -15,7 +15,7 @@ each process, and MFU (useful FLOPs of `common.useful_flops` over k times a bf16
 measured on rank 0's card). The output head and the adapter are whole on every process.
 
     python experiments/bench/bench_member_gpus.py --gpus 1,2,4               # a 4-GPU machine
-    python experiments/bench/bench_member_gpus.py --tiny --device cpu --gpus 1,2   # CPU smoke run
+    python experiments/bench/bench_member_gpus.py --tiny --device cpu   # CPU smoke run: 2 processes, gloo
 
 Each row is appended to results.jsonl in --out (see common.output_folder), with the run's header.
 """
@@ -82,15 +82,18 @@ def member(rank: int, world: int, args, shape_name: str, model_path: str, port: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="3b,7b", help="model shapes of common.SHAPES (default: 3b,7b)")
-    parser.add_argument("--gpus", default="1,2,4", help="process counts, one GPU each (default: 1,2,4)")
+    parser.add_argument("--gpus", help="process counts, one GPU each (default: 1,2,4; 2 with --tiny)")
     parser.add_argument("--micro", type=int, default=4, help="micro-batch rows (default: 4)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, help="untimed steps (default: 3; 1 with --tiny)")
+    parser.add_argument("--steps", type=int, help="timed steps (default: 10; 2 with --tiny)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="the tiny shape, short rows: a smoke run")
     parser.add_argument("--out", default=None, help="results folder (default: see common.output_folder)")
     args = parser.parse_args()
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    for name, full, tiny in (("gpus", "1,2,4", "2"), ("warmup", 3, 1), ("steps", 10, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     folder = output_folder("bench_member_gpus", args.out, args.tiny)
     stamp = utc_stamp()
@@ -112,6 +115,11 @@ def main() -> None:
                 rows.append(row)
                 print(f"{shape:>5} x{world}: {row['tokens_per_s']:9.0f} tok/s  scaling {row['scaling']:.2f}  "
                       f"peak GiB {row['peak_gib_per_process']}  MFU {row['mfu']:.1%}")
+    print("| shape | processes | tokens/s | scaling | peak GiB per process | MFU |")
+    print("|---|---:|---:|---:|---|---:|")
+    for row in rows:
+        print(f"| {row['shape']} | {row['processes']} | {row['tokens_per_s']:.0f} | {row['scaling']:.2f} | "
+              f"{row['peak_gib_per_process']} | {row['mfu']:.1%} |")
     append_results(folder, rows, stamp, device)
     print(f"appended {len(rows)} rows to {folder / 'results.jsonl'}")
 

@@ -20,6 +20,7 @@ Writes, per task, the comparison's table and plot, and appends one row per (stra
 results.jsonl in --out (see common.output_folder); RESULTS.md there is written by hand from them.
 
     PYTHONPATH=. python experiments/bench/bench_search.py --device cpu --seeds 5
+    PYTHONPATH=. python experiments/bench/bench_search.py --tiny --device cpu    # smoke run
 """
 import argparse
 import importlib
@@ -132,12 +133,22 @@ def task_config(task: str, device: str, folder: Path, selection: str, space: str
     return config
 
 
+def tiny_config(config: dict) -> dict:
+    """The config at the smallest size that still runs every part of a comparison: 2 members,
+    2 generations of 2 steps, 200 rows (a smoke run; its figures mean nothing)."""
+    config["data"].update(num_rows=200, test_size=20)
+    config["population"]["size"] = 2
+    config["evolution"].update(generations=2, steps_per_generation=2)
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tasks", default="demo,stdlib")
-    parser.add_argument("--strategies", default="evolution,pbt,asha,random,grid")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--tasks", help="default: demo,stdlib; demo with --tiny")
+    parser.add_argument("--strategies", help="default: evolution,pbt,asha,random,grid; evolution,pbt with --tiny")
+    parser.add_argument("--seeds", type=int, help="default: 5; 1 with --tiny")
+    parser.add_argument("--tiny", action="store_true", help="every config at its smallest (`tiny_config`): a smoke run")
     parser.add_argument("--selection", default="tournament", choices=["tournament", "truncation"],
                         help="the evolution's evolution.selection")
     parser.add_argument("--space", default="lr+batch", choices=["lr+batch", "wide"],
@@ -145,13 +156,18 @@ def main() -> None:
     parser.add_argument("--out", help="where results.jsonl and the tables go (see common.output_folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (MLflow store, Tune trials)")
     args = parser.parse_args()
+    for name, full, tiny in (("tasks", "demo,stdlib", "demo"), ("strategies", "evolution,pbt,asha,random,grid",
+                                                                  "evolution,pbt"), ("seeds", 5, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
     device, stamp = torch.device(args.device), utc_stamp()
     print(about(device, stamp))
-    folder = output_folder("bench_search", args.out)
+    folder = output_folder("bench_search", args.out, args.tiny)
     scratch = Path(tempfile.mkdtemp(prefix="bs", dir="/tmp"))  # Ray's socket paths stay short
     try:
         for task in args.tasks.split(","):
-            config = config_from_dict(task_config(task, args.device, scratch, args.selection, args.space))
+            config = task_config(task, args.device, scratch, args.selection, args.space)
+            config = config_from_dict(tiny_config(config) if args.tiny else config)
             comparison = runner.plan(config, args.strategies, args.seeds, None, scratch / task)
             runs = runner.run(comparison)
             append_results(folder, [{"task": task, "device": args.device, "budget": comparison.budget,

@@ -1,0 +1,64 @@
+"""Every script of experiments/bench/ in its tiny CPU mode, as a subprocess writing into a
+temporary folder: it exits 0, prints a markdown table with a line per row it measured, and
+appends those rows to results.jsonl with a finite, positive measurement in each. Those that start
+Ray or several processes are marked `integration` (tens of seconds each on two cores)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.paths import REPO
+from tests.helpers.processes import subprocess_env
+
+BENCH = REPO / "experiments" / "bench"
+
+
+def this_tree(path: str) -> list[str]:
+    """The baseline of a benchmark that compares with a git revision: this tree's own module, so
+    that the run needs no git and its baseline rows equal this tree's."""
+    return ["--baseline-rev", "HEAD", "--baseline-file", str(REPO / path)]
+
+
+# script: (arguments after --tiny, the key of a measured row and its measurement, rows expected)
+SCRIPTS = {
+    "bench_sft_step": (["--device", "cpu"], "tok_s", 4),  # evo and evo_eager, GC off and on
+    "bench_population": (["--device", "cpu"], "tok_s", 4),  # alone; 2 together, shared, copies
+    "bench_loss": (["--device", "cpu", *this_tree("evo_sft/kernels/loss.py")], "ms", 4),
+    "bench_checkpoint_copy": (["--device", "cpu", *this_tree("evo_sft/io/storage.py")], "copy_s", 2),
+    "bench_checkpoint_save": (this_tree("evo_sft/io/storage.py"), "save_s", 2),
+    "bench_adapter_state": (["--device", "cpu"], "ms", 4),
+    "bench_member_copy": (["--device", "cpu"], "s", 2),
+    "bench_clone_transfer": ([], "s", 2),
+    "bench_member_gpus": (["--device", "cpu"], "tokens_per_s", 1),
+    "bench_search": (["--device", "cpu"], "wall_s", 2),  # evolution and pbt, one seed
+}
+SLOW = {"bench_clone_transfer": "starts Ray", "bench_member_gpus": "spawns two gloo processes",
+        "bench_search": "starts Ray Tune and runs two strategies"}
+
+
+def test_every_benchmark_has_a_smoke_run():
+    scripts = {path.stem for path in BENCH.glob("*.py")} - {"common"}
+    assert scripts == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", [pytest.param(name, marks=pytest.mark.integration) if name in SLOW else name
+                                    for name in SCRIPTS])
+def test_tiny_run_prints_its_table_and_writes_its_rows(script, tmp_path):
+    arguments, measured, count = SCRIPTS[script]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--tiny", *arguments, "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(drop=("OUT",), PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    separators = [i for i, line in enumerate(lines) if line.startswith("|---")]
+    assert separators, done.stdout[-3000:]
+    table = [line for line in lines[separators[0] + 1:] if line.startswith("| ")]
+    assert len(table) >= count
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if measured in row]
+    assert len(rows) == count
+    assert all(isinstance(row[measured], float) and math.isfinite(row[measured]) and row[measured] > 0
+               for row in rows)
