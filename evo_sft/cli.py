@@ -50,7 +50,7 @@ def cmd_compare(args) -> int:
     check_paths({"model.name": config.model.name, "tokenizer": config.tokenizer, "data.source": config.data.source})
     try:
         comparison = runner.plan(config, args.strategies, args.seeds, args.budget,
-                                 Path(args.out or Path("runs") / f"{config.name}-compare"))
+                                 Path(args.out or Path("runs") / f"{config.name}-compare"), args.budget_seconds)
     except ValueError as error:
         raise UsageError(str(error)) from None
     runner.run(comparison)
@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config and resources, then exit (default: off)")
 
-    compare = command("compare", cmd_compare, "run the experiment under each search strategy at one token budget "
+    compare = command("compare", cmd_compare, "run the experiment under each search strategy at one budget "
                                               "and compare them")
     compare.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")
     overrides(compare, "the config")
@@ -246,7 +246,11 @@ def parser() -> argparse.ArgumentParser:
                          help="seeds per strategy: the config's seed and the N-1 after it (default: 1)")
     compare.add_argument("--budget", type=int, metavar="TOKENS",
                          help="supervised training tokens per strategy and seed; at least one generation's "
-                              "(default: what the config's generations train on at the founders' batch size)")
+                              "(default: what the config's generations train on at the founders' batch size, "
+                              "unless --budget-seconds is the only budget)")
+    compare.add_argument("--budget-seconds", type=float, metavar="S",
+                         help="wall-clock seconds per strategy and seed, start-up included; with --budget, "
+                              "whichever ends first (default: none)")
     compare.add_argument("--out", metavar="DIR",
                          help="the folder for the runs, the table and the plot (default: runs/NAME-compare)")
 

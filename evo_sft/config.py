@@ -148,6 +148,10 @@ class EvolutionConfig:
     # Supervised training tokens the whole population may train on; the run ends once they are
     # spent, whatever `generations` says (evo_sft.controller.Controller). null: no budget.
     token_budget: int | None = None
+    # Wall-clock seconds for this session of the run (`evo-sft run` or `resume`), from its start,
+    # model loading and actor start-up included: no generation starts once they are spent, and
+    # the last takes only the steps that fit (evo_sft.time_budget.Deadline). null: no limit.
+    time_budget_s: float | None = None
     selection: str = "tournament"  # AgileRL's tournament with elitism, or "truncation" (PBT's exploit step)
     tournament_size: int = 2
     elitism: bool = True
@@ -348,6 +352,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     _require(evolution.steps_per_generation >= 1, "evolution.steps_per_generation", f"must be >= 1, got {evolution.steps_per_generation}")
     _require(evolution.token_budget is None or evolution.token_budget >= 1, "evolution.token_budget",
              f"must be >= 1 or null (no budget), got {evolution.token_budget}")
+    _require(evolution.time_budget_s is None or evolution.time_budget_s > 0, "evolution.time_budget_s",
+             f"must be > 0 or null (no limit), got {evolution.time_budget_s}")
     _require(evolution.tournament_size >= 1, "evolution.tournament_size", f"must be >= 1, got {evolution.tournament_size}")
     _require(
         evolution.tournament_size <= population.size,

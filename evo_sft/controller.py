@@ -6,6 +6,7 @@ Generations are numbered from 1. Selection opens a generation rather than closin
 population a run ends with, and every checkpoint, holds exactly the members that were scored,
 with the hyperparameters they were scored with."""
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from evo_sft.evolution import (
     apply_plan_to_lineage, elite, plan_generation, score,
 )
 from evo_sft.population.protocol import Population, TrainResult
+from evo_sft.time_budget import Deadline
 
 
 @dataclass
@@ -41,10 +43,14 @@ class Controller:
     `selection`/`mutations` None means no evolution: members only train and are scored.
     `save_elite(controller, slot)` runs after scoring; it may return the saved path.
     `generation` counts the generations completed; `tokens[g - 1]` is the supervised tokens the
-    population has trained on by the end of generation g, as its members measured them.
+    population has trained on by the end of generation g, as its members measured them, and
+    `finished_at[g - 1]` when it was scored (`time.time()`).
     With `token_budget`, the run ends once the population has trained on that many tokens: in
     each generation a member trains until it has had its share of what is left (its last step
     may pass it, by less than one batch), so batch-size mutation cannot exceed the budget.
+    With a `deadline` (`evo_sft.time_budget.Deadline`), no generation starts once it has passed,
+    and a generation takes only the optimizer steps that its forecast (the last generation's
+    times) fits before it; the first generation measures, so it runs whole.
     `progress(generation, total_steps)`, if given, is a context manager around each generation's
     training that yields the `report` the population's `train` is given (see `evo_sft.progress`).
     """
@@ -52,7 +58,7 @@ class Controller:
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | TruncationSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
-                 token_budget: int | None = None, progress=None):
+                 token_budget: int | None = None, progress=None, deadline: Deadline | None = None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
@@ -60,9 +66,10 @@ class Controller:
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
         self.progress = progress
         self.rng = np.random.default_rng(seed)
-        self.token_budget = token_budget
+        self.token_budget, self.deadline = token_budget, deadline
         self.generation = 0
         self.tokens: list[int] = []
+        self.finished_at: list[float] = []
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp, generation=1, slot=slot)
                          for slot, hp in enumerate(population.hyperparameters())]
@@ -78,6 +85,7 @@ class Controller:
             "slot_ids": self.slot_ids,
             "fitness": [[member_id, history] for member_id, history in self.fitness.items()],
             "tokens": self.tokens,
+            "finished_at": self.finished_at,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -87,6 +95,7 @@ class Controller:
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
         self.tokens = list(state.get("tokens", []))  # checkpoints before token counting have none
+        self.finished_at = list(state.get("finished_at", []))  # nor before the wall-clock budget
 
     def scores(self) -> list[float]:
         """Each slot's score: its recent fitness (`selection.eval_loop` evaluations), -inf if none."""
@@ -118,31 +127,48 @@ class Controller:
                             error=message.splitlines()[0][:500] if message else "")
 
     # ----------------------------------------------------------------- the loop
+    def steps_that_fit(self) -> int:
+        """The optimizer steps the next generation takes: `steps_per_generation`, or what fits
+        before the deadline."""
+        if self.deadline is None:
+            return self.steps_per_generation
+        return self.deadline.steps_that_fit(self.steps_per_generation)
+
     def run(self, generations: int) -> None:
-        """Run until `generations` generations are complete in total, or the token budget is
-        spent; the last checkpoint is committed before this returns (or raises)."""
+        """Run until `generations` generations are complete in total, the token budget is spent,
+        or not one more step fits before the deadline; the last checkpoint is committed before
+        this returns (or raises)."""
         try:
             while self.generation < generations and not self.budget_spent():
-                self.run_generation()
+                steps = self.steps_that_fit()
+                if steps == 0:
+                    break
+                self.run_generation(steps)
         finally:
             if self.checkpointer is not None:
                 self.checkpointer.settle(self)
 
-    def run_generation(self) -> GenerationRecord:
+    def run_generation(self, steps: int | None = None) -> GenerationRecord:
+        """One generation of `steps` optimizer steps per member (default `steps_per_generation`)."""
+        steps = self.steps_per_generation if steps is None else steps
+        started = time.time()
         generation = self.generation + 1
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
             decisions, retired = self._evolve(generation)
         limits = self._token_limits()
+        training = time.time()
         if self.progress is None:
-            train = self.population.train(self.steps_per_generation, limits)
+            train = self.population.train(steps, limits)
         else:
-            with self.progress(generation, self.population.size * self.steps_per_generation) as report:
-                train = self.population.train(self.steps_per_generation, limits, report)
+            with self.progress(generation, self.population.size * steps) as report:
+                train = self.population.train(steps, limits, report)
+        train_s = time.time() - training
         self.tokens.append(self.tokens_trained + sum(result.tokens for result in train))
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
         evaluations = self.population.evaluate()
+        self.finished_at.append(time.time())
         fitness = [evaluation.fitness for evaluation in evaluations]
         for slot, result in enumerate(train):
             if not (result.finite and math.isfinite(fitness[slot])):
@@ -161,6 +187,8 @@ class Controller:
         self._notify(record)
         if self.checkpointer is not None:
             self.checkpointer.maybe_save(self)
+        if self.deadline is not None:
+            self.deadline.measured(steps, train_s, time.time() - started - train_s)
         return record
 
     def _evolve(self, generation: int) -> tuple[list, list[int]]:

@@ -2,6 +2,7 @@
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from evo_sft.evolution import elite
 from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
+from evo_sft.time_budget import Deadline
 from evo_sft.io.storage import CheckpointError, replace_directory, save_json
 
 CONFIG_FILE = "config.yaml"
@@ -91,6 +93,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
 
 
 def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
+    started = time.time()
     quiet_libraries()
     model_path = build.resolve_model_path(config, run_dir)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
@@ -113,6 +116,7 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
         token_budget=config.evolution.token_budget,
         progress=progress_line,
+        deadline=None if config.evolution.time_budget_s is None else Deadline(started + config.evolution.time_budget_s),
     )
     if checkpoint:
         population.load(checkpoint[0] / "members")

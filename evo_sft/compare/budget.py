@@ -1,6 +1,7 @@
 """Compute counted in supervised training tokens (the response tokens a step trains on): what a
 budget is, what one generation costs, and the bank that Tune trials draw their tokens from."""
 import math
+import time
 
 import numpy as np
 
@@ -30,15 +31,16 @@ def test_tokens(prepared: dict) -> int:
 class TokenBank:
     """The token budget of one strategy's trials (a Ray actor). A trial draws tokens before it
     trains and settles what it used after: no trial gets more than `per_trial`, and the trials
-    together no more than `budget` (each draw's last step may pass it by less than one batch).
-    It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness)."""
+    together no more than `budget` (each draw's last step may pass it by less than one batch;
+    `math.inf`: no token budget). It also keeps every evaluation as (tokens consumed by all trials
+    then, trial, fitness, when: `time.time()`)."""
 
-    def __init__(self, budget: int, per_trial: int):
+    def __init__(self, budget: float, per_trial: float):
         self.budget, self.per_trial = budget, per_trial
         self.consumed, self.reserved = 0, 0
         self.by_trial: dict[str, int] = {}
         self.reserved_by_trial: dict[str, int] = {}
-        self.evaluations: list[tuple[int, str, float]] = []
+        self.evaluations: list[tuple[int, str, float, float]] = []
 
     def draw(self, trial: str, wanted: int) -> int:
         mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
@@ -65,7 +67,7 @@ class TokenBank:
         return self.consumed
 
     def evaluated(self, trial: str, tokens: int, fitness: float) -> None:
-        self.evaluations.append((tokens, trial, fitness))
+        self.evaluations.append((tokens, trial, fitness, time.time()))
 
-    def ledger(self) -> list[tuple[int, str, float]]:
+    def ledger(self) -> list[tuple[int, str, float, float]]:
         return self.evaluations

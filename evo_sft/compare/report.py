@@ -20,6 +20,7 @@ class StrategyRun:
     eval_tokens: int  # test tokens read by those evaluations (forward only), reported apart from training
     run_id: str | None = None  # its MLflow run
     notes: dict = field(default_factory=dict)
+    seconds: list = field(default_factory=list)  # wall-clock seconds since the run started, at each point of `curve`
 
     @property
     def best_final(self) -> float:

@@ -1,5 +1,6 @@
-"""Run one experiment under each search strategy and seed at one token budget, record each run in
-MLflow (one experiment), and write the table, the summary and the plot into the output folder."""
+"""Run one experiment under each search strategy and seed at one budget (of supervised training
+tokens, of wall-clock seconds, or both: whichever ends first), record each run in MLflow (one
+experiment), and write the table, the summary and the plot into the output folder."""
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from evo_sft.fitness import Fitness
 from evo_sft.io.checkpoint import latest_intact
 
 RESULTS = "results.jsonl"
+UNBOUNDED_GENERATIONS = 1_000_000  # an evolution with a time budget only: the time ends it
 
 
 @dataclass
@@ -25,16 +27,28 @@ class Comparison:
     config: ExperimentConfig
     strategies: list[str]
     seeds: list[int]
-    budget: int  # supervised training tokens each (strategy, seed) may consume
+    budget: int | None  # supervised training tokens each (strategy, seed) may consume; None: no token budget
     out: Path
     generation_tokens: int  # what one generation of the population trains on at the founders' batch size
+    budget_seconds: float | None = None  # wall-clock seconds each (strategy, seed) may take, start-up included
+
+    def described(self) -> str:
+        """The budget in words."""
+        parts = ([f"{self.budget:,} supervised training tokens"] if self.budget is not None else []) + (
+            [f"{self.budget_seconds:g} s of wall-clock time (start-up included)"] if self.budget_seconds is not None
+            else [])
+        return " or ".join(parts) + (", whichever ends first" if len(parts) > 1 else "")
 
 
-def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int | None, out: Path) -> Comparison:
-    """Check what was asked before anything runs; a ValueError says what is wrong."""
+def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int | None, out: Path,
+         budget_seconds: float | None = None) -> Comparison:
+    """Check what was asked before anything runs; a ValueError says what is wrong. Without a
+    token `budget`, the default one, unless `budget_seconds` is the only budget."""
     names = strategies.parse(strategy_names)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if budget_seconds is not None and not (math.isfinite(budget_seconds) and budget_seconds > 0):
+        raise ValueError(f"--budget-seconds must be a number of seconds > 0, got {budget_seconds}")
     if "grid" in names:
         strategies.lr_grid(config)
     out = Path(out).resolve()
@@ -44,14 +58,15 @@ def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int 
     first = seeded(config, config.seed)
     prepared = prepare(first, out)[1]
     generation = budgets.generation_tokens(first, prepared)
-    budget = budgets.default_budget(first, prepared) if budget is None else budget
-    if budget < generation:
+    if budget is None and budget_seconds is None:
+        budget = budgets.default_budget(first, prepared)
+    if budget is not None and budget < generation:
         if created:  # the base model written to count the data's tokens
             shutil.rmtree(out)
         raise ValueError(f"--budget {budget:,} tokens is less than one generation: {config.population.size} members "
                          f"x {config.evolution.steps_per_generation} steps x {config.agent.batch_size} rows "
                          f"x {budgets.tokens_per_row(prepared['train']):.1f} supervised tokens a row = {generation:,}")
-    return Comparison(config, names, [config.seed + i for i in range(seeds)], budget, out, generation)
+    return Comparison(config, names, [config.seed + i for i in range(seeds)], budget, out, generation, budget_seconds)
 
 
 def seeded(config: ExperimentConfig, seed: int) -> ExperimentConfig:
@@ -88,7 +103,7 @@ def run(comparison: Comparison) -> list[StrategyRun]:
             seed_config = seeded(config, seed)
             model_path, prepared = prepare(seed_config, out)
             for strategy in comparison.strategies:
-                print(f"== {strategy}, seed {seed}, budget {comparison.budget:,} tokens", flush=True)
+                print(f"== {strategy}, seed {seed}, budget {comparison.described()}", flush=True)
                 if strategy == "evolution":
                     result = run_evolution(seed_config, comparison, uri, experiment, prepared)
                 else:
@@ -107,8 +122,8 @@ def run(comparison: Comparison) -> list[StrategyRun]:
 
 def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, experiment: str,
                   prepared: dict) -> StrategyRun:
-    """`evo-sft run` of the config with the token budget; enough generations that the budget,
-    not their number, ends it (a schedule keeps the length the config gives it)."""
+    """`evo-sft run` of the config with the token and time budgets; enough generations that a
+    budget, not their number, ends it (a schedule keeps the length the config gives it)."""
     from evo_sft.run import start
 
     d = config.to_dict()
@@ -118,13 +133,15 @@ def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, ex
     per_generation = (config.population.size * config.evolution.steps_per_generation * smallest_step
                       * budgets.tokens_per_row(prepared["train"]))
     agent["schedule_steps"] = agent["schedule_steps"] or evolution["generations"] * evolution["steps_per_generation"]
-    evolution.update(token_budget=comparison.budget, generations=2 * math.ceil(comparison.budget / per_generation) + 1)
+    evolution.update(token_budget=comparison.budget, time_budget_s=comparison.budget_seconds,
+                     generations=UNBOUNDED_GENERATIONS if comparison.budget is None
+                     else 2 * math.ceil(comparison.budget / per_generation) + 1)
     evolution["fitness_options"]["full_test_at_end"] = False
     d.update(run_dir=str(comparison.out / f"evolution-seed{config.seed}"), checkpoint={"every": 1, "keep": 1},
              tracking={"uri": uri, "experiment": experiment})
-    started = time.perf_counter()
+    started = time.time()
     start(config_from_dict(d))
-    wall = time.perf_counter() - started
+    wall = time.time() - started
     saved = latest_intact(Path(d["run_dir"]))[1]
     state = saved["controller"]
     history = dict((member_id, fitness) for member_id, fitness in state["fitness"])
@@ -132,22 +149,26 @@ def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, ex
     evaluations = state["generation"] * config.population.size
     return StrategyRun("evolution", config.seed, curve, [history[m][-1] for m in state["slot_ids"]],
                        state["tokens"][-1], wall, evaluations, evaluations * budgets.test_tokens(prepared),
-                       run_id=saved["tracking"]["parent_run_id"])
+                       run_id=saved["tracking"]["parent_run_id"], seconds=[at - started for at in state["finished_at"]])
 
 
 def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, model_path: str,
              prepared: dict) -> StrategyRun:
     """A Ray Tune baseline: its trials on the population's resources, as many at once as the
-    population has members, each allowed a member's share of the budget."""
+    population has members, each allowed a member's share of the token budget; with a time
+    budget, all of them stop by its deadline (see `trial.BudgetSpent`)."""
     import ray
     from ray import tune
 
     from evo_sft.compare.trial import BudgetSpent, TrialPlan, train_trial
 
-    size = config.population.size
-    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(comparison.budget, -(-comparison.budget // size))
+    started = time.time()
+    deadline = None if comparison.budget_seconds is None else started + comparison.budget_seconds
+    size, budget = config.population.size, comparison.budget
+    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(
+        math.inf if budget is None else budget, math.inf if budget is None else -(-budget // size))
     plan = TrialPlan(config.evolution.steps_per_generation, budgets.tokens_per_row(prepared["train"]),
-                     checkpoints=strategy == "pbt")
+                     checkpoints=strategy == "pbt", deadline=deadline)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, recipe=build.member_recipe(config, model_path), prepared=prepared,
                              plan=plan, bank=bank),
@@ -158,22 +179,21 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
         tune_config=tune.TuneConfig(metric="fitness", mode="max", scheduler=strategies.scheduler(strategy, config),
                                     max_concurrent_trials=size, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{strategy}-seed{config.seed}", storage_path=str(comparison.out / "tune"),
-                                  stop=BudgetSpent(bank), verbose=0))
+                                  stop=BudgetSpent(bank, deadline), verbose=0))
     # A trial started when the budget is all drawn ends without a result; that is no error.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     random.seed(config.seed)  # PBT's explore draws from Python's generator
-    started = time.perf_counter()
     grid = tuner.fit()
-    wall = time.perf_counter() - started
+    wall = time.time() - started
     if grid.errors:
         raise RuntimeError(f"{strategy}: {len(grid.errors)} trials failed; the first: {grid.errors[0]}")
     tokens, ledger = ray.get([bank.spent.remote(), bank.ledger.remote()])
     ray.kill(bank)
     ledger.sort(key=lambda evaluation: evaluation[0])
-    last = {trial: fitness for _, trial, fitness in ledger}
-    return StrategyRun(strategy, config.seed, [(tokens, fitness) for tokens, _, fitness in ledger], list(last.values()),
-                       tokens, wall, len(ledger), len(ledger) * budgets.test_tokens(prepared),
-                       notes={"trials": len(last)})
+    last = {trial: fitness for _, trial, fitness, _ in ledger}
+    return StrategyRun(strategy, config.seed, [(tokens, fitness) for tokens, _, fitness, _ in ledger],
+                       list(last.values()), tokens, wall, len(ledger), len(ledger) * budgets.test_tokens(prepared),
+                       notes={"trials": len(last)}, seconds=[at - started for *_, at in ledger])
 
 
 def record(client, experiment_id: str, run: StrategyRun, fitness: Fitness, comparison: Comparison) -> str:
@@ -189,10 +209,13 @@ def record(client, experiment_id: str, run: StrategyRun, fitness: Fitness, compa
                "evaluations": run.evaluations, "eval_tokens": run.eval_tokens}
     metrics += [Metric(f"compare.{key}", float(value), now, 0) for key, value in figures.items()
                 if math.isfinite(value)]
+    limits = {name: str(value) for name, value in (("budget", comparison.budget),
+                                                     ("budget_seconds", comparison.budget_seconds)) if value is not None}
     client.log_batch(run_id, metrics=metrics, synchronous=True,
-                     params=[Param("compare.budget", str(comparison.budget))] if run.run_id is None else [],
+                     params=[Param(f"compare.{name}", value) for name, value in limits.items()] if run.run_id is None
+                     else [],
                      tags=[RunTag("evo_sft.strategy", run.strategy), RunTag("evo_sft.seed", str(run.seed)),
-                           RunTag("evo_sft.compare_budget", str(comparison.budget))])
+                           *(RunTag(f"evo_sft.compare_{name}", value) for name, value in limits.items())])
     if run.run_id is None:
         client.set_terminated(run_id)
     return run_id
@@ -203,13 +226,13 @@ def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparis
     out = comparison.out
     targets = report.grid_targets(runs)
     rows = report.summary(runs, fitness, targets)
-    text = (f"budget: {comparison.budget:,} supervised training tokens per strategy and seed\n\n"
+    text = (f"budget: {comparison.described()}, per strategy and seed\n\n"
             + report.table(runs, fitness, targets) + "\n\n" + report.summary_table(rows, fitness) + "\n")
     print("\n" + text)
     (out / "table.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     report.plot(runs, fitness, out / "best_fitness_vs_tokens.png", title=f"{comparison.config.name}: "
-                f"{len(comparison.seeds)} seeds, {comparison.budget:,} tokens")
+                f"{len(comparison.seeds)} seeds, {comparison.described()}")
     comparison_run = client.create_run(experiment_id, run_name="comparison", tags={"evo_sft.role": "comparison"})
     for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png", RESULTS):
         client.log_artifact(comparison_run.info.run_id, str(out / name))

@@ -1,7 +1,9 @@
 """The Ray Tune trainable of the baselines: one member, built as a run builds its members (the
 same recipe, data, fitness and test set), trained an iteration at a time on tokens drawn from the
 strategy's `TokenBank`, scored after each iteration. With `checkpoints` (PBT) every report carries
-the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator."""
+the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator.
+With a `deadline` an iteration takes only the steps that fit before it, as the evolution's
+generations do (`evo_sft.time_budget.Deadline`, its forecast carried in the checkpoint)."""
 import math
 import tempfile
 import time
@@ -14,6 +16,7 @@ from ray.tune.stopper import Stopper
 
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts
+from evo_sft.time_budget import Deadline
 
 WAIT_FOR_TOKENS_S = 0.2
 RESERVE = 1.5  # a trial draws this many times what an iteration needs on average, and gives back the rest
@@ -24,6 +27,7 @@ class TrialPlan:
     steps: int  # optimizer steps in one iteration (one generation of the evolution)
     tokens_per_row: float  # the mean supervised tokens of a training row
     checkpoints: bool  # report the member with each result (PBT's exploit copies it)
+    deadline: float | None = None  # time.time() by which the strategy's time budget is spent
 
 
 def trial_slot(trial_id: str) -> int:
@@ -33,18 +37,25 @@ def trial_slot(trial_id: str) -> int:
 
 def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialPlan, bank) -> None:
     trial = tune.get_context().get_trial_id()
+    if plan.deadline is not None and time.time() >= plan.deadline:
+        return  # started when the time was spent: ends without a result, like one the tokens ran out for
     slot = trial_slot(trial)
     host = build_hosts(recipe, prepared, {slot: config["hyperparameters"]})[slot]
-    restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
+    forecast = restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
+    deadline = None if plan.deadline is None else Deadline(plan.deadline, **forecast)
     while True:
-        wanted = math.ceil(RESERVE * plan.steps * host.agent.batch_size * plan.tokens_per_row)
+        steps = plan.steps if deadline is None else deadline.steps_that_fit(plan.steps)
+        if steps == 0:
+            return
+        wanted = math.ceil(RESERVE * steps * host.agent.batch_size * plan.tokens_per_row)
         grant = ray.get(bank.draw.remote(trial, wanted))
         if grant == 0:
             if ray.get(bank.trial_done.remote(trial)) or ray.get(bank.exhausted.remote()):
                 return
             time.sleep(WAIT_FOR_TOKENS_S)  # the other trials hold what is left; they may give some back
             continue
-        result = host.train(plan.steps, grant)
+        started = time.time()
+        result = host.train(steps, grant)
         total = ray.get(bank.settle.remote(trial, grant, result.tokens))
         evaluation = host.evaluate()
         ray.get(bank.evaluated.remote(trial, total, evaluation.fitness))
@@ -52,23 +63,27 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
                    "total_tokens": total, "train_seconds": result.seconds, **host.hyperparameters()}
         if not plan.checkpoints:
             tune.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory() as directory:
-            save(host, trial, Path(directory))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        else:
+            with tempfile.TemporaryDirectory() as directory:
+                save(host, trial, Path(directory), deadline)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        if deadline is not None:
+            deadline.measured(steps, result.seconds, time.time() - started - result.seconds)
 
 
-def save(host, trial: str, directory: Path) -> None:
+def save(host, trial: str, directory: Path, deadline: Deadline | None) -> None:
     host.snapshot().write(directory)
-    storage.save_json(directory / "trial.json", {"trial_id": trial, "slot": host.slot})
+    storage.save_json(directory / "trial.json", {"trial_id": trial, "slot": host.slot,
+                                                 "forecast": {} if deadline is None else deadline.state_dict()})
 
 
-def restore(host, checkpoint, trial: str, hyperparameters: dict) -> None:
+def restore(host, checkpoint, trial: str, hyperparameters: dict) -> dict:
     """Continue from `checkpoint` (this trial's own, or a better trial's that PBT's exploit chose):
     its weights, optimizer and scheduler; this trial's own data stream goes on where it was, a
-    copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters."""
+    copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters.
+    Returns the checkpoint's time forecast ({} where there is none) for `Deadline`."""
     if checkpoint is None:
-        return
+        return {}
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         saved = storage.load_json(directory / "trial.json")
@@ -77,16 +92,19 @@ def restore(host, checkpoint, trial: str, hyperparameters: dict) -> None:
         else:
             host.agent.load_checkpoint(directory / f"slot_{saved['slot']}", load_optimizer=True)
     host.set_hyperparameters(hyperparameters)
+    return saved["forecast"]
 
 
 class BudgetSpent(Stopper):
-    """Stops every trial once the strategy's budget is consumed (ASHA would start more)."""
+    """Stops every trial once the strategy's tokens are consumed (ASHA would start more) or, with
+    a `deadline` (a `time.time()`), once it has passed: a trial still training then loses what it
+    trained since its last report."""
 
-    def __init__(self, bank):
-        self.bank = bank
+    def __init__(self, bank, deadline: float | None = None):
+        self.bank, self.deadline = bank, deadline
 
     def __call__(self, trial_id, result) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return ray.get(self.bank.exhausted.remote())
+        return (self.deadline is not None and time.time() >= self.deadline) or ray.get(self.bank.exhausted.remote())

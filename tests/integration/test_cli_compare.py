@@ -1,6 +1,6 @@
 """`evo-sft compare` as a user runs it: bad input refused with exit code 2 before anything starts,
 and every strategy run at one token budget on a local Ray cluster, measured, recorded in MLflow,
-with PBT's trial checkpoints in safetensors and JSON only."""
+with PBT's trial checkpoints in safetensors and JSON only; and at one wall-clock budget."""
 import json
 import shutil
 import subprocess
@@ -45,6 +45,10 @@ def compare(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProces
     (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, asha, random, grid"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
+    (["--budget-seconds", "0"], "--budget-seconds must be a number of seconds > 0, got 0.0"),
+    (["--budget-seconds", "-5"], "--budget-seconds must be a number of seconds > 0, got -5.0"),
+    (["--budget-seconds", "nan"], "--budget-seconds must be a number of seconds > 0, got nan"),
+    (["--budget-seconds", "ten"], "argument --budget-seconds: invalid float value: 'ten'"),
 ])
 def test_bad_input_is_refused_with_exit_2_before_anything_starts(tmp_path, args, message):
     result = compare(tmp_path, *args, timeout=120)
@@ -80,3 +84,36 @@ def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short
     assert [point.step for point in history] == [tokens for tokens, _ in runs[0]["curve"]]
     comparison = client.search_runs([experiment.experiment_id], "tags.`evo_sft.role` = 'comparison'")[0]
     assert {a.path for a in client.list_artifacts(comparison.info.run_id)} >= {"table.md", "best_fitness_vs_tokens.png"}
+
+
+TIME_BUDGET_S = 45
+# What a strategy may take past its deadline: the evolution's last checkpoint and best adapter
+# written and its actors stopped, Tune's trials stopped and its results gathered (on two shared cores).
+TIME_SLACK_S = 25
+
+
+def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
+    from mlflow import MlflowClient
+
+    result = compare(short_dir, "--strategies", "evolution,pbt", "--budget-seconds", str(TIME_BUDGET_S))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = short_dir / "out"
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [run["strategy"] for run in runs] == ["evolution", "pbt"]
+    generation = TINY["population"]["size"] * TINY["evolution"]["steps_per_generation"]
+    for run in runs:
+        # the time, not the config's 2 generations or a token budget, ended it: it went on to near the deadline
+        assert TIME_BUDGET_S / 2 <= run["wall_s"] <= TIME_BUDGET_S + TIME_SLACK_S, run
+        assert len(run["seconds"]) == len(run["curve"]) > 2
+        assert 0 < min(run["seconds"]) and max(run["seconds"]) <= run["wall_s"]
+        assert run["tokens"] > 0
+    assert runs[0]["seconds"] == sorted(runs[0]["seconds"])  # each generation's
+    assert runs[0]["evaluations"] > 2 * TINY["population"]["size"]  # more than the config's generations
+    assert all(run["tokens"] > 2 * generation * 4 for run in runs)
+    table = (out / "table.md").read_text()
+    assert table.startswith(f"budget: {TIME_BUDGET_S} s of wall-clock time (start-up included), per strategy and seed")
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-compare")
+    recorded = client.search_runs([experiment.experiment_id], "tags.`evo_sft.strategy` != ''")
+    assert {run.data.tags["evo_sft.compare_budget_seconds"] for run in recorded} == {f"{float(TIME_BUDGET_S)}"}
+    assert not any("evo_sft.compare_budget" in run.data.tags for run in recorded)

@@ -1,0 +1,47 @@
+"""A wall-clock budget for the evolution (`evo_sft.time_budget.Deadline` in the controller): a
+generation takes only the steps its forecast fits before the deadline, the next is forecast from
+what it measured, and no generation starts once not one step fits."""
+import time
+import warnings
+
+import pytest
+
+from evo_sft import build
+from evo_sft.config import config_from_dict
+from evo_sft.controller import Controller
+from evo_sft.population.local import LocalPopulation
+from evo_sft.time_budget import Deadline
+from tests.helpers.evolution_run import GENERATIONS, experiment, make_controller, pieces
+
+
+def controller_of(tmp_path) -> Controller:
+    config = config_from_dict(experiment("local", tmp_path / "run"))
+    model_path, prepared, founders = pieces(config, tmp_path)
+    return make_controller(config, LocalPopulation(build.local_hosts(config, model_path, prepared, founders)))
+
+
+def test_a_generation_takes_the_steps_that_fit_and_the_next_is_forecast_from_what_it_measured(tmp_path):
+    controller = controller_of(tmp_path)
+    started = time.time()
+    # Forecast: 40 s a step and 50 s besides, so of 6 steps one fits in the 100 s left.
+    controller.deadline = Deadline(started + 100, step_s=40.0, other_s=50.0)
+    steps = []
+    controller.observers.append(lambda c, record: steps.append([len(r.step_losses) for r in record.train]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        controller.run(GENERATIONS)
+    assert steps == [[1, 1, 1], [6, 6, 6], [6, 6, 6]]
+    assert controller.deadline.step_s < 10  # measured on the tiny model, no longer the 40 s given
+    assert started <= controller.finished_at[0] <= controller.finished_at[1] <= controller.finished_at[2] <= time.time()
+    resumed = controller_of(tmp_path / "again")
+    resumed.load_state_dict(controller.state_dict())
+    assert resumed.finished_at == controller.finished_at
+
+
+@pytest.mark.parametrize("deadline", [lambda now: Deadline(now - 1), lambda now: Deadline(now + 100, step_s=200.0)],
+                         ids=["passed", "not one step fits"])
+def test_no_generation_starts_once_not_one_step_fits(tmp_path, deadline):
+    controller = controller_of(tmp_path)
+    controller.deadline = deadline(time.time())
+    controller.run(GENERATIONS)
+    assert controller.generation == 0 and controller.tokens == [] and controller.finished_at == []
