@@ -318,6 +318,13 @@ INVALID = [
      "evolution.mutation.explore.resample_probability: must be in [0, 1], got 1.5"),
     (nested("evolution.selection", "roulette"), "evolution.selection: must be one of tournament, truncation, got 'roulette'"),
     (nested("evolution.truncation_quantile", 0.75), "evolution.truncation_quantile: must be in (0, 0.5], got 0.75"),
+    # the search (issue 33)
+    (nested("evolution.interval", "epochs"), "evolution.interval: must be one of tokens, steps, got 'epochs'"),
+    (nested("evolution.founders", "grid"), "evolution.founders: must be one of spread, config, random_lr, got 'grid'"),
+    (nested("evolution.mutation.guide.kappa", -1.0), "evolution.mutation.guide.kappa: must be >= 0, got -1.0"),
+    (nested("evolution.mutation.guide.window", 0), "evolution.mutation.guide.window: must be >= 1, got 0"),
+    (nested("evolution.mutation.guide.kapa", 1.0),
+     "unknown key 'evolution.mutation.guide.kapa' (did you mean 'evolution.mutation.guide.kappa'?)"),
     # fitness (issue 23)
     (nested("evolution.fitness", "exactmatch"), "evolution.fitness: unknown fitness 'exactmatch' (did you mean 'exact_match'?)"),
     (nested("evolution.fitness", "no_such_module_here:score"),
