@@ -16,6 +16,7 @@ from evo_sft.evolution import (
     HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, TruncationSelection,
     apply_plan_to_lineage, elite, plan_generation, score,
 )
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.protocol import Population, TrainResult
 from evo_sft.time_budget import Deadline
 
@@ -43,22 +44,27 @@ class Controller:
     `selection`/`mutations` None means no evolution: members only train and are scored.
     `save_elite(controller, slot)` runs after scoring; it may return the saved path.
     `generation` counts the generations completed; `tokens[g - 1]` is the supervised tokens the
-    population has trained on by the end of generation g, as its members measured them, and
-    `finished_at[g - 1]` when it was scored (`time.time()`).
+    population has trained on by the end of generation g, as its members measured them.
     With `token_budget`, the run ends once the population has trained on that many tokens: in
     each generation a member trains until it has had its share of what is left (its last step
     may pass it, by less than one batch), so batch-size mutation cannot exceed the budget.
-    With a `deadline` (`evo_sft.time_budget.Deadline`), no generation starts once it has passed,
-    and a generation takes only the optimizer steps that its forecast (the last generation's
-    times) fits before it; the first generation measures, so it runs whole.
-    `progress(generation, total_steps)`, if given, is a context manager around each generation's
-    training that yields the `report` the population's `train` is given (see `evo_sft.progress`).
+    With `generation_tokens`, every member trains that many supervised tokens a generation (its
+    last step may pass them), however many steps its batch size takes, so that members are
+    compared after equal tokens; without, `steps_per_generation` optimizer steps each.
+    With a `deadline` (`evo_sft.time_budget.Deadline`), no generation starts once not one step
+    fits before it, and a generation takes only the optimizer steps that its forecast (the last
+    generation's times) fits; the first generation measures, so it runs whole. `finished_at[g - 1]`
+    is when generation g was scored (`time.time()`).
+    `progress(generation, total, unit)`, if given, is a context manager around each generation's
+    training that yields the `report` the population's `train` is given (see `evo_sft.progress`);
+    `total` counts units ("step" or "token") of all members.
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | TruncationSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
-                 token_budget: int | None = None, progress=None, deadline: Deadline | None = None):
+                 token_budget: int | None = None, progress=None, generation_tokens: int | None = None,
+                 deadline: Deadline | None = None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
@@ -66,10 +72,11 @@ class Controller:
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
         self.progress = progress
         self.rng = np.random.default_rng(seed)
-        self.token_budget, self.deadline = token_budget, deadline
+        self.token_budget, self.generation_tokens, self.deadline = token_budget, generation_tokens, deadline
         self.generation = 0
         self.tokens: list[int] = []
         self.finished_at: list[float] = []
+        self.batches: list[list[int]] = []  # per generation, the batches each slot's member trained on
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp, generation=1, slot=slot)
                          for slot, hp in enumerate(population.hyperparameters())]
@@ -85,6 +92,7 @@ class Controller:
             "slot_ids": self.slot_ids,
             "fitness": [[member_id, history] for member_id, history in self.fitness.items()],
             "tokens": self.tokens,
+            "batches": self.batches,
             "finished_at": self.finished_at,
         }
 
@@ -95,6 +103,9 @@ class Controller:
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
         self.tokens = list(state.get("tokens", []))  # checkpoints before token counting have none
+        # checkpoints before token intervals: every member took steps_per_generation batches
+        self.batches = [list(row) for row in state.get(
+            "batches", [[self.steps_per_generation] * self.population.size] * self.generation)]
         self.finished_at = list(state.get("finished_at", []))  # nor before the wall-clock budget
 
     def scores(self) -> list[float]:
@@ -105,6 +116,10 @@ class Controller:
     def best_slot(self) -> int:
         return elite(self.scores())
 
+    def schedule(self, member_id: int) -> dict:
+        """The schedule of `member_id`'s line (evo_sft.evolution.schedule), what `evo-sft replay` retrains."""
+        return line_schedule(self.lineage, member_id, self.fitness[member_id], self.batches, self.steps_per_generation)
+
     @property
     def tokens_trained(self) -> int:
         return self.tokens[-1] if self.tokens else 0
@@ -112,12 +127,20 @@ class Controller:
     def budget_spent(self) -> bool:
         return self.token_budget is not None and self.tokens_trained >= self.token_budget
 
+    def steps_that_fit(self) -> int:
+        """The most optimizer steps the next generation takes: its interval's steps (or tokens: a
+        step trains at least one token, so a token interval needs no more steps than it has
+        tokens), or fewer, what fits before the deadline."""
+        steps = self.steps_per_generation if self.generation_tokens is None else self.generation_tokens
+        return steps if self.deadline is None else self.deadline.steps_that_fit(steps)
+
     def _token_limits(self) -> list[int] | None:
-        """Each member's share of the token budget that is left, or None without a budget."""
-        if self.token_budget is None:
-            return None
-        share = -(-(self.token_budget - self.tokens_trained) // self.population.size)
-        return [share] * self.population.size
+        """Each member's token limit for the next generation, or None: its interval's tokens,
+        within its share of the token budget that is left."""
+        limits = [] if self.generation_tokens is None else [self.generation_tokens]
+        if self.token_budget is not None:
+            limits.append(-(-(self.token_budget - self.tokens_trained) // self.population.size))
+        return [min(limits)] * self.population.size if limits else None
 
     def _record_failure(self, kind: str, slot: int, error: str) -> None:
         """A lineage event for a member whose worker died: "restart" (rebuilt as it was) or
@@ -127,13 +150,6 @@ class Controller:
                             error=message.splitlines()[0][:500] if message else "")
 
     # ----------------------------------------------------------------- the loop
-    def steps_that_fit(self) -> int:
-        """The optimizer steps the next generation takes: `steps_per_generation`, or what fits
-        before the deadline."""
-        if self.deadline is None:
-            return self.steps_per_generation
-        return self.deadline.steps_that_fit(self.steps_per_generation)
-
     def run(self, generations: int) -> None:
         """Run until `generations` generations are complete in total, the token budget is spent,
         or not one more step fits before the deadline; the last checkpoint is committed before
@@ -149,9 +165,9 @@ class Controller:
                 self.checkpointer.settle(self)
 
     def run_generation(self, steps: int | None = None) -> GenerationRecord:
-        """One generation of `steps` optimizer steps per member (default `steps_per_generation`)."""
-        steps = self.steps_per_generation if steps is None else steps
+        """One generation of at most `steps` optimizer steps a member (default `steps_that_fit()`)."""
         started = time.time()
+        steps = self.steps_that_fit() if steps is None else steps
         generation = self.generation + 1
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
@@ -160,11 +176,15 @@ class Controller:
         training = time.time()
         if self.progress is None:
             train = self.population.train(steps, limits)
+        elif self.generation_tokens is None:
+            with self.progress(generation, self.population.size * steps, "step") as report:
+                train = self.population.train(steps, limits, report)
         else:
-            with self.progress(generation, self.population.size * steps) as report:
+            with self.progress(generation, sum(limits), "token") as report:
                 train = self.population.train(steps, limits, report)
         train_s = time.time() - training
         self.tokens.append(self.tokens_trained + sum(result.tokens for result in train))
+        self.batches.append([len(result.step_losses) for result in train])
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
         evaluations = self.population.evaluate()
@@ -188,7 +208,7 @@ class Controller:
         if self.checkpointer is not None:
             self.checkpointer.maybe_save(self)
         if self.deadline is not None:
-            self.deadline.measured(steps, train_s, time.time() - started - train_s)
+            self.deadline.measured(max(self.batches[-1], default=0), train_s, time.time() - started - train_s)
         return record
 
     def _evolve(self, generation: int) -> tuple[list, list[int]]:
@@ -197,8 +217,10 @@ class Controller:
         scores = self.scores()
         members = [MemberState(member_id, hyperparameters, scores[slot]) for slot, (member_id, hyperparameters)
                    in enumerate(zip(self.slot_ids, self.population.hyperparameters()))]
+        guide = self.mutations.guide
+        propose = guide.proposer(self.hp_config, self.lineage, self.fitness, generation) if guide else None
         decisions = plan_generation(members, self.selection, self.mutations, self.hp_config, self.rng,
-                                    self.multiple_of)
+                                    self.multiple_of, propose)
         slot_of = {member_id: slot for slot, member_id in enumerate(self.slot_ids)}
         self.population.clone([(d.slot, slot_of[d.parent_id]) for d in decisions if d.clone])
         self.population.set_hyperparameters(

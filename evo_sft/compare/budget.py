@@ -1,21 +1,14 @@
 """Compute counted in supervised training tokens (the response tokens a step trains on): what a
 budget is, what one generation costs, and the bank that Tune trials draw their tokens from."""
-import math
 import time
 
-import numpy as np
-
-
-def tokens_per_row(split: dict) -> float:
-    """The mean supervised tokens of a tokenised split's rows (labels are shifted by one, so a row
-    of p prompt tokens and n tokens in all supervises n - p)."""
-    return float(np.mean([len(ids) - prompt for ids, prompt in zip(split["input_ids"], split["prompt_lengths"])]))
+from evo_sft import build
+from evo_sft.build import tokens_per_row
 
 
 def generation_tokens(config, prepared: dict) -> int:
     """What one generation of the config's population trains on at the founders' batch size."""
-    rows = config.population.size * config.evolution.steps_per_generation * config.agent.batch_size
-    return math.ceil(rows * tokens_per_row(prepared["train"]))
+    return config.population.size * build.generation_tokens(config, prepared)
 
 
 def default_budget(config, prepared: dict) -> int:
@@ -33,7 +26,8 @@ class TokenBank:
     trains and settles what it used after: no trial gets more than `per_trial`, and the trials
     together no more than `budget` (each draw's last step may pass it by less than one batch;
     `math.inf`: no token budget). It also keeps every evaluation as (tokens consumed by all trials
-    then, trial, fitness, when: `time.time()`)."""
+    then, trial, fitness, when: `time.time()`), and every exploit (a trial that continued from
+    another trial's checkpoint)."""
 
     def __init__(self, budget: float, per_trial: float):
         self.budget, self.per_trial = budget, per_trial
@@ -41,6 +35,7 @@ class TokenBank:
         self.by_trial: dict[str, int] = {}
         self.reserved_by_trial: dict[str, int] = {}
         self.evaluations: list[tuple[int, str, float, float]] = []
+        self.exploits: list[tuple[str, str]] = []  # (trial, the trial whose checkpoint it continued from)
 
     def draw(self, trial: str, wanted: int) -> int:
         mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
@@ -71,3 +66,9 @@ class TokenBank:
 
     def ledger(self) -> list[tuple[int, str, float, float]]:
         return self.evaluations
+
+    def exploited(self, trial: str, donor: str) -> None:
+        self.exploits.append((trial, donor))
+
+    def exploit_log(self) -> list[tuple[str, str]]:
+        return self.exploits

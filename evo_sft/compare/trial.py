@@ -41,8 +41,11 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
         return  # started when the time was spent: ends without a result, like one the tokens ran out for
     slot = trial_slot(trial)
     host = build_hosts(recipe, prepared, {slot: config["hyperparameters"]})[slot]
-    forecast = restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
-    deadline = None if plan.deadline is None else Deadline(plan.deadline, **forecast)
+    checkpoint = tune.get_checkpoint()
+    donor = restore(host, checkpoint, trial, config["hyperparameters"])
+    if donor is not None:
+        ray.get(bank.exploited.remote(trial, donor))
+    deadline = None if plan.deadline is None else Deadline(plan.deadline, **saved_forecast(checkpoint))
     while True:
         steps = plan.steps if deadline is None else deadline.steps_that_fit(plan.steps)
         if steps == 0:
@@ -71,19 +74,19 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
             deadline.measured(steps, result.seconds, time.time() - started - result.seconds)
 
 
-def save(host, trial: str, directory: Path, deadline: Deadline | None) -> None:
+def save(host, trial: str, directory: Path, deadline: Deadline | None = None) -> None:
     host.snapshot().write(directory)
     storage.save_json(directory / "trial.json", {"trial_id": trial, "slot": host.slot,
                                                  "forecast": {} if deadline is None else deadline.state_dict()})
 
 
-def restore(host, checkpoint, trial: str, hyperparameters: dict) -> dict:
+def restore(host, checkpoint, trial: str, hyperparameters: dict) -> str | None:
     """Continue from `checkpoint` (this trial's own, or a better trial's that PBT's exploit chose):
     its weights, optimizer and scheduler; this trial's own data stream goes on where it was, a
     copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters.
-    Returns the checkpoint's time forecast ({} where there is none) for `Deadline`."""
+    Returns the donor's trial id where the checkpoint is another trial's."""
     if checkpoint is None:
-        return {}
+        return None
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         saved = storage.load_json(directory / "trial.json")
@@ -92,7 +95,16 @@ def restore(host, checkpoint, trial: str, hyperparameters: dict) -> dict:
         else:
             host.agent.load_checkpoint(directory / f"slot_{saved['slot']}", load_optimizer=True)
     host.set_hyperparameters(hyperparameters)
-    return saved["forecast"]
+    return None if saved["trial_id"] == trial else saved["trial_id"]
+
+
+def saved_forecast(checkpoint) -> dict:
+    """The time forecast (`Deadline.state_dict()`) a checkpoint carries: {} without a checkpoint,
+    or one written without a time budget."""
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as directory:
+        return storage.load_json(Path(directory) / "trial.json")["forecast"]
 
 
 class BudgetSpent(Stopper):

@@ -15,7 +15,9 @@ from tests.helpers.evolution_run import GENERATIONS, experiment, make_controller
 
 
 def controller_of(tmp_path) -> Controller:
-    config = config_from_dict(experiment("local", tmp_path / "run"))
+    d = experiment("local", tmp_path / "run")
+    d["evolution"]["interval"] = "steps"  # each generation's steps are then the interval's, or what fits
+    config = config_from_dict(d)
     model_path, prepared, founders = pieces(config, tmp_path)
     return make_controller(config, LocalPopulation(build.local_hosts(config, model_path, prepared, founders)))
 
@@ -23,22 +25,22 @@ def controller_of(tmp_path) -> Controller:
 def test_a_generation_takes_the_steps_that_fit_and_the_next_is_forecast_from_what_it_measured(tmp_path):
     controller = controller_of(tmp_path)
     started = time.time()
-    # Forecast: 40 s a step and 50 s besides, so of 6 steps one fits in the 100 s left.
-    controller.deadline = Deadline(started + 100, step_s=40.0, other_s=50.0)
+    # Forecast: 400 s a step and 500 s besides, so of 6 steps one fits in the 1000 s left.
+    controller.deadline = Deadline(started + 1000, step_s=400.0, other_s=500.0)
     steps = []
     controller.observers.append(lambda c, record: steps.append([len(r.step_losses) for r in record.train]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         controller.run(GENERATIONS)
     assert steps == [[1, 1, 1], [6, 6, 6], [6, 6, 6]]
-    assert controller.deadline.step_s < 10  # measured on the tiny model, no longer the 40 s given
+    assert controller.deadline.step_s < 100  # measured on the tiny model, no longer the 400 s given
     assert started <= controller.finished_at[0] <= controller.finished_at[1] <= controller.finished_at[2] <= time.time()
     resumed = controller_of(tmp_path / "again")
     resumed.load_state_dict(controller.state_dict())
     assert resumed.finished_at == controller.finished_at
 
 
-@pytest.mark.parametrize("deadline", [lambda now: Deadline(now - 1), lambda now: Deadline(now + 100, step_s=200.0)],
+@pytest.mark.parametrize("deadline", [lambda now: Deadline(now - 1), lambda now: Deadline(now + 1000, step_s=2000.0)],
                          ids=["passed", "not one step fits"])
 def test_no_generation_starts_once_not_one_step_fits(tmp_path, deadline):
     controller = controller_of(tmp_path)

@@ -9,7 +9,7 @@ PACKAGE = Path(evo_sft.__file__).parent
 # Layers from the bottom up; a module may import its own layer and those below it.
 LAYERS = [
     ("evo_sft.hyperparameters", "evo_sft.config", "evo_sft.fitness", "evo_sft.evolution", "evo_sft.io",
-     "evo_sft.console"),
+     "evo_sft.console", "evo_sft.time_budget"),
     ("evo_sft.data",),
     ("evo_sft.kernels",),
     ("evo_sft.sft",),
