@@ -117,6 +117,9 @@ def plot(runs: list[StrategyRun], fitness, path, title: str = "") -> None:
         curves = []
         for run in (run for run in runs if run.strategy == strategy):
             points = run.best_so_far()
+            if not points:  # a budget spent before its first evaluation
+                curves.append(np.full(len(grid), np.nan))
+                continue
             tokens = np.array([t for t, _ in points], dtype=float)
             values = np.array([fitness.shown(b) if math.isfinite(b) else np.nan for _, b in points])
             positions = np.searchsorted(tokens, grid, side="right") - 1

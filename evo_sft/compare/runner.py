@@ -18,7 +18,7 @@ from evo_sft.compare.report import StrategyRun
 from evo_sft.config import ExperimentConfig, config_from_dict
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Fitness
-from evo_sft.io.checkpoint import latest_intact
+from evo_sft.io.checkpoint import checkpoint_dirs, latest_intact
 
 RESULTS = "results.jsonl"
 UNBOUNDED_GENERATIONS = 1_000_000  # an evolution with a time budget only: the time ends it
@@ -148,6 +148,8 @@ def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, ex
     started = time.time()
     start(config_from_dict(d))
     wall = time.time() - started
+    if not checkpoint_dirs(Path(d["run_dir"])):  # the time budget ran out before its first generation
+        return StrategyRun("evolution", config.seed, [], [], 0, wall, 0, 0)
     saved = latest_intact(Path(d["run_dir"]))[1]
     state = saved["controller"]
     history = dict((member_id, fitness) for member_id, fitness in state["fitness"])

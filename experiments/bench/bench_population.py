@@ -260,8 +260,9 @@ def print_table(rows):
     alone = {setting(r): r for r in rows if r["layout"].startswith("alone")}
     one_gpu = {setting(r): r for r in rows if r["layout"].startswith("ray x1 GPU")}
     print("| model | members | layout | peak GiB | x one member | step ms | agg sup tok/s | x one member | x ray 1 GPU "
-          "| next generation tok/s | its x ray 1 GPU | MFU | clones | evolution s | evolution share (100 steps) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| next generation tok/s | its x ray 1 GPU | train x (writes in flight) | MFU | clones | evolution s "
+          "| evolution share (100 steps) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     nan = {"peak_gib": float("nan"), "tok_s": float("nan"), "tok_s_next": float("nan")}
     for r in rows:
         one, gpu = alone.get(setting(r), nan), one_gpu.get(setting(r), nan)
@@ -271,7 +272,7 @@ def print_table(rows):
         print(f"| {r['model']} | {r['members']} | {r['layout']} | {r['peak_gib']:.2f} | "
               f"{r['peak_gib'] / one['peak_gib']:.2f} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
               f"{r['tok_s'] / one['tok_s']:.2f} | {scaling} | {r['tok_s_next']:.0f} | {next_scaling} | "
-              f"{100 * r['mfu']:.1f}% | {r['clones']} | "
+              f"{r['train_with_writes_x']:.2f} | {100 * r['mfu']:.1f}% | {r['clones']} | "
               f"{r['evolution_s']:.2f} | {100 * r['evolution_share_100']:.2f}% |", flush=True)
 
 

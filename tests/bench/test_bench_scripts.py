@@ -1,7 +1,8 @@
-"""Every script of experiments/bench/ in its tiny CPU mode, as a subprocess writing into a
-temporary folder: it exits 0, prints a markdown table with a line per row it measured, and
-appends those rows to results.jsonl with a finite, positive measurement in each. Those that start
-Ray or several processes are marked `integration` (tens of seconds each on two cores)."""
+"""Every benchmark of experiments/bench/ (bench_*.py) and every driver of a device session
+(gpu_*.py) in its tiny CPU mode, as a subprocess writing into a temporary folder: it exits 0,
+prints a markdown table with a line per row it measured, and appends those rows to results.jsonl
+with a finite, positive measurement in each. Those that start Ray or several processes, or run
+other benchmarks, are marked `integration` (tens of seconds to minutes each on two cores)."""
 import json
 import math
 import subprocess
@@ -33,13 +34,17 @@ SCRIPTS = {
     "bench_clone_transfer": ([], "s", 2),
     "bench_member_gpus": (["--device", "cpu"], "tokens_per_s", 1),
     "bench_search": (["--device", "cpu", "--tasks", "demo", "--strategies", "evolution,pbt"], "wall_s", 2),
+    "gpu_session": ([], "seconds", 2),  # its two benchmarks' rows are in their own folders
+    "gpu_search": ([], "wall_s", 2),  # evolution and pbt, one seed
 }
+RESULTS = {"gpu_session": "gpu_session/results.jsonl"}  # where --out is the root of several benchmarks' folders
 SLOW = {"bench_clone_transfer": "starts Ray", "bench_member_gpus": "spawns two gloo processes",
-        "bench_search": "starts Ray Tune and runs two strategies"}
+        "bench_search": "starts Ray Tune and runs two strategies", "gpu_session": "runs two benchmarks",
+        "gpu_search": "starts Ray Tune and runs two strategies for 20 s each"}
 
 
 def test_every_benchmark_has_a_smoke_run():
-    scripts = {path.stem for path in BENCH.glob("bench_*.py")}
+    scripts = {path.stem for pattern in ("bench_*.py", "gpu_*.py") for path in BENCH.glob(pattern)}
     assert scripts == set(SCRIPTS)
 
 
@@ -57,7 +62,7 @@ def test_tiny_run_prints_its_table_and_writes_its_rows(script, tmp_path):
     assert separators, done.stdout[-3000:]
     table = [line for line in lines[separators[0] + 1:] if line.startswith("| ")]
     assert len(table) >= count
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / RESULTS.get(script, "results.jsonl")).read_text().splitlines()]
     rows = [row for row in rows if measured in row]
     assert len(rows) == count
     assert all(isinstance(row[measured], float) and math.isfinite(row[measured]) and row[measured] > 0

@@ -86,10 +86,10 @@ def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short
     assert {a.path for a in client.list_artifacts(comparison.info.run_id)} >= {"table.md", "best_fitness_vs_tokens.png"}
 
 
-TIME_BUDGET_S = 45
+TIME_BUDGET_S = 60
 # What a strategy may take past its deadline: the evolution's last checkpoint and best adapter
 # written and its actors stopped, Tune's trials stopped and its results gathered (on two shared cores).
-TIME_SLACK_S = 25
+TIME_SLACK_S = 30
 
 
 def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
@@ -117,3 +117,14 @@ def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
     recorded = client.search_runs([experiment.experiment_id], "tags.`evo_sft.strategy` != ''")
     assert {run.data.tags["evo_sft.compare_budget_seconds"] for run in recorded} == {f"{float(TIME_BUDGET_S)}"}
     assert not any("evo_sft.compare_budget" in run.data.tags for run in recorded)
+
+
+def test_a_wall_clock_budget_spent_in_start_up_ends_each_strategy_without_a_result(short_dir):
+    result = compare(short_dir, "--strategies", "evolution,pbt", "--budget-seconds", "0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = short_dir / "out"
+    runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(run["strategy"], run["tokens"], run["evaluations"], run["curve"]) for run in runs] == \
+        [("evolution", 0, 0, []), ("pbt", 0, 0, [])]
+    assert (out / "table.md").read_text().startswith("budget: 0.5 s of wall-clock time")
+    assert (out / "best_fitness_vs_tokens.png").exists()
