@@ -40,7 +40,7 @@ SCRIPTS = {
 RESULTS = {"gpu_session": "gpu_session/results.jsonl"}  # where --out is the root of several benchmarks' folders
 SLOW = {"bench_clone_transfer": "starts Ray", "bench_member_gpus": "spawns two gloo processes",
         "bench_search": "starts Ray Tune and runs two strategies", "gpu_session": "runs two benchmarks",
-        "gpu_search": "starts Ray Tune and runs two strategies for 20 s each"}
+        "gpu_search": "starts Ray Tune and runs two strategies for 30 s each"}
 
 
 def test_every_benchmark_has_a_smoke_run():
