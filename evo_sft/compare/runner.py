@@ -172,11 +172,14 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
 
     started = time.time()
     deadline = None if comparison.budget_seconds is None else started + comparison.budget_seconds
-    size, budget = config.population.size, comparison.budget
-    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(
-        math.inf if budget is None else budget, math.inf if budget is None else -(-budget // size))
-    plan = TrialPlan(config.evolution.steps_per_generation, budgets.tokens_per_row(prepared["train"]),
-                     checkpoints=strategy in strategies.EXPLOITING, deadline=deadline)
+    size, iteration, budget = config.population.size, build.generation_tokens(config, prepared), comparison.budget
+    if budget is None:  # a time budget only: each trial trains until the deadline
+        budget, per_trial, iterations = math.inf, math.inf, None
+    else:
+        per_trial = -(-budget // size)
+        iterations = None if strategy == "asha" else -(-per_trial // iteration)  # ASHA's trials share the budget
+    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(budget, per_trial, iterations)
+    plan = TrialPlan(iteration, checkpoints=strategy in strategies.EXPLOITING, deadline=deadline)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, recipe=build.member_recipe(config, model_path), prepared=prepared,
                              plan=plan, bank=bank),

@@ -1,10 +1,11 @@
 """The Ray Tune trainable of the baselines: one member, built as a run builds its members (the
 same recipe, data, fitness and test set), trained an iteration at a time on tokens drawn from the
-strategy's `TokenBank`, scored after each iteration. With `checkpoints` (PBT) every report carries
-the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator.
-With a `deadline` an iteration takes only the steps that fit before it, as the evolution's
-generations do (`evo_sft.time_budget.Deadline`, its forecast carried in the checkpoint)."""
-import math
+strategy's `TokenBank` (an iteration is what one generation of the evolution gives a member at the
+config's batch size, whatever the trial's own), scored after each iteration. With `checkpoints`
+(PBT, PB2) every report carries the member as safetensors and JSON files: adapter, optimizer,
+scheduler, data stream, generator. With a `deadline` an iteration takes only the steps that fit
+before it, as the evolution's generations do (`evo_sft.time_budget.Deadline`, its forecast carried
+in the checkpoint)."""
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,13 +20,11 @@ from evo_sft.population.hosting import MemberRecipe, build_hosts
 from evo_sft.time_budget import Deadline
 
 WAIT_FOR_TOKENS_S = 0.2
-RESERVE = 1.5  # a trial draws this many times what an iteration needs on average, and gives back the rest
 
 
 @dataclass(frozen=True)
 class TrialPlan:
-    steps: int  # optimizer steps in one iteration (one generation of the evolution)
-    tokens_per_row: float  # the mean supervised tokens of a training row
+    tokens: int  # supervised tokens of one iteration: what a member trains on in one generation of the evolution
     checkpoints: bool  # report the member with each result (PBT's exploit copies it)
     deadline: float | None = None  # time.time() by which the strategy's time budget is spent
 
@@ -47,18 +46,18 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
         ray.get(bank.exploited.remote(trial, donor))
     deadline = None if plan.deadline is None else Deadline(plan.deadline, **saved_forecast(checkpoint))
     while True:
-        steps = plan.steps if deadline is None else deadline.steps_that_fit(plan.steps)
-        if steps == 0:
+        # a step trains at least one token, so an iteration takes at most as many steps as it has tokens
+        most_steps = plan.tokens if deadline is None else deadline.steps_that_fit(plan.tokens)
+        if most_steps == 0:
             return
-        wanted = math.ceil(RESERVE * steps * host.agent.batch_size * plan.tokens_per_row)
-        grant = ray.get(bank.draw.remote(trial, wanted))
+        grant = ray.get(bank.draw.remote(trial, plan.tokens))
         if grant == 0:
             if ray.get(bank.trial_done.remote(trial)) or ray.get(bank.exhausted.remote()):
                 return
             time.sleep(WAIT_FOR_TOKENS_S)  # the other trials hold what is left; they may give some back
             continue
         started = time.time()
-        result = host.train(steps, grant)
+        result = host.train(min(most_steps, grant), grant)
         total = ray.get(bank.settle.remote(trial, grant, result.tokens))
         evaluation = host.evaluate()
         ray.get(bank.evaluated.remote(trial, total, evaluation.fitness))
@@ -71,7 +70,7 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
                 save(host, trial, Path(directory), deadline)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         if deadline is not None:
-            deadline.measured(steps, result.seconds, time.time() - started - result.seconds)
+            deadline.measured(len(result.step_losses), result.seconds, time.time() - started - result.seconds)
 
 
 def save(host, trial: str, directory: Path, deadline: Deadline | None = None) -> None:

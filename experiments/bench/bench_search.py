@@ -48,7 +48,7 @@ STEPS = {"demo": 25, "stdlib": 15, "unicode": 20}
 def task_config(task: str, size: str, folder: Path, space: str) -> dict:
     base = pretrained_base(size, STDLIB_MODULES)
     config = {
-        "name": f"bench-search-{task}", "seed": 42,
+        "name": f"bench-search-{task}",
         "model": {"name": str(base)},
         "data": data_config(task, folder),
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -67,7 +67,7 @@ def task_config(task: str, size: str, folder: Path, space: str) -> dict:
                                                     "batch_size": {"min": 16, "max": 64}})
     if size == "tiny":
         config["data"].update(test_size=12, **({"num_rows": 60} if task == "demo" else {}))
-        config["population"]["size"] = 2
+        config["population"]["size"] = 3
         config["agent"].update(batch_size=8)
         config["evolution"].update(generations=2, steps_per_generation=2)
     if space == "wide":
@@ -93,22 +93,26 @@ def main() -> None:
     parser.add_argument("--tasks", default="demo,stdlib", help="decision tasks by default; unicode is held out")
     parser.add_argument("--strategies", default="evolution,pbt,pb2,random,grid")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=42, help="seeds are this one and the --seeds - 1 after it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an evolution.* override for the evolution's runs (repeatable)")
     parser.add_argument("--space", default="lr+batch", choices=["lr+batch", "wide"],
                         help="what mutates: lr and batch size, or also weight decay, warm-up, scheduler, LoRA r and alpha")
     parser.add_argument("--out", help="where results.jsonl and the tables go (see common.output_folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (MLflow store, Tune trials)")
+    parser.add_argument("--work", type=Path, help="where the runs' folders go (default: a new folder under /tmp); "
+                        "each run's row is in <work>/<task>/results.jsonl as soon as it ends")
     args = parser.parse_args()
     device, stamp = torch.device(args.device), utc_stamp()
     size = "tiny" if args.tiny else "gpu" if args.device == "cuda" else "cpu"
     seeds = 1 if args.tiny else args.seeds
     print(about(device, stamp))
     folder = output_folder("bench_search", args.out, args.tiny)
-    scratch = Path(tempfile.mkdtemp(prefix="bs", dir="/tmp"))  # Ray's socket paths stay short
+    scratch = args.work or Path(tempfile.mkdtemp(prefix="bs", dir="/tmp"))  # Ray's socket paths stay short
+    scratch.mkdir(parents=True, exist_ok=True)
     try:
         for task in args.tasks.split(","):
-            config = task_config(task, size, scratch, args.space)
+            config = {**task_config(task, size, scratch, args.space), "seed": args.first_seed}
             evolution = config_from_dict(with_overrides(yaml.safe_load(yaml.safe_dump(config)), args.overrides))
             comparison = runner.plan(config_from_dict(config), args.strategies, seeds, None, scratch / task,
                                      evolution=evolution)
@@ -118,7 +122,7 @@ def main() -> None:
             for name, suffix in (("table.md", ".md"), ("best_fitness_vs_tokens.png", ".png")):
                 shutil.copy(scratch / task / name, folder / f"{task}_{size}{suffix}")
     finally:
-        if not args.keep:
+        if not (args.keep or args.work):
             shutil.rmtree(scratch, ignore_errors=True)
     print(f"results appended to {folder / 'results.jsonl'}")
 

@@ -104,9 +104,10 @@ def pretrained_base(size: str = "cpu", excluded_modules=(), cache: Path | None =
     tokenizer.save_pretrained(staging)
     (staging / "recipe.json").write_text(json.dumps(wanted, indent=2) + "\n")
     (staging / "pretraining.json").write_text(json.dumps(figures, indent=2) + "\n")
-    if folder.exists():  # a half-written entry from an interrupted run has no pretraining.json
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process cached the same recipe meanwhile: keep its base
+        shutil.rmtree(staging)
     return folder
 
 
