@@ -64,6 +64,7 @@ from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Fitness, NegativeTestLoss
 from evo_sft.tracking.outbox import METRICS_PER_BATCH, Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves, plot_schedule
+from evo_sft.tracking.registry import ARTIFACTS as REGISTERED, save_mlflow_model
 from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
@@ -90,6 +91,12 @@ HTTP_ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+
+
+def short_http_retries() -> None:
+    """`HTTP_ENVIRONMENT` for this process, where it does not set those variables itself."""
+    for name, value in HTTP_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:
@@ -122,8 +129,7 @@ class MLflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, config: dict, run_name: str | None = None,
                  state: dict | None = None, *, queue_dir: Path, artifact_every: int = 1,
                  fitness: Fitness | None = None):
-        for name, value in HTTP_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
+        short_http_retries()
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.fitness = fitness or NegativeTestLoss()
         self.artifact_every = artifact_every
@@ -191,6 +197,21 @@ class MLflowTracker:
         if self._controller is not None:
             self._refresh_artifacts(self._controller, schedule)
 
+    def register_model(self, name: str, export_dir: Path, base_dir: Path | None, artifact_path: str, card,
+                       model_config: dict) -> None:
+        """The export in `export_dir` (its model card `card`, `evo_sft.model_card.ModelCard`) as a new
+        version of the registered model `name` (`evo_sft.tracking.registry`), its files in the
+        parent run at `registered_models/<artifact_path>`; tagged with the card's registry tags and
+        the parent and member run ids, described by the card."""
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / artifact_path
+            save_mlflow_model(export_dir, base_dir, model_config, model)
+            self.outbox.submit({"kind": "register_model", "key": "parent", "name": name, "local_path": str(model),
+                                "artifact_path": f"{REGISTERED}/{artifact_path}", "tags": card.registry_tags(),
+                                "run_tags": {"evo_sft.parent_run_id": "parent",
+                                             "evo_sft.member_run_id": member_key(card.member_id)},
+                                "description": card.body()})
+
     def flush(self) -> bool:
         """Send the queued records in order; stop at the first failure. True when the queue is empty."""
         return self.outbox.flush()
@@ -208,6 +229,11 @@ class MLflowTracker:
             self.outbox.submit({"kind": "terminate", "key": member_key(member_id), "status": status})
         self._live.clear()
         self.outbox.submit({"kind": "terminate", "key": "parent", "status": status})
+        for record in self.outbox.pending:
+            if record["kind"] == "register_model":
+                warnings.warn(f"the registration of member {record['tags']['evo_sft.member_id']} as a version of "
+                              f"{record['name']!r} waits in {self.outbox.queue_file} for MLflow at {self.tracking_uri}",
+                              TrackingWarning, stacklevel=2)
         if self.outbox.pending:
             warnings.warn(f"{len(self.outbox.pending)} MLflow records are still queued in {self.outbox.queue_file}; "
                           "a tracker resumed on this folder sends them", TrackingWarning, stacklevel=2)
