@@ -44,6 +44,7 @@ class RunResult:
     # evolution.fitness_options.full_test_at_end, else the last generation's (None where it has none)
     evaluation: Evaluation | None = None
     scored_rows: int | None = None  # the test rows its fitness was scored on
+    registered_as: str | None = None  # the registered model it became a version of (tracking.register_model)
 
 
 def start(config: ExperimentConfig) -> RunResult:
@@ -268,7 +269,8 @@ def _finish(config: ExperimentConfig, controller: Controller, run_dir: Path, tok
             tracker.register_model(name, target, build.local_base_model(config, run_dir) if config.lora else None,
                                    f"member_{best_id:05d}-generation_{controller.generation:05d}-{card.form}", card,
                                    build.generation_settings(config, tokenizer))
-    return RunResult(run_dir, best_id, scores[best], target, interrupted, evaluation, scored_rows=rows[0])
+    return RunResult(run_dir, best_id, scores[best], target, interrupted, evaluation, scored_rows=rows[0],
+                     registered_as=None if interrupted else config.tracking.register_model)
 
 
 def evaluation_record(controller: Controller, evaluations: list[Evaluation], best_id: int, fitness: Fitness,
@@ -339,10 +341,15 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_runs_page, mlflow_ui_command
+    from evo_sft.tracking import mlflow_models_page, mlflow_runs_page, mlflow_ui_command
 
     print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
     print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
+    if result.registered_as is not None:
+        queued = any(record["kind"] == "register_model" for record in tracker.outbox.pending)
+        print(f"MLflow model:    {result.registered_as!r}, a new version from member {best}"
+              + (" (queued until MLflow is reachable)" if queued else
+                 f" ({mlflow_models_page(tracker.tracking_uri, result.registered_as)})"))
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
 
 

@@ -28,6 +28,12 @@ What is logged
   lineage). A clone's run starts with a copy of every point of its parent's run before its own
   first step (the parent's run holds its ancestors' points in turn), so each member's charts are
   its whole line from the first step.
+- With `tracking.register_model: NAME` (`register_model`), the best member at the end of the run
+  becomes a new version of NAME in the Model Registry: its files (`best_adapter/`, its model card,
+  a local base model) under the parent run's `registered_models/`, the version tagged with the
+  member, its parent member, the generation, fitness, metric and test loss, the evolution's and
+  the member's run ids, and described by the model card (evo_sft.tracking.registry). Like every
+  record it waits in the queue while the server is unreachable.
 
 Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
 member whose loss diverged has no `fitness` point at that step, the parent run counts such
@@ -57,6 +63,7 @@ import shlex
 import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 from evo_sft.config import flatten_config
 from evo_sft.evolution import elite
@@ -110,8 +117,17 @@ def mlflow_runs_page(tracking_uri: str, experiment_id: str | None) -> str:
     """The experiment's runs in the MLflow UI (on `mlflow ui`'s default address for a local store).
     MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (the URL's
     `workflowType`, else the browser's last choice, GenAI at first), not from the experiment's kind."""
-    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    return f"{_ui_address(tracking_uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def mlflow_models_page(tracking_uri: str, name: str) -> str:
+    """A registered model's page in the MLflow UI (on `mlflow ui`'s default address for a local store)."""
+    return f"{_ui_address(tracking_uri)}/#/models/{quote(name, safe='')}"
+
+
+def _ui_address(tracking_uri: str) -> str:
+    """The server's address, or `mlflow ui`'s default one for a local store."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def member_key(member_id: int) -> str:
