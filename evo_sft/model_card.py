@@ -196,9 +196,9 @@ class ModelCard:
                     "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")")
             note = "A plain transformers model: no PEFT needed."
         if self.chat_template:
-            code += ("\n\nmessages = [{\"role\": \"user\", \"content\": \"PROMPT\"}]\ninputs = "
-                     "tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-                     "return_dict=True)")
+            code += ("\n\nmessages = [{\"role\": \"user\", \"content\": \"PROMPT\"}]\n"
+                     "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,\n"
+                     "                                       return_tensors=\"pt\", return_dict=True)")
         else:
             code += "\n\ninputs = tokenizer(\"PROMPT\", return_tensors=\"pt\")"
         code += ("\noutput = model.generate(**inputs, do_sample=False, max_new_tokens="
@@ -218,8 +218,7 @@ class ModelCard:
         return (f"## How to reproduce it\n\n```bash\n"
                 f"# the whole evolution again, from the config it ran with (seed {config.seed})\n"
                 f"evo-sft run {SOURCES}/config.yaml --run-dir runs/{config.name}-again\n"
-                f"# this member's line alone, retrained as one member in the run's folder; its fitness is compared "
-                f"with the run's in every generation\n"
+                f"# this member's line retrained alone, in the run's folder; fitness compared generation by generation\n"
                 f"evo-sft replay {self.run_dir} --schedule {SOURCES}/schedule.json\n```\n\n"
                 f"On the same hardware the evolution decides alike (every decision comes from seeded generators) "
                 "and the replay matches the run's fitness (exactly on the CPU).")
@@ -256,11 +255,12 @@ def write_card(folder: Path, card: ModelCard) -> None:
 
 
 def table_columns(schedule: dict, searched: list[str]) -> list[str]:
-    """The hyperparameters the table shows: those searched, and any other that changed along the line."""
+    """The hyperparameters the table shows: those searched (in the search space's order), then any
+    other that changed along the line."""
     entries = schedule["generations"]
     names = list(entries[0]["hyperparameters"])
-    changed = {n for n in names if len({repr(e["hyperparameters"][n]) for e in entries}) > 1}
-    return [n for n in names if n in searched or n in changed]
+    changed = [n for n in names if n not in searched and len({repr(e["hyperparameters"][n]) for e in entries}) > 1]
+    return [n for n in searched if n in names] + changed
 
 
 def _model(name: str) -> str:
