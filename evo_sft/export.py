@@ -45,7 +45,7 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
     """Export `member` (an id of the newest checkpoint, or "best": the run's best) of the run in
     `run_dir` into `out_dir`, which must be new or empty unless `force` (then it is replaced whole)."""
     quiet_libraries()
-    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir)
+    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} is a file; export into a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
@@ -70,7 +70,8 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
                     state["generation"], config.evolution.steps_per_generation, form,
                     final_evaluation(run_dir, state["generation"]), tracking, bool(tokenizer.chat_template),
                     registered_as=register)
-    staging = out_dir.parent / f".tmp-{out_dir.name}-{secrets.token_hex(4)}"
+    # beside OUT, under OUT's own name (what a registered model calls its files)
+    staging = out_dir.parent / f".tmp-{out_dir.name}-{secrets.token_hex(4)}" / out_dir.name
     try:
         if form == "adapter":
             shutil.copytree(slot_dir / "actor", staging)
@@ -79,10 +80,9 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
         tokenizer.save_pretrained(staging)
         write_card(staging, card)
         version = _register(register, staging, card, config, run_dir, tokenizer) if register else None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, out_dir)
+        replace_directory(staging, out_dir)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
     return Exported(member_id, state["generation"], form, out_dir, version)
 
 

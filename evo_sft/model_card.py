@@ -14,7 +14,7 @@ from evo_sft.config import ExperimentConfig
 from evo_sft.data.sources import is_hub_id
 from evo_sft.evolution import Lineage
 from evo_sft.evolution.schedule import line_schedule
-from evo_sft.hyperparameters import shown
+from evo_sft.hyperparameters import HYPERPARAMETERS, shown
 from evo_sft.io.storage import save_json
 
 CARD_FILE = "README.md"
@@ -158,7 +158,7 @@ class ModelCard:
             value = "-" if entry["fitness"] is None else f"{fitness.shown(entry['fitness']):.4f}"
             lines.append(f"| {entry['generation']} | {entry['member_id']} | "
                          + " | ".join(shown(entry["hyperparameters"][n]) for n in names) + f" | {value} |")
-        held = {n: v for n, v in entries[0]["hyperparameters"].items() if n not in names}
+        held = {n: entries[0]["hyperparameters"][n] for n in _declared(self.schedule) if n not in names}
         text = ("## Hyperparameters, generation by generation\n\nThe member of its line that trained in each "
                 "generation (an ancestor, until the generation its child was born in), the hyperparameters it "
                 f"trained with, and its `{fitness.metric}` at the end of the generation "
@@ -226,9 +226,12 @@ class ModelCard:
     def _provenance(self) -> str:
         tracking = self.tracking
         lines = [f"- run folder: `{self.run_dir}`, checkpoint of generation {self.generation}"]
-        if tracking.get("tracking_uri"):
+        if tracking.get("parent_run_id"):
             lines.append(f"- MLflow: `{tracking['tracking_uri']}`, experiment {tracking.get('experiment_id')}, "
-                         f"evolution run `{tracking.get('parent_run_id')}`, member run `{tracking.get('member_run_id')}`")
+                         f"evolution run `{tracking['parent_run_id']}`, member run `{tracking.get('member_run_id')}`")
+        elif tracking.get("tracking_uri"):
+            lines.append(f"- MLflow: `{tracking['tracking_uri']}` (unreachable while the run went on: its records "
+                         "were queued, so its run ids were not known yet)")
         return "## Where it came from\n\n" + "\n".join(lines)
 
 
@@ -258,9 +261,15 @@ def table_columns(schedule: dict, searched: list[str]) -> list[str]:
     """The hyperparameters the table shows: those searched (in the search space's order), then any
     other that changed along the line."""
     entries = schedule["generations"]
-    names = list(entries[0]["hyperparameters"])
+    names = _declared(schedule)
     changed = [n for n in names if n not in searched and len({repr(e["hyperparameters"][n]) for e in entries}) > 1]
     return [n for n in searched if n in names] + changed
+
+
+def _declared(schedule: dict) -> list[str]:
+    """The line's hyperparameters in the order evo_sft.hyperparameters declares them (the card reads
+    the same whether the lineage is the live one or one loaded from a checkpoint)."""
+    return [n for n in HYPERPARAMETERS if n in schedule["generations"][0]["hyperparameters"]]
 
 
 def _model(name: str) -> str:

@@ -231,9 +231,9 @@ class LastRecord:
 
 def _finish(config: ExperimentConfig, controller: Controller, run_dir: Path, tokenizer, fitness: Fitness,
             test_rows: int, interrupted: bool, last: GenerationRecord | None, full_test: bool, tracker) -> RunResult:
-    """Export the best member as a PEFT folder with the tokenizer and its model card (and register
-    it, with `tracking.register_model`): the best of the last evaluation, or, with `full_test`
-    (multi-fidelity), of every member scored now on the whole test set."""
+    """Export the best member (`_export_best`): the best of the last evaluation, or, with `full_test`
+    (multi-fidelity), of every member scored now on the whole test set. Its line's schedule and the
+    last population's scores are kept in the run folder."""
     rows = (fitness.scored_rows(test_rows, full_test), test_rows)
     scores = controller.scores()
     evaluations = last.evaluations if last is not None and last.member_ids == controller.slot_ids else None
@@ -254,23 +254,31 @@ def _finish(config: ExperimentConfig, controller: Controller, run_dir: Path, tok
         save_json(run_dir / EVALUATION_FILE, scored)
     target = run_dir / "best_adapter"
     if not interrupted:
-        staging = run_dir / ".best_adapter"
-        shutil.rmtree(staging, ignore_errors=True)
-        exported = Path(controller.population.export_adapter(best, staging))
-        tokenizer.save_pretrained(exported)
-        name = config.tracking.register_model
-        card = card_for(config, run_dir, controller.lineage, controller.fitness, best_id, controller.generation,
-                        controller.steps_per_generation, "adapter" if config.lora is not None else "whole", scored,
-                        tracker.state_dict(), bool(tokenizer.chat_template), registered_as=name)
-        write_card(exported, card)
-        replace_directory(exported, target)
-        shutil.rmtree(staging, ignore_errors=True)
-        if name is not None:
-            tracker.register_model(name, target, build.local_base_model(config, run_dir) if config.lora else None,
-                                   f"member_{best_id:05d}-generation_{controller.generation:05d}-{card.form}", card,
-                                   build.generation_settings(config, tokenizer))
+        _export_best(config, controller, best, run_dir, tokenizer, scored, tracker)
     return RunResult(run_dir, best_id, scores[best], target, interrupted, evaluation, scored_rows=rows[0],
                      registered_as=None if interrupted else config.tracking.register_model)
+
+
+def _export_best(config: ExperimentConfig, controller: Controller, best: int, run_dir: Path, tokenizer,
+                 scored: dict | None, tracker) -> None:
+    """The member in slot `best` as `RUN/best_adapter` (its adapter, or its whole model without
+    LoRA) with the tokenizer and its model card; with `tracking.register_model`, registered too."""
+    member_id, name = controller.slot_ids[best], config.tracking.register_model
+    staging = run_dir / ".best_adapter"
+    shutil.rmtree(staging, ignore_errors=True)
+    exported = Path(controller.population.export_adapter(best, staging))
+    tokenizer.save_pretrained(exported)
+    form = "adapter" if config.lora is not None else "whole"
+    card = card_for(config, run_dir, controller.lineage, controller.fitness, member_id, controller.generation,
+                    controller.steps_per_generation, form, scored, tracker.state_dict(), bool(tokenizer.chat_template),
+                    registered_as=name)
+    write_card(exported, card)
+    target = replace_directory(exported, run_dir / "best_adapter")
+    shutil.rmtree(staging, ignore_errors=True)
+    if name is not None:
+        tracker.register_model(name, target, build.local_base_model(config, run_dir) if form == "adapter" else None,
+                               f"member_{member_id:05d}-generation_{controller.generation:05d}-{form}", card,
+                               build.generation_settings(config, tokenizer))
 
 
 def evaluation_record(controller: Controller, evaluations: list[Evaluation], best_id: int, fitness: Fitness,
