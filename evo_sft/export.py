@@ -19,6 +19,7 @@ from pathlib import Path
 from evo_sft import build
 from evo_sft.config import ExperimentConfig, model_name_problem
 from evo_sft.console import quiet_libraries
+from evo_sft.controller import saved_schedule
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.evolution import Lineage
 from evo_sft.io.checkpoint import latest_intact
@@ -66,8 +67,8 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
     tokenizer = load_tokenizer(config.tokenizer or build.base_model_path(config, run_dir),
                                config.model.trust_remote_code)
     tracking = {**(saved.get("tracking") or {}), "tracking_uri": saved_tracking_uri(saved, run_dir)}
-    card = card_for(config, run_dir, Lineage.from_dict(state["lineage"]), dict(state["fitness"]), member_id,
-                    state["generation"], config.evolution.steps_per_generation, form,
+    card = card_for(config, run_dir, Lineage.from_dict(state["lineage"]),
+                    saved_schedule(state, member_id, config.evolution.steps_per_generation), state["generation"], form,
                     final_evaluation(run_dir, state["generation"]), tracking, bool(tokenizer.chat_template),
                     registered_as=register)
     # beside OUT, under OUT's own name (what a registered model calls its files)

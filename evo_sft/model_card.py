@@ -13,7 +13,6 @@ from evo_sft import build
 from evo_sft.config import ExperimentConfig
 from evo_sft.data.sources import is_hub_id
 from evo_sft.evolution import Lineage
-from evo_sft.evolution.schedule import line_schedule
 from evo_sft.hyperparameters import HYPERPARAMETERS, shown
 from evo_sft.io.storage import save_json
 
@@ -117,11 +116,18 @@ class ModelCard:
                 f"column is the prompt and `{data.response_column}` the response; only response tokens are trained "
                 f"on, and rows are cut to {data.max_length} tokens. The test set is {test}.\n\n"
                 f"**How its hyperparameters were found:** by evo-sft's evolutionary search. A population of "
-                f"{config.population.size} members fine-tuned side by side, {evolution.steps_per_generation} "
-                f"optimizer steps a generation; after each generation every member was scored by "
+                f"{config.population.size} members fine-tuned side by side, {self._interval()}; after each "
+                f"generation every member was scored by "
                 f"`{evolution.fitness}` on the same test rows, and the weaker ones were replaced by mutated copies of "
                 f"stronger ones ({evolution.selection} selection). This member was exported after generation "
                 f"{self.generation}.")
+
+    def _interval(self) -> str:
+        evolution = self.config.evolution
+        if evolution.interval == "steps":
+            return f"{evolution.steps_per_generation} optimizer steps each a generation"
+        return (f"each on the same supervised tokens a generation (what {evolution.steps_per_generation} optimizer "
+                f"steps of {self.config.agent.batch_size} rows hold on average, so a smaller batch took more steps)")
 
     def _results(self) -> str:
         scores, evaluation = self.scores, self.evaluation
@@ -152,18 +158,17 @@ class ModelCard:
         entries = self.schedule["generations"]
         names = table_columns(self.schedule, list(self.config.evolution.hyperparameters))
         fitness = build.fitness(self.config)
-        lines = ["| generation | member | " + " | ".join(names) + f" | {fitness.metric} |",
-                 "|---" * (len(names) + 3) + "|"]
+        lines = ["| generation | member | steps | " + " | ".join(names) + f" | {fitness.metric} |",
+                 "|---" * (len(names) + 4) + "|"]
         for entry in entries:
             value = "-" if entry["fitness"] is None else f"{fitness.shown(entry['fitness']):.4f}"
-            lines.append(f"| {entry['generation']} | {entry['member_id']} | "
+            lines.append(f"| {entry['generation']} | {entry['member_id']} | {_text(entry.get('batches'))} | "
                          + " | ".join(shown(entry["hyperparameters"][n]) for n in names) + f" | {value} |")
         held = {n: entries[0]["hyperparameters"][n] for n in _declared(self.schedule) if n not in names}
         text = ("## Hyperparameters, generation by generation\n\nThe member of its line that trained in each "
-                "generation (an ancestor, until the generation its child was born in), the hyperparameters it "
-                f"trained with, and its `{fitness.metric}` at the end of the generation "
-                f"(`{SOURCES}/schedule.json`; {self.schedule['steps_per_generation']} optimizer steps a generation):"
-                "\n\n" + "\n".join(lines))
+                "generation (an ancestor, until the generation its child was born in), the optimizer steps it took, "
+                f"the hyperparameters it trained with, and its `{fitness.metric}` at the end of the generation "
+                f"(`{SOURCES}/schedule.json`):\n\n" + "\n".join(lines))
         if held:
             text += "\n\nThe same in every generation: " + ", ".join(f"{n} {shown(v)}" for n, v in held.items()) + "."
         return text
@@ -235,18 +240,17 @@ class ModelCard:
         return "## Where it came from\n\n" + "\n".join(lines)
 
 
-def card_for(config: ExperimentConfig, run_dir: Path, lineage: Lineage, fitness: dict, member_id: int,
-             generation: int, steps_per_generation: int, form: str, evaluation: dict | None, tracking: dict,
-             chat_template: bool, registered_as: str | None = None) -> ModelCard:
-    """The card of `member_id` from the run's lineage and fitness histories ({member id: [fitness
-    per generation]}); `tracking` is the tracker's state (`MLflowTracker.state_dict()`)."""
+def card_for(config: ExperimentConfig, run_dir: Path, lineage: Lineage, schedule: dict, generation: int, form: str,
+             evaluation: dict | None, tracking: dict, chat_template: bool, registered_as: str | None = None) -> ModelCard:
+    """The card of the member whose line `schedule` is (evo_sft.evolution.schedule), exported after
+    `generation`; `tracking` is the tracker's state (`MLflowTracker.state_dict()`)."""
+    member_id = schedule["member_id"]
     ancestry = [lineage.members[m].to_dict() for m in reversed(lineage.ancestry(member_id))]
     ids = {"tracking_uri": tracking.get("tracking_uri"), "experiment_id": tracking.get("experiment_id"),
            "parent_run_id": tracking.get("parent_run_id"),
            "member_run_id": tracking.get("member_runs", {}).get(str(member_id))}
-    return ModelCard(config, Path(run_dir), member_id, generation, form,
-                     line_schedule(lineage, member_id, fitness[member_id], steps_per_generation), ancestry,
-                     evaluation, ids, chat_template, registered_as)
+    return ModelCard(config, Path(run_dir), member_id, generation, form, schedule, ancestry, evaluation, ids,
+                     chat_template, registered_as)
 
 
 def write_card(folder: Path, card: ModelCard) -> None:

@@ -17,7 +17,6 @@ from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest
 from evo_sft.config import ConfigError, ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.evolution import Lineage, elite, score
-from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
 from evo_sft.io.storage import CheckpointError, load_json, replace_directory, save_json
@@ -108,16 +107,13 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     fitness = build.fitness(config)
     tracker = _tracker(config, run_dir, saved, fitness)
     last = LastRecord()
-    selection, mutations = build.selection_and_mutations(config)
-    controller = Controller(
-        population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
-        selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
+    controller = build.controller(
+        config, population, prepared,
         observers=[table_printer(fitness), tracker, last],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
                                            extra_state=lambda: {"tracking": tracker.state_dict(),
                                                                 "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
-        token_budget=config.evolution.token_budget,
         progress=progress_line,
     )
     if checkpoint:
@@ -245,7 +241,7 @@ def _finish(config: ExperimentConfig, controller: Controller, run_dir: Path, tok
     evaluation = evaluations[best] if evaluations else None
     if full_test:
         tracker.log_final(controller.generation, best_id, evaluation)
-    schedule = line_schedule(controller.lineage, best_id, controller.fitness[best_id], controller.steps_per_generation)
+    schedule = controller.schedule(best_id)
     save_json(run_dir / SCHEDULE_FILE, schedule)
     tracker.log_schedule(schedule)
     scored = None
@@ -269,9 +265,8 @@ def _export_best(config: ExperimentConfig, controller: Controller, best: int, ru
     exported = Path(controller.population.export_adapter(best, staging))
     tokenizer.save_pretrained(exported)
     form = "adapter" if config.lora is not None else "whole"
-    card = card_for(config, run_dir, controller.lineage, controller.fitness, member_id, controller.generation,
-                    controller.steps_per_generation, form, scored, tracker.state_dict(), bool(tokenizer.chat_template),
-                    registered_as=name)
+    card = card_for(config, run_dir, controller.lineage, controller.schedule(member_id), controller.generation, form,
+                    scored, tracker.state_dict(), bool(tokenizer.chat_template), registered_as=name)
     write_card(exported, card)
     target = replace_directory(exported, run_dir / "best_adapter")
     shutil.rmtree(staging, ignore_errors=True)
@@ -312,9 +307,12 @@ def table_printer(fitness: Fitness):
     losses = fitness.metric != "test_loss"
 
     def print_table(controller: Controller, record: GenerationRecord) -> None:
-        step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
-        print(f"generation {record.generation}  (optimizer step {step} per member)")
+        if controller.generation_tokens is None:
+            print(f"generation {record.generation}  (optimizer step "
+                  f"{controller.generation * controller.steps_per_generation} per member)")
+        else:
+            print(f"generation {record.generation}  ({controller.tokens_trained:,} supervised tokens trained)")
         print(f"  {'member':>6} " + " ".join(f"{name:>{max(10, len(name))}}" for name in names)
               + f" {'train_loss':>10}" + (f" {'test_loss':>10}" if losses else "")
               + f" {fitness.metric:>10} {'tok/s':>8}")

@@ -9,6 +9,7 @@ import yaml
 
 from evo_sft.config import config_from_dict, load_config
 from evo_sft.evolution import Lineage
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.io.storage import load_json
 from evo_sft.model_card import SOURCES, card_for, write_card
 
@@ -25,6 +26,7 @@ FOUNDER = {"lr": 1e-4, "batch_size": 16, "max_grad_norm": 1.0, "weight_decay": 0
            "scheduler": "constant", "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0}
 # member 2: a copy of member 0 after generation 1 with a new lr, its batch size mutated after generation 2
 FITNESS = {0: [-2.0, -1.8, -1.7], 1: [-2.5], 2: [-2.0, -1.75, -1.6]}
+BATCHES = [[18, 20], [20, 14], [20, 14]]  # optimizer steps per slot and generation (member 2 lives in slot 1)
 EVALUATION = {"generation": 3, "metric": "test_loss", "full_test": False, "scored_rows": 50, "test_rows": 50,
               "best_member": 2, "members": [
                   {"member_id": 2, "fitness": -1.6, "metric_value": 1.6, "test_loss": 1.6,
@@ -43,8 +45,10 @@ def lineage() -> Lineage:
 
 
 def card(form="adapter", config=HUB_CONFIG, evaluation=EVALUATION, **kwargs):
-    return card_for(config_from_dict(config), "/runs/qwen-sweep", lineage(), FITNESS, 2, 3, 20, form, evaluation,
-                    TRACKING, chat_template=True, **kwargs)
+    tree = lineage()
+    schedule = line_schedule(tree, 2, FITNESS[2], BATCHES, 20)
+    return card_for(config_from_dict(config), "/runs/qwen-sweep", tree, schedule, 3, form, evaluation, TRACKING,
+                    chat_template=True, **kwargs)
 
 
 def front_matter(text: str) -> dict:
@@ -79,15 +83,16 @@ def test_a_local_base_and_dataset_are_not_named_as_hub_ids():
 def test_hyperparameter_table_is_the_lines_hyperparameters_generation_by_generation():
     text = card().text()
     header, *rows = table_after(text, "| generation |")
-    assert header == ["generation", "member", "lr", "batch_size", "test_loss"]
+    assert header == ["generation", "member", "steps", "lr", "batch_size", "test_loss"]
     tree = lineage()
     expected = []
     for generation, member in ((1, 0), (2, 2), (3, 2)):  # member 2 trains from generation 2, when it was born
         hp = tree.hyperparameters_at(member, generation)
-        expected.append([str(generation), str(member), f"{hp['lr']:.3g}", str(hp["batch_size"]),
+        expected.append([str(generation), str(member), str(BATCHES[generation - 1][tree.members[member].slot]), f"{hp['lr']:.3g}",
+                         str(hp["batch_size"]),
                          f"{-FITNESS[2][generation - 1]:.4f}"])
     assert rows == expected
-    assert [row[2] for row in rows] == ["0.0001", "0.00012", "0.00012"] and [row[3] for row in rows] == ["16", "16", "24"]
+    assert [row[3] for row in rows] == ["0.0001", "0.00012", "0.00012"] and [row[4] for row in rows] == ["16", "16", "24"]
     assert ("The same in every generation: max_grad_norm 1, weight_decay 0.01, warmup_steps 0, scheduler constant, "
             "lora_r 16, lora_alpha 32, lora_dropout 0.") in text
 

@@ -32,9 +32,9 @@ from tests.helpers.paths import DEMO, EVO_SFT, REPO
 from tests.helpers.processes import subprocess_env
 
 NAME = "demo-reverser"
-# two members, two generations of 15 steps at a high learning rate: outputs that are not empty
+# two members, two generations of 15 steps, both founders at a high learning rate: outputs that are not empty
 RUN_SETTINGS = ["population.backend=local", "population.size=2", "data.num_rows=200", "evolution.generations=2",
-                "evolution.steps_per_generation=15", "agent.lr=0.01"]
+                "evolution.steps_per_generation=15", "agent.lr=0.01", "evolution.founders=config"]
 TINY_SETTINGS = ["population.backend=local", "population.size=2", "data.num_rows=100", "evolution.generations=1",
                  "evolution.steps_per_generation=2"]
 PROBE = "<|im_start|>user\nreverse: abcde<|im_end|>\n<|im_start|>assistant\nedcba<|im_end|>\n"
@@ -213,8 +213,9 @@ def test_every_export_has_a_card_with_the_runs_scores_and_schedule(run, tmp_path
 
     schedule = json.loads((run["dir"] / "schedule.json").read_text())
     rows = _table(body, "| generation |")
-    assert [row[:2] for row in rows] == [[str(e["generation"]), str(e["member_id"])] for e in schedule["generations"]]
-    assert [[float(row[2]), int(row[3]), float(row[4])] for row in rows] == [
+    assert [row[:3] for row in rows] == [[str(e["generation"]), str(e["member_id"]), str(e["batches"])]
+                                         for e in schedule["generations"]]
+    assert [[float(row[3]), int(row[4]), float(row[5])] for row in rows] == [
         [pytest.approx(e["hyperparameters"]["lr"], rel=5e-3), e["hyperparameters"]["batch_size"],
          pytest.approx(e["fitness"], abs=5e-5)] for e in schedule["generations"]]
     assert json.loads((out / "evo-sft" / "schedule.json").read_text()) == schedule
