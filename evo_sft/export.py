@@ -55,8 +55,9 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
     if merged and config.lora is None:
         raise ExportError(f"--merged: {run_dir} fine-tuned whole models (lora: null), so there is no adapter to "
                           "merge; export without --merged to get the member's whole model")
-    if register is not None and model_name_problem(register):
-        raise ExportError(f"--register: {model_name_problem(register)}")
+    problem = register is not None and model_name_problem(register)
+    if problem:
+        raise ExportError(f"--register: {problem}")
     checkpoint, saved = latest_intact(run_dir)
     state = saved["controller"]
     member_id = best_member(run_dir, saved) if member == "best" else member

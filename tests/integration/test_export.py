@@ -188,7 +188,7 @@ def test_a_merged_export_loads_without_peft_and_computes_what_base_and_adapter_c
     assert torch.allclose(merged, expected, atol=1e-5, rtol=0)
     assert (merged - _logits(_base(run["dir"]), _probe_ids(out))).abs().max() > 1e-2, "the merge changed nothing"
     assert measured["outputs"] == [sample["output"] for sample in run["samples"]]
-    assert card_output.strip() == run["samples"][0]["output"]  # the card's own code, without PEFT
+    assert card_output == run["samples"][0]["output"] + "\n"  # the card's own code, without PEFT, prints it
     assert matter["library_name"] == "transformers" and "evo-sft" in matter["tags"]
 
 
@@ -208,8 +208,9 @@ def test_every_export_has_a_card_with_the_runs_scores_and_schedule(run, tmp_path
     assert [row[:3] for row in results] == [
         ["exact_match (the fitness)", f"{metrics['final_exact_match']:.4f}", "20 (all)"],
         ["test_loss", f"{metrics['final_test_loss']:.4f}", "20 (all)"]]
-    assert _table(body, "| prompt |") == [[f"`{s['prompt']}`", f"`{s['reference']}`", f"`{s['output']}`"]
-                                          for s in run["samples"]]
+    shown = {"\n": "⏎", "|": "\\|"}  # a cell is one line
+    assert _table(body, "| prompt |") == [[f"`{s[key].translate(str.maketrans(shown))}`" if s[key] else "(empty)"
+                                           for key in ("prompt", "reference", "output")] for s in run["samples"]]
 
     schedule = json.loads((run["dir"] / "schedule.json").read_text())
     rows = _table(body, "| generation |")
@@ -224,7 +225,7 @@ def test_every_export_has_a_card_with_the_runs_scores_and_schedule(run, tmp_path
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                            timeout=300)
     assert child.returncode == 0, child.stderr[-4000:]
-    assert child.stdout.strip() == run["samples"][0]["output"]
+    assert child.stdout == run["samples"][0]["output"] + "\n"
 
 
 def _server_uri(run: dict) -> str:
