@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evo_sft.cli import status_dict
+from evo_sft.run import status_dict
 from tests.helpers.paths import DEMO, EVO_SFT, REPO
 from tests.helpers.processes import subprocess_env
 
