@@ -25,7 +25,30 @@ def resolve_model_path(config: ExperimentConfig, run_dir: Path) -> str:
         return config.model.name
     from evo_sft.data.demo import write_demo_model
 
-    return str(write_demo_model(run_dir / "base_model", seed=config.seed))
+    return str(write_demo_model(Path(base_model_path(config, run_dir)), seed=config.seed))
+
+
+def base_model_path(config: ExperimentConfig, run_dir: Path) -> str:
+    """Where the run's base model is once the run has started: the demo model's folder in the
+    run folder, else `model.name` (a hub id or a path)."""
+    return str(Path(run_dir) / "base_model") if config.model.name == "demo" else config.model.name
+
+
+def local_base_model(config: ExperimentConfig, run_dir: Path) -> Path | None:
+    """The base model's folder where it is not on the hub (the demo's, a local model), else None."""
+    from evo_sft.data.sources import is_hub_id
+
+    path = base_model_path(config, run_dir)
+    return None if is_hub_id(path) else Path(path).expanduser()
+
+
+def generation_settings(config: ExperimentConfig, tokenizer) -> dict:
+    """How the run generated responses: `max_new_tokens`, and `stop_token_ids` (eos and the chat
+    template's end of turn)."""
+    from evo_sft.data.gym import stop_token_ids
+
+    return {"max_new_tokens": config.evolution.fitness_options.max_new_tokens,
+            "stop_token_ids": stop_token_ids(tokenizer)}
 
 
 def prepare_data(config: ExperimentConfig, tokenizer) -> dict:

@@ -1,8 +1,6 @@
 """The `evo-sft` command line: run, compare, resume, status, export, submit, logs, stop."""
 import argparse
 import json
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -66,42 +64,9 @@ def cmd_resume(args) -> int:
     return 130 if result is not None and result.interrupted else 0
 
 
-def _latest(run_dir: Path):
-    from evo_sft.io.checkpoint import latest_intact
-
-    return latest_intact(run_dir)
-
-
-def status_dict(run_dir: Path) -> dict:
-    """The newest checkpoint's population: the members as they were last scored, with the
-    hyperparameters they were scored with."""
-    from evo_sft.evolution import Lineage, elite, score
-    from evo_sft.run import config_of, saved_tracking_uri
-
-    _, saved = _latest(run_dir)
-    state = saved["controller"]
-    lineage = Lineage.from_dict(state["lineage"])
-    fitness = dict((member_id, history) for member_id, history in state["fitness"])
-    members = []
-    for member_id in state["slot_ids"]:
-        info = lineage.members[member_id]
-        members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
-                         "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
-    eval_loop = config_of(run_dir).evolution.eval_loop
-    best = members[elite([score(fitness[member_id], eval_loop) for member_id in state["slot_ids"]])]
-    tracking = saved.get("tracking") or {}
-    return {
-        "generation": state["generation"],
-        "best_member": best["id"],
-        "members": members,
-        "mlflow": {"tracking_uri": saved_tracking_uri(saved, run_dir.resolve()),
-                   **{key: tracking.get(key) for key in ("experiment_id", "parent_run_id")}},
-    }
-
-
 def cmd_status(args) -> int:
     from evo_sft.hyperparameters import shown
-    from evo_sft.run import config_of
+    from evo_sft.run import config_of, status_dict
 
     run_dir = Path(args.run_dir)
     status = status_dict(run_dir)
@@ -126,33 +91,20 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Written beside OUT first, then put in its place: OUT never mixes old and new files."""
-    from evo_sft.data.sources import load_tokenizer
-    from evo_sft.io.storage import replace_directory
-    from evo_sft.run import config_of
+    from evo_sft.export import ExportError, export
 
-    run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file; export into a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
-        raise UsageError(f"{out_dir} is not empty; pass --force to replace it, or choose a new folder")
-    checkpoint, saved = _latest(run_dir)
-    slot_ids = saved["controller"]["slot_ids"]
-    member = status_dict(run_dir)["best_member"] if args.member == "best" else args.member
-    if member not in slot_ids:
-        raise UsageError(f"member {member} is not in the latest checkpoint (members: {slot_ids})")
-    adapter = checkpoint / "members" / f"slot_{slot_ids.index(member)}" / "actor"
-    config = config_of(run_dir)
-    tokenizer_name = config.tokenizer or (str(run_dir / "base_model") if config.model.name == "demo" else config.model.name)
-    staging = out_dir.parent / f".tmp-{out_dir.name}-{secrets.token_hex(4)}"
     try:
-        shutil.copytree(adapter, staging)
-        load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, out_dir)
-    print(f"member {member} exported to {out_dir} (load with PeftModel.from_pretrained(base_model, '{out_dir}'))")
+        done = export(Path(args.run_dir), Path(args.out_dir), args.member, args.merged, args.force, args.register)
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    load = {"adapter": f"PeftModel.from_pretrained(base_model, '{done.out_dir}')"}.get(
+        done.form, f"AutoModelForCausalLM.from_pretrained('{done.out_dir}')")
+    print(f"member {done.member_id} (generation {done.generation}) exported to {done.out_dir} as "
+          f"{'a PEFT adapter' if done.form == 'adapter' else 'a whole model'}, with its model card "
+          f"{done.out_dir / 'README.md'} (load with {load})")
+    if done.registered_version is not None:
+        print(f"registered in MLflow as {args.register!r} version {done.registered_version} "
+              f"(mlflow.pyfunc.load_model('models:/{args.register}/{done.registered_version}'))")
     return 0
 
 
@@ -268,11 +220,21 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table (default: off)")
 
-    export = command("export", cmd_export, "write a member's adapter as a PEFT folder with the tokenizer")
+    export = command("export", cmd_export, "write a member as a folder to ship: its PEFT adapter (or, merged, a "
+                                           "whole transformers model) with the tokenizer and a model card "
+                                           "(README.md); optionally register it in the MLflow Model Registry")
     export.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     export.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write; new or empty unless --force")
     export.add_argument("--member", type=_member, default="best", metavar="ID",
-                        help="a member id of the latest checkpoint, or 'best' (default: best)")
+                        help="a member id of the latest checkpoint, or 'best': the run's best (default: best)")
+    export.add_argument("--merged", action="store_true",
+                        help="merge the adapter into the base model's weights and write the whole model, which "
+                             "loads with AutoModelForCausalLM.from_pretrained(OUT_DIR) and no PEFT; not for a run "
+                             "without LoRA, whose members are whole already (default: off, the adapter)")
+    export.add_argument("--register", metavar="NAME",
+                        help="also register the export as a new version of NAME in the MLflow Model Registry "
+                             "of the run's tracking store, tagged with its member, generation and fitness and "
+                             "described by its model card (default: not registered)")
     export.add_argument("--force", action="store_true",
                         help="replace OUT_DIR whole if it holds files (default: off, refuse)")
 

@@ -192,6 +192,9 @@ class EvolutionConfig:
 class TrackingConfig:
     uri: str | None = None
     experiment: str | None = None
+    # A registered model of the MLflow Model Registry: the best member becomes a new version of it
+    # when the run ends (evo_sft.tracking.registry). null: nothing is registered.
+    register_model: str | None = None
 
 
 @dataclass
@@ -435,8 +438,24 @@ def _validate(cfg: ExperimentConfig) -> None:
         f"{agent.batch_size} is not divisible by agent.micro_batch_size_per_gpu {micro}",
     )
 
+    if cfg.tracking.register_model is not None:
+        problem = model_name_problem(cfg.tracking.register_model)
+        _require(problem is None, "tracking.register_model", problem)
     _require(cfg.checkpoint.every >= 1, "checkpoint.every", f"must be >= 1, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why the MLflow Model Registry would refuse `name` (MLflow's own rule), or None. MLflow is
+    imported only here, so that a config without a registered model validates without it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as error:
+        return f"MLflow refuses {name!r} as a registered model name: {error.message}"
+    return None
 
 
 def _validate_gpus_per_member(population: PopulationConfig) -> None:

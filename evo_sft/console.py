@@ -16,6 +16,7 @@ LIBRARY_NOISE = (
 )
 ENVIRONMENT = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is imported
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no bar while a registered model's files are copied
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "warning",
 }

@@ -103,10 +103,8 @@ class Controller:
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
         self.tokens = list(state.get("tokens", []))  # checkpoints before token counting have none
-        # checkpoints before token intervals: every member took steps_per_generation batches
-        self.batches = [list(row) for row in state.get(
-            "batches", [[self.steps_per_generation] * self.population.size] * self.generation)]
-        self.finished_at = list(state.get("finished_at", []))  # nor before the wall-clock budget
+        self.batches = saved_batches(state, self.steps_per_generation)
+        self.finished_at = list(state.get("finished_at", []))  # checkpoints before the wall-clock budget have none
 
     def scores(self) -> list[float]:
         """Each slot's score: its recent fitness (`selection.eval_loop` evaluations), -inf if none."""
@@ -239,3 +237,17 @@ class Controller:
                 observer(self, record)
             except Exception as error:  # noqa: BLE001
                 warnings.warn(f"observer {observer!r} failed at generation {record.generation}: {error}")
+
+
+def saved_batches(state: dict, steps_per_generation: int) -> list[list[int]]:
+    """The batches each slot's member trained on per generation, from a saved `Controller.state_dict()`;
+    checkpoints before token intervals kept none: every member took steps_per_generation batches."""
+    default = [[steps_per_generation] * len(state["slot_ids"])] * state["generation"]
+    return [list(row) for row in state.get("batches", default)]
+
+
+def saved_schedule(state: dict, member_id: int, steps_per_generation: int) -> dict:
+    """`Controller.schedule(member_id)` of a saved `Controller.state_dict()`."""
+    fitness = dict((member, history) for member, history in state["fitness"])
+    return line_schedule(Lineage.from_dict(state["lineage"]), member_id, fitness[member_id],
+                         saved_batches(state, steps_per_generation), steps_per_generation)

@@ -1,5 +1,6 @@
 """Start, resume and summarise an evolution described by an experiment config."""
 import logging
+import math
 import os
 import shutil
 import time
@@ -16,17 +17,21 @@ from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
 from evo_sft.config import ConfigError, ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
-from evo_sft.evolution import elite
+from evo_sft.evolution import Lineage, elite, score
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
 from evo_sft.time_budget import Deadline
-from evo_sft.io.storage import CheckpointError, replace_directory, save_json
+from evo_sft.io.storage import CheckpointError, load_json, replace_directory, save_json
+from evo_sft.model_card import card_for, write_card
 
 CONFIG_FILE = "config.yaml"
 # What a run writes into its folder besides the config and the tracking store and queue
 # (checkpoints/ holds only an unfinished write when there is no checkpoint yet).
 ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
 SCHEDULE_FILE = "schedule.json"  # the winning line's schedule, what `evo-sft replay` retrains
+# The last population as the run scored it at its end (each member's fitness, metric, test loss
+# and samples; the best member): what `status`, `export` and the model card read.
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass
@@ -40,6 +45,7 @@ class RunResult:
     # evolution.fitness_options.full_test_at_end, else the last generation's (None where it has none)
     evaluation: Evaluation | None = None
     scored_rows: int | None = None  # the test rows its fitness was scored on
+    registered_as: str | None = None  # the registered model it became a version of (tracking.register_model)
 
 
 def start(config: ExperimentConfig) -> RunResult:
@@ -126,9 +132,8 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
             status = "KILLED"
             print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
         full_test = config.evolution.fitness_options.full_test_at_end and status != "KILLED"
-        result = _finish(controller, run_dir, tokenizer, interrupted=status == "KILLED", last=last.record,
-                         full_test=full_test, tracker=tracker)
-        result.scored_rows = fitness.scored_rows(len(prepared["test"]["input_ids"]), full_test)
+        result = _finish(config, controller, run_dir, tokenizer, fitness, len(prepared["test"]["input_ids"]),
+                         interrupted=status == "KILLED", last=last.record, full_test=full_test, tracker=tracker)
     except BaseException:
         status = "FAILED"
         raise
@@ -224,31 +229,79 @@ class LastRecord:
         self.record = record
 
 
-def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool, last: GenerationRecord | None,
-            full_test: bool, tracker) -> RunResult:
-    """Export the best member as a PEFT folder with the tokenizer: the best of the last evaluation,
-    or, with `full_test` (multi-fidelity), of every member scored now on the whole test set."""
+def _finish(config: ExperimentConfig, controller: Controller, run_dir: Path, tokenizer, fitness: Fitness,
+            test_rows: int, interrupted: bool, last: GenerationRecord | None, full_test: bool, tracker) -> RunResult:
+    """Export the best member (`_export_best`): the best of the last evaluation, or, with `full_test`
+    (multi-fidelity), of every member scored now on the whole test set. Its line's schedule and the
+    last population's scores are kept in the run folder."""
+    rows = (fitness.scored_rows(test_rows, full_test), test_rows)
     scores = controller.scores()
     evaluations = last.evaluations if last is not None and last.member_ids == controller.slot_ids else None
     if full_test:
         evaluations = controller.population.evaluate(full=True)
         scores = [evaluation.fitness for evaluation in evaluations]
     best = elite(scores)
+    best_id = controller.slot_ids[best]
     evaluation = evaluations[best] if evaluations else None
     if full_test:
-        tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
-    schedule = controller.schedule(controller.slot_ids[best])
+        tracker.log_final(controller.generation, best_id, evaluation)
+    schedule = controller.schedule(best_id)
     save_json(run_dir / SCHEDULE_FILE, schedule)
     tracker.log_schedule(schedule)
+    scored = None
+    if evaluations:
+        scored = evaluation_record(controller, evaluations, best_id, fitness, full_test, rows)
+        save_json(run_dir / EVALUATION_FILE, scored)
     target = run_dir / "best_adapter"
     if not interrupted:
-        staging = run_dir / ".best_adapter"
-        shutil.rmtree(staging, ignore_errors=True)
-        exported = Path(controller.population.export_adapter(best, staging))
-        tokenizer.save_pretrained(exported)
-        replace_directory(exported, target)
-        shutil.rmtree(staging, ignore_errors=True)
-    return RunResult(run_dir, controller.slot_ids[best], scores[best], target, interrupted, evaluation)
+        _export_best(config, controller, best, run_dir, tokenizer, scored, tracker)
+    return RunResult(run_dir, best_id, scores[best], target, interrupted, evaluation, scored_rows=rows[0],
+                     registered_as=None if interrupted else config.tracking.register_model)
+
+
+def _export_best(config: ExperimentConfig, controller: Controller, best: int, run_dir: Path, tokenizer,
+                 scored: dict | None, tracker) -> None:
+    """The member in slot `best` as `RUN/best_adapter` (its adapter, or its whole model without
+    LoRA) with the tokenizer and its model card; with `tracking.register_model`, registered too."""
+    member_id, name = controller.slot_ids[best], config.tracking.register_model
+    staging = run_dir / ".best_adapter"
+    shutil.rmtree(staging, ignore_errors=True)
+    exported = Path(controller.population.export_adapter(best, staging))
+    tokenizer.save_pretrained(exported)
+    form = "adapter" if config.lora is not None else "whole"
+    card = card_for(config, run_dir, controller.lineage, controller.schedule(member_id), controller.generation, form,
+                    scored, tracker.state_dict(), bool(tokenizer.chat_template), registered_as=name)
+    write_card(exported, card)
+    target = replace_directory(exported, run_dir / "best_adapter")
+    shutil.rmtree(staging, ignore_errors=True)
+    if name is not None:
+        tracker.register_model(name, target, build.local_base_model(config, run_dir) if form == "adapter" else None,
+                               f"member_{member_id:05d}-generation_{controller.generation:05d}-{form}", card,
+                               build.generation_settings(config, tokenizer))
+
+
+def evaluation_record(controller: Controller, evaluations: list[Evaluation], best_id: int, fitness: Fitness,
+                      full_test: bool, rows: tuple[int, int]) -> dict:
+    """What `EVALUATION_FILE` holds: the population of this generation as scored; a score that is
+    not finite is null."""
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    members = [{"member_id": member_id, "fitness": finite(e.fitness), "metric_value": finite(fitness.shown(e.fitness)),
+                "test_loss": finite(e.test_loss), "samples": list(e.samples)}
+               for member_id, e in zip(controller.slot_ids, evaluations)]
+    return {"generation": controller.generation, "metric": fitness.metric, "full_test": full_test,
+            "scored_rows": rows[0], "test_rows": rows[1], "best_member": best_id, "members": members}
+
+
+def final_evaluation(run_dir: Path, generation: int) -> dict | None:
+    """The run's `EVALUATION_FILE` where it scores the population of `generation` (the run ended
+    there), else None."""
+    path = Path(run_dir) / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    evaluation = load_json(path)
+    return evaluation if evaluation["generation"] == generation else None
 
 
 def table_printer(fitness: Fitness):
@@ -298,11 +351,50 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_runs_page, mlflow_ui_command
+    from evo_sft.tracking import mlflow_models_page, mlflow_runs_page, mlflow_ui_command
 
     print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
     print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
+    if result.registered_as is not None:
+        queued = any(record["kind"] == "register_model" for record in tracker.outbox.pending)
+        print(f"MLflow model:    {result.registered_as!r}, a new version from member {best}"
+              + (" (queued until MLflow is reachable)" if queued else
+                 f" ({mlflow_models_page(tracker.tracking_uri, result.registered_as)})"))
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
+
+
+def status_dict(run_dir: Path) -> dict:
+    """The newest checkpoint's population: the members as they were last scored, with the
+    hyperparameters they were scored with, and the best of them (`best_member`)."""
+    _, saved = latest_intact(run_dir)
+    state = saved["controller"]
+    lineage = Lineage.from_dict(state["lineage"])
+    fitness = dict((member_id, history) for member_id, history in state["fitness"])
+    members = []
+    for member_id in state["slot_ids"]:
+        info = lineage.members[member_id]
+        members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
+                         "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
+    tracking = saved.get("tracking") or {}
+    return {
+        "generation": state["generation"],
+        "best_member": best_member(run_dir, saved),
+        "members": members,
+        "mlflow": {"tracking_uri": saved_tracking_uri(saved, Path(run_dir).resolve()),
+                   **{key: tracking.get(key) for key in ("experiment_id", "parent_run_id")}},
+    }
+
+
+def best_member(run_dir: Path, saved: dict) -> int:
+    """The best member of the checkpoint `saved`: the run's where the run ended at that checkpoint
+    (scored on the whole test set with `full_test_at_end`), else the best by its fitness."""
+    state = saved["controller"]
+    ended = final_evaluation(run_dir, state["generation"])
+    if ended is not None and ended["best_member"] in state["slot_ids"]:
+        return ended["best_member"]
+    fitness = dict((member_id, history) for member_id, history in state["fitness"])
+    eval_loop = config_of(run_dir).evolution.eval_loop
+    return state["slot_ids"][elite([score(fitness[member_id], eval_loop) for member_id in state["slot_ids"]])]
 
 
 def config_of(run_dir: Path) -> ExperimentConfig:

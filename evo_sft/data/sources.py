@@ -38,6 +38,12 @@ def looks_like_path(name: str) -> bool:
             or Path(name).suffix[1:].isalpha())
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` (a `model.name`, `tokenizer` or `data.source`) names something on the hub:
+    not the built-in demo, not a local file or folder."""
+    return name != "demo" and not looks_like_path(name) and not Path(name).expanduser().exists()
+
+
 def check_paths(named: dict[str, str | None]) -> None:
     """{config key: value}: a value that can only be a local path must exist."""
     for key, value in named.items():

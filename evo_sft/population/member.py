@@ -110,8 +110,12 @@ class MemberHost:
         self.rng = {**self.rng, **{k: v for k, v in saved.items() if k in self.rng}}  # a CUDA state only on CUDA
 
     def export_adapter(self, directory: Path) -> str:
-        """Write the member's adapter as a PEFT folder under `directory`; return its path."""
-        self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
+        """Write the member's adapter as a PEFT folder under `directory` (a member without LoRA:
+        its whole model, as `save_pretrained` writes it); return its path."""
+        if self.agent.is_lora:
+            self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
+        else:
+            self.agent.actor.save_pretrained(Path(directory) / ACTOR)
         return str(Path(directory) / ACTOR)
 
 

@@ -2,15 +2,16 @@
 is unreachable, kept in a local queue and sent in order when it is back.
 
 A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
-`timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (queued artifacts
-are copied under `queue_dir/files/` and named relative to `queue_dir`, so the queue moves with
-its folder) with one warning per outage, and so is every later record until `flush()` empties
-the queue: an outage costs one failed request per flush. Runs are created when their
-`create_run` record is sent, so the MLflow ids of local keys are known only here (`run_ids`);
-they are also kept in `queue_dir/mlflow_runs.json` as each run is made, where a tracker that
-starts afresh after an earlier one stopped before any checkpoint named its runs finds them
-(`forget_earlier_attempt`). The only records dropped are those the store refuses as invalid
-(HTTP 400, or 404 for a run that does not exist), which no retry could fix; each costs a warning.
+`timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (the files of a
+queued artifact or model registration are copied under `queue_dir/files/` and named relative to
+`queue_dir`, so the queue moves with its folder) with one warning per outage, and so is every
+later record until `flush()` empties the queue: an outage costs one failed request per flush.
+Runs are created when their `create_run` record is sent, so the MLflow ids of local keys are
+known only here (`run_ids`); they are also kept in `queue_dir/mlflow_runs.json` as each run is
+made, where a tracker that starts afresh after an earlier one stopped before any checkpoint named
+its runs finds them (`forget_earlier_attempt`). The only records dropped are those the store
+refuses as invalid (HTTP 400, or 404 for a run that does not exist), which no retry could fix;
+each costs a warning.
 """
 import json
 import shutil
@@ -23,6 +24,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
+
+from evo_sft.tracking.registry import register
 
 QUEUE_FILE = "mlflow_queue.jsonl"
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -109,7 +112,7 @@ class Outbox:
 
     # ----------------------------------------------------------------- the queue
     def _enqueue(self, record: dict) -> None:
-        if record["kind"] == "artifact":
+        if "local_path" in record:
             record = self._snapshot(record)
             if record is None:
                 return
@@ -163,7 +166,7 @@ class Outbox:
 
     def _start_outage(self, error: Exception) -> None:
         if not self._in_outage:
-            warnings.warn(f"MLflow at {self.tracking_uri} is unreachable ({_first_line(error)}); training goes on, "
+            warnings.warn(f"MLflow at {self.tracking_uri} is unreachable ({first_line(error)}); training goes on, "
                           f"records queue in {self.queue_file} and are sent when it returns",
                           TrackingWarning, stacklevel=5)
             self._in_outage = True
@@ -175,7 +178,7 @@ class Outbox:
             try:
                 self._client = MlflowClient(self.tracking_uri)
             except Exception as error:  # noqa: BLE001
-                raise ConnectionError(f"cannot open the MLflow store: {_first_line(error)}") from error
+                raise ConnectionError(f"cannot open the MLflow store: {first_line(error)}") from error
         return self._client
 
     def _run_id(self, key: str) -> str:
@@ -204,6 +207,10 @@ class Outbox:
             local_path = self._local_path(record)
             log = client.log_artifacts if local_path.is_dir() else client.log_artifact
             log(self._run_id(record["key"]), str(local_path), record["artifact_path"])
+        elif kind == "register_model":
+            tags = {**record["tags"], **{tag: self.run_ids.get(key, "") for tag, key in record["run_tags"].items()}}
+            register(client, self._run_id(record["key"]), record["name"], self._local_path(record),
+                     record["artifact_path"], tags, record["description"])
         elif kind == "update_run":
             client.update_run(self._run_id(record["key"]), status=record["status"])
         elif kind == "terminate":
@@ -274,9 +281,9 @@ def _rejected(error: Exception) -> bool:
 
 def _warn_rejected(record: dict, error: Exception) -> None:
     warnings.warn(f"MLflow refused a {record['kind']} record for {record.get('key', record.get('name'))}: "
-                  f"{_first_line(error)}", TrackingWarning, stacklevel=4)
+                  f"{first_line(error)}", TrackingWarning, stacklevel=4)
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__

@@ -28,6 +28,12 @@ What is logged
   lineage). A clone's run starts with a copy of every point of its parent's run before its own
   first step (the parent's run holds its ancestors' points in turn), so each member's charts are
   its whole line from the first step.
+- With `tracking.register_model: NAME` (`register_model`), the best member at the end of the run
+  becomes a new version of NAME in the Model Registry: its files (`best_adapter/`, its model card,
+  a local base model) under the parent run's `registered_models/`, the version tagged with the
+  member, its parent member, the generation, fitness, metric and test loss, the evolution's and
+  the member's run ids, and described by the model card (evo_sft.tracking.registry). Like every
+  record it waits in the queue while the server is unreachable.
 
 Non-finite values are never logged (MLflow stores -inf as -1.8e308, which ruins every plot): a
 member whose loss diverged has no `fitness` point at that step, the parent run counts such
@@ -57,12 +63,14 @@ import shlex
 import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 from evo_sft.config import flatten_config
 from evo_sft.evolution import elite
 from evo_sft.fitness import Fitness, NegativeTestLoss
 from evo_sft.tracking.outbox import METRICS_PER_BATCH, Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves, plot_schedule
+from evo_sft.tracking.registry import ARTIFACTS as REGISTERED, save_mlflow_model
 from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
@@ -91,6 +99,12 @@ HTTP_ENVIRONMENT = {
 }
 
 
+def short_http_retries() -> None:
+    """`HTTP_ENVIRONMENT` for this process, where it does not set those variables itself."""
+    for name, value in HTTP_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def mlflow_ui_command(tracking_uri: str) -> str:
     """How to look at the runs: the server's address, or the `mlflow ui` command for a local store."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -102,8 +116,17 @@ def mlflow_runs_page(tracking_uri: str, experiment_id: str | None) -> str:
     """The experiment's runs in the MLflow UI (on `mlflow ui`'s default address for a local store).
     MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (the URL's
     `workflowType`, else the browser's last choice, GenAI at first), not from the experiment's kind."""
-    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    return f"{_ui_address(tracking_uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def mlflow_models_page(tracking_uri: str, name: str) -> str:
+    """A registered model's page in the MLflow UI (on `mlflow ui`'s default address for a local store)."""
+    return f"{_ui_address(tracking_uri)}/#/models/{quote(name, safe='')}"
+
+
+def _ui_address(tracking_uri: str) -> str:
+    """The server's address, or `mlflow ui`'s default one for a local store."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 def member_key(member_id: int) -> str:
@@ -121,8 +144,7 @@ class MLflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, config: dict, run_name: str | None = None,
                  state: dict | None = None, *, queue_dir: Path, artifact_every: int = 1,
                  fitness: Fitness | None = None):
-        for name, value in HTTP_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
+        short_http_retries()
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.fitness = fitness or NegativeTestLoss()
         self.artifact_every = artifact_every
@@ -188,6 +210,21 @@ class MLflowTracker:
         if self._controller is not None:
             self._refresh_artifacts(self._controller, schedule)
 
+    def register_model(self, name: str, export_dir: Path, base_dir: Path | None, artifact_path: str, card,
+                       model_config: dict) -> None:
+        """The export in `export_dir` (its model card `card`, `evo_sft.model_card.ModelCard`) as a new
+        version of the registered model `name` (`evo_sft.tracking.registry`), its files in the
+        parent run at `registered_models/<artifact_path>`; tagged with the card's registry tags and
+        the parent and member run ids, described by the card."""
+        with tempfile.TemporaryDirectory() as folder:
+            model = Path(folder) / artifact_path
+            save_mlflow_model(export_dir, base_dir, model_config, model)
+            self.outbox.submit({"kind": "register_model", "key": "parent", "name": name, "local_path": str(model),
+                                "artifact_path": f"{REGISTERED}/{artifact_path}", "tags": card.registry_tags(),
+                                "run_tags": {"evo_sft.parent_run_id": "parent",
+                                             "evo_sft.member_run_id": member_key(card.member_id)},
+                                "description": card.body()})
+
     def flush(self) -> bool:
         """Send the queued records in order; stop at the first failure. True when the queue is empty."""
         return self.outbox.flush()
@@ -204,6 +241,11 @@ class MLflowTracker:
             self.outbox.submit({"kind": "terminate", "key": member_key(member_id), "status": status})
         self._live.clear()
         self.outbox.submit({"kind": "terminate", "key": "parent", "status": status})
+        for record in self.outbox.pending:
+            if record["kind"] == "register_model":
+                warnings.warn(f"the registration of member {record['tags']['evo_sft.member_id']} as a version of "
+                              f"{record['name']!r} waits in {self.outbox.queue_file} for MLflow at {self.tracking_uri}",
+                              TrackingWarning, stacklevel=2)
         if self.outbox.pending:
             warnings.warn(f"{len(self.outbox.pending)} MLflow records are still queued in {self.outbox.queue_file}; "
                           "a tracker resumed on this folder sends them", TrackingWarning, stacklevel=2)

@@ -18,14 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import assert_real_screenshot, browser_page, fresh_screenshots
 from tests.helpers.paths import BIN, DEMO, REPO
 from tests.helpers.processes import free_port, subprocess_env
-
-ARTIFACTS = REPO / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-UI_TIMEOUT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +81,12 @@ def _member_runs(run_dir: Path) -> tuple:
     return experiment.experiment_id, parent, members
 
 
-def assert_real_screenshot(path: Path, min_size=(1000, 700)) -> None:
-    """A PNG of a rendered page: the right signature and size, and more than a blank canvas."""
-    from PIL import Image
-
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{path}: {len(data)} bytes"
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
-        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
-    total = sum(count for count, _ in colors)
-    assert len(colors) > 50, f"{path}: only {len(colors)} colours"
-    assert max(count for count, _ in colors) / total < 0.95, f"{path}: nearly a single colour"
-
-
 def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_pictures(demo_run, mlflow_server):
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from evo_sft.tracking import mlflow_runs_page
 
-    assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
     experiment_id, parent, members = _member_runs(demo_run)
     parent_name = parent.info.run_name
     assert len(members) >= 4
@@ -116,55 +96,46 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
     assert clone.data.tags["evo_sft.generation_born"] == "3"
     history = MlflowClient(f"sqlite:///{demo_run / 'mlflow.db'}").get_metric_history(clone.info.run_id, "fitness")
     assert sorted(point.step for point in history) == [2, 4, 6]
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    runs_png, chart_png = ARTIFACTS / "mlflow_experiment_runs.png", ARTIFACTS / "mlflow_member_fitness.png"
-    pictures = {name: ARTIFACTS / f"mlflow_{name}" for name in ("fitness_curves.png", "family_tree.png", "schedule.png")}
-    for png in (runs_png, chart_png, *pictures.values()):
-        png.unlink(missing_ok=True)
+    names = ("fitness_curves.png", "family_tree.png", "schedule.png")
+    runs_png, chart_png, *shown = fresh_screenshots("mlflow_experiment_runs.png", "mlflow_member_fitness.png",
+                                                    *(f"mlflow_{name}" for name in names))
+    pictures = dict(zip(names, shown))
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            expect.set_options(timeout=UI_TIMEOUT_MS)
+    with browser_page() as page:
+        # the page the summary names opens on the runs, the parent run first
+        page.goto(mlflow_runs_page(mlflow_server, experiment_id))
+        parent_link = page.get_by_role("link", name=parent_name, exact=True)
+        expect(parent_link).to_be_visible()
+        parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
+        parent_cell.get_by_role("button").first.click()  # the row's expand toggle: its member runs
+        for name in members:
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+        page.screenshot(path=str(runs_png), full_page=True)
 
-            # the page the summary names opens on the runs, the parent run first
-            page.goto(mlflow_runs_page(mlflow_server, experiment_id))
-            parent_link = page.get_by_role("link", name=parent_name, exact=True)
-            expect(parent_link).to_be_visible()
-            parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
-            parent_cell.get_by_role("button").first.click()  # the row's expand toggle: its member runs
-            for name in members:
-                expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
-            page.screenshot(path=str(runs_png), full_page=True)
+        # the parent run's page: its description, and its pictures among the artifacts
+        parent_link.click()
+        expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
+        page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts")
+        for name, png in pictures.items():
+            page.get_by_text(name, exact=True).first.click()  # in the artifact tree
+            image = page.get_by_role("img", name=name, exact=True)
+            expect(image).to_be_visible()
+            page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
+            page.screenshot(path=str(png), full_page=True)
 
-            # the parent run's page: its description, and its pictures among the artifacts
-            parent_link.click()
-            expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
-            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts")
-            for name, png in pictures.items():
-                page.get_by_text(name, exact=True).first.click()  # in the artifact tree
-                image = page.get_by_role("img", name=name, exact=True)
-                expect(image).to_be_visible()
-                page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
-                page.screenshot(path=str(png), full_page=True)
-
-            # the clone's run page -> its `fitness` metric -> a chart over all three generations
-            page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}")
-            expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
-            page.get_by_role("link", name="fitness", exact=True).click()
-            page.get_by_placeholder("Search metric charts").fill("fitness")
-            expect(page.get_by_text(f"{clone.info.run_name} (fitness)", exact=True).first).to_be_visible()
-            chart = page.locator(".js-plotly-plot").first
-            expect(chart).to_be_visible()
-            assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
-            # a line through its points (from generation 1: its ancestors'), not a lone dot
-            expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
-            page.wait_for_timeout(1000)  # let the plot finish its transition
-            page.screenshot(path=str(chart_png), full_page=True)
-        finally:
-            browser.close()
+        # the clone's run page -> its `fitness` metric -> a chart over all three generations
+        page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}")
+        expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
+        page.get_by_role("link", name="fitness", exact=True).click()
+        page.get_by_placeholder("Search metric charts").fill("fitness")
+        expect(page.get_by_text(f"{clone.info.run_name} (fitness)", exact=True).first).to_be_visible()
+        chart = page.locator(".js-plotly-plot").first
+        expect(chart).to_be_visible()
+        assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
+        # a line through its points (from generation 1: its ancestors'), not a lone dot
+        expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
+        page.wait_for_timeout(1000)  # let the plot finish its transition
+        page.screenshot(path=str(chart_png), full_page=True)
 
     for png in (runs_png, chart_png, *pictures.values()):
         assert_real_screenshot(png)

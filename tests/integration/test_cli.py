@@ -76,6 +76,9 @@ VALIDATION_ERRORS = [
     ("unloadable-fitness-function", None, ["--set", "evolution.fitness=no_such_module_here:score"],
      "evolution.fitness", "cannot load fitness function 'no_such_module_here:score'"),
     ("missing-config-file", "", [], "missing.yaml", "cannot read the config"),
+    ("registered-model-name-mlflow-refuses", None, ["--set", "tracking.register_model=team/model"],
+     "tracking.register_model", "MLflow refuses 'team/model' as a registered model name: Invalid model name "
+                                "'team/model'. Names cannot contain '/' or ':'."),
 ]
 
 DRY_RUN_OVERRIDES = ["--set", "population.size=8", "--set", "evolution.generations=3",

@@ -15,8 +15,8 @@ LAYERS = [
     ("evo_sft.sft",),
     ("evo_sft.population",),
     ("evo_sft.controller", "evo_sft.tracking", "evo_sft.progress"),
-    ("evo_sft.build", "evo_sft.run", "evo_sft.finetune", "evo_sft.jobs"),
-    ("evo_sft.compare", "evo_sft.replay"),
+    ("evo_sft.build", "evo_sft.run", "evo_sft.finetune", "evo_sft.jobs", "evo_sft.model_card"),
+    ("evo_sft.compare", "evo_sft.replay", "evo_sft.export"),
     ("evo_sft.cli",),
 ]
 
