@@ -34,6 +34,10 @@ SCHEDULE_FILE = "schedule.json"  # the winning line's schedule, what `evo-sft re
 EVALUATION_FILE = "evaluation.json"
 
 
+class TimeBudgetSpent(ConfigError):
+    """`evolution.time_budget_s` ran out before the first generation: nothing was trained."""
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -131,6 +135,10 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
         except KeyboardInterrupt:
             status = "KILLED"
             print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
+        if controller.generation == 0 and status != "KILLED":  # only the time budget ends a run before it
+            raise TimeBudgetSpent(f"evolution.time_budget_s: its {config.evolution.time_budget_s:g} s went to loading "
+                                  f"the model and starting the members, before the first generation; nothing was "
+                                  f"trained")
         full_test = config.evolution.fitness_options.full_test_at_end and status != "KILLED"
         result = _finish(config, controller, run_dir, tokenizer, fitness, len(prepared["test"]["input_ids"]),
                          interrupted=status == "KILLED", last=last.record, full_test=full_test, tracker=tracker)

@@ -18,7 +18,7 @@ from evo_sft.compare.report import StrategyRun
 from evo_sft.config import ExperimentConfig, config_from_dict
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Fitness
-from evo_sft.io.checkpoint import checkpoint_dirs, latest_intact
+from evo_sft.io.checkpoint import latest_intact
 
 RESULTS = "results.jsonl"
 UNBOUNDED_GENERATIONS = 1_000_000  # an evolution with a time budget only: the time ends it
@@ -130,7 +130,7 @@ def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, ex
                   prepared: dict) -> StrategyRun:
     """`evo-sft run` of the config with the token and time budgets; enough generations that a
     budget, not their number, ends it (a schedule keeps the length the config gives it)."""
-    from evo_sft.run import start
+    from evo_sft.run import TimeBudgetSpent, start
 
     d = config.to_dict()
     evolution, agent = d["evolution"], d["agent"]
@@ -146,10 +146,11 @@ def run_evolution(config: ExperimentConfig, comparison: Comparison, uri: str, ex
     d.update(run_dir=str(comparison.out / f"evolution-seed{config.seed}"), checkpoint={"every": 1, "keep": 1},
              tracking={"uri": uri, "experiment": experiment})
     started = time.time()
-    start(config_from_dict(d))
+    try:
+        start(config_from_dict(d))
+    except TimeBudgetSpent:  # before its first generation: no result
+        return StrategyRun("evolution", config.seed, [], [], 0, time.time() - started, 0, 0)
     wall = time.time() - started
-    if not checkpoint_dirs(Path(d["run_dir"])):  # the time budget ran out before its first generation
-        return StrategyRun("evolution", config.seed, [], [], 0, wall, 0, 0)
     saved = latest_intact(Path(d["run_dir"]))[1]
     state = saved["controller"]
     history = dict((member_id, fitness) for member_id, fitness in state["fitness"])

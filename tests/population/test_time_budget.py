@@ -9,7 +9,9 @@ import pytest
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from evo_sft.controller import Controller
+from evo_sft.io.checkpoint import checkpoint_dirs
 from evo_sft.population.local import LocalPopulation
+from evo_sft.run import TimeBudgetSpent, start
 from evo_sft.time_budget import Deadline
 from tests.helpers.evolution_run import GENERATIONS, experiment, make_controller, pieces
 
@@ -47,3 +49,12 @@ def test_no_generation_starts_once_not_one_step_fits(tmp_path, deadline):
     controller.deadline = deadline(time.time())
     controller.run(GENERATIONS)
     assert controller.generation == 0 and controller.tokens == [] and controller.finished_at == []
+
+
+def test_a_run_whose_time_budget_goes_to_start_up_trains_nothing_and_says_so(tmp_path):
+    d = experiment("local", tmp_path / "run")
+    d["evolution"]["time_budget_s"] = 0.01
+    with pytest.raises(TimeBudgetSpent, match=r"evolution.time_budget_s: its 0.01 s went to loading the model and "
+                                              r"starting the members, before the first generation; nothing was trained"):
+        start(config_from_dict(d))
+    assert checkpoint_dirs(tmp_path / "run") == [] and not (tmp_path / "run" / "best_adapter").exists()
