@@ -131,8 +131,9 @@ def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelecti
     if evolution.selection == "truncation":
         selection = TruncationSelection(evolution.truncation_quantile, size, eval_loop=evolution.eval_loop)
     else:
+        steady = evolution.selection == "steady_tournament"
         selection = TournamentSelection(evolution.tournament_size, evolution.elitism, size, eval_loop=evolution.eval_loop,
-                                        replace_quantile=evolution.replace_quantile)
+                                        replace_quantile=evolution.replace_quantile if steady else None)
     m = evolution.mutation
     mutations = Mutations(no_mutation=m.no_mutation, rl_hp=m.rl_hp, mutate_elite=m.mutate_elite,
                           explore=Explore(tuple(m.explore.perturb_factors), m.explore.resample_probability,

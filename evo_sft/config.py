@@ -150,7 +150,7 @@ class FitnessOptions:
     reference_column: str | None = None  # what generations are compared with; null: data.response_column
 
 
-SELECTIONS = ("tournament", "truncation")
+SELECTIONS = ("steady_tournament", "tournament", "truncation")
 FOUNDERS = ("spread", "config", "random_lr")
 INTERVALS = ("tokens", "steps")
 
@@ -173,13 +173,14 @@ class EvolutionConfig:
     # model loading and actor start-up included: no generation starts once they are spent, and
     # the last takes only the steps that fit (evo_sft.time_budget.Deadline). null: no limit.
     time_budget_s: float | None = None
-    selection: str = "tournament"  # AgileRL's tournament with elitism, or "truncation" (PBT's exploit step)
+    # steady_tournament: only the bottom replace_quantile of the population lose their slots, each to
+    # the winner of a tournament among the others; tournament: AgileRL's (every non-elite slot holds
+    # one); truncation: PBT's exploit step (the bottom truncation_quantile become clones of the top one)
+    selection: str = "steady_tournament"
     tournament_size: int = 2
     elitism: bool = True
-    truncation_quantile: float = 0.25  # with truncation: the bottom quantile is replaced by clones of the top one
-    # With tournament: null, every non-elite slot holds a tournament (AgileRL's); a quantile q, only
-    # the bottom q of the population lose their slots, each to the winner of a tournament among the others.
-    replace_quantile: float | None = None
+    truncation_quantile: float = 0.25
+    replace_quantile: float = 0.25
     eval_loop: int = 1
     fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES, or a user function module:function
     fitness_options: FitnessOptions = field(default_factory=FitnessOptions)
@@ -394,14 +395,8 @@ def _validate(cfg: ExperimentConfig) -> None:
         _require(value in allowed, f"evolution.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
     _require(0 < evolution.truncation_quantile <= 0.5, "evolution.truncation_quantile",
              f"must be in (0, 0.5], got {evolution.truncation_quantile}")
-    if evolution.replace_quantile is not None:
-        _require(0 < evolution.replace_quantile <= 0.5, "evolution.replace_quantile",
-                 f"must be in (0, 0.5] or null, got {evolution.replace_quantile}")
-        _require(evolution.selection == "tournament", "evolution.replace_quantile",
-                 f"applies to tournament selection; evolution.selection is {evolution.selection!r}")
-        _require(evolution.tournament_size < population.size, "evolution.tournament_size",
-                 f"{evolution.tournament_size} members drawn from the {population.size - 1} others of a replaced "
-                 f"member: at most {population.size - 1} with evolution.replace_quantile")
+    _require(0 < evolution.replace_quantile <= 0.5, "evolution.replace_quantile",
+             f"must be in (0, 0.5], got {evolution.replace_quantile}")
     _validate_fitness(evolution.fitness, evolution.fitness_options)
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation

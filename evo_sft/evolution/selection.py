@@ -12,8 +12,9 @@ class TournamentSelection:
 
     With `replace_quantile` q, only the members ranked in the bottom q of the population (at least
     one, at most half) lose their slots, each to a clone of the winner of a tournament among the
-    other members; every other member keeps its slot and its hyperparameters, and only the clones
-    are mutated (a steady-state tournament: what reaches the top stays there)."""
+    other members (of `tournament_size`, or all the others where there are fewer); every other
+    member keeps its slot and its hyperparameters, and only the clones are mutated (a steady-state
+    tournament: what reaches the top stays there)."""
 
     def __init__(self, tournament_size: int, elitism: bool, population_size: int, eval_loop: int = 1,
                  replace_quantile: float | None = None):
@@ -28,9 +29,6 @@ class TournamentSelection:
             raise ValueError(f"TournamentSelection: eval_loop must be >= 1, got {eval_loop}")
         if replace_quantile is not None and not 0 < replace_quantile <= 0.5:
             raise ValueError(f"TournamentSelection: replace_quantile must be in (0, 0.5], got {replace_quantile}")
-        if replace_quantile is not None and tournament_size > population_size - 1:
-            raise ValueError(f"TournamentSelection: a tournament among the other members takes at most "
-                             f"{population_size - 1}, got tournament_size {tournament_size}")
         self.tournament_size = tournament_size
         self.elitism = elitism
         self.population_size = population_size
@@ -66,7 +64,7 @@ class TournamentSelection:
         parents = list(range(n))
         for slot in sorted(losers):
             others = [other for other in range(n) if other != slot]
-            contestants = rng.choice(others, size=self.tournament_size, replace=False)
+            contestants = rng.choice(others, size=min(self.tournament_size, n - 1), replace=False)
             parents[slot] = elite(fitness, contestants)
         return parents
 

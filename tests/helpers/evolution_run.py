@@ -40,9 +40,9 @@ def experiment(backend: str, run_dir: Path, tracking_uri: str | None = None, mem
         "agent": agent,
         "population": {"size": 3, "backend": backend, "num_cpus": 0.5, "members_per_actor": members_per_actor},
         "evolution": {
-            # fixed steps a generation and founders that differ in lr only: these tests follow the
-            # population's machinery step by step (token intervals and spread founders have their own)
-            "interval": "steps", "founders": "random_lr",
+            # fixed steps a generation, founders that differ in lr only and AgileRL's tournament: these
+            # tests follow the population's machinery step by step (the search's defaults have their own)
+            "interval": "steps", "founders": "random_lr", "selection": "tournament",
             "generations": GENERATIONS, "steps_per_generation": 6, "tournament_size": 2,
             "mutation": {"no_mutation": 0.2, "rl_hp": 0.8},
             "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}},

@@ -178,10 +178,9 @@ def test_a_steady_state_tournament_replaces_only_the_bottom_quantile_by_tourname
     assert not selection.mutates_survivors
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(tournament_size=2, elitism=True, population_size=4, replace_quantile=0.75), "replace_quantile"),
-    (dict(tournament_size=4, elitism=True, population_size=4, replace_quantile=0.25), "at most 3"),
-])
-def test_steady_state_tournament_arguments_are_checked(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        TournamentSelection(**kwargs)
+def test_a_steady_state_tournament_draws_at_most_the_other_members():
+    """Two members, tournaments of two: the loser's tournament is its one other member."""
+    selection = TournamentSelection(2, True, 2, replace_quantile=0.25)
+    assert selection.select([-2.0, -1.0], np.random.default_rng(0)) == (1, [1, 1])
+    with pytest.raises(ValueError, match="replace_quantile"):
+        TournamentSelection(2, True, 4, replace_quantile=0.75)
