@@ -126,7 +126,7 @@ def cmd_status(args) -> int:
 def cmd_export(args) -> int:
     """Written beside OUT first, then put in its place: OUT never mixes old and new files."""
     from evo_sft.data.sources import load_tokenizer
-    from evo_sft.io.storage import replace_directory
+    from evo_sft.io.storage import replace_directory, umask_modes
     from evo_sft.run import config_of
 
     run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
@@ -146,6 +146,7 @@ def cmd_export(args) -> int:
     try:
         shutil.copytree(adapter, staging)
         load_tokenizer(tokenizer_name, config.model.trust_remote_code).save_pretrained(staging)
+        umask_modes(staging)  # the copy keeps the checkpoint's modes, which an earlier umask gave
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -112,6 +112,7 @@ class MemberHost:
     def export_adapter(self, directory: Path) -> str:
         """Write the member's adapter as a PEFT folder under `directory`; return its path."""
         self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
+        storage.umask_modes(directory)
         return str(Path(directory) / ACTOR)
 
 

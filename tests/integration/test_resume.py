@@ -30,6 +30,7 @@ from tests.helpers.processes import subprocess_env
 GENERATIONS = 4
 SMALL = ["population.backend=local", "data.num_rows=160", "evolution.steps_per_generation=2"]
 CLI_TIMEOUT_S = 300
+UMASK = 0o022  # every evo-sft here runs under it: its files must end 0o644 (issue 30, item 4)
 
 
 def _env() -> dict:
@@ -38,10 +39,10 @@ def _env() -> dict:
     return subprocess_env(MKL_NUM_THREADS="1")
 
 
-def evo(*args, check: bool = True) -> subprocess.CompletedProcess:
+def evo(*args, check: bool = True, umask: int = UMASK) -> subprocess.CompletedProcess:
     """`evo-sft ARGS` as a user types it; on failure the assertion shows its output."""
     result = subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(),
-                            timeout=CLI_TIMEOUT_S, cwd=REPO)
+                            timeout=CLI_TIMEOUT_S, cwd=REPO, umask=umask)
     if check:
         assert result.returncode == 0, f"evo-sft {' '.join(map(str, args))} -> {result.returncode}\n" \
                                        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
@@ -110,7 +111,7 @@ class Job:
         self.stdout_path, self.stderr_path = root / f"{name}.stdout", root / f"{name}.stderr"
         with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
             self.process = subprocess.Popen([str(EVO_SFT), *map(str, args)], stdout=out, stderr=err, env=_env(),
-                                            cwd=REPO, start_new_session=True)
+                                            cwd=REPO, start_new_session=True, umask=UMASK)
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -574,6 +575,26 @@ def test_export_refuses_a_folder_with_files_and_replaces_it_whole_with_force(tmp
         result = evo("export", full_run, a_file, *args, check=False)
         assert (result.returncode, result.stderr) == (2, f"error: {a_file} is a file; export into a folder\n")
     assert a_file.read_text() == "mine"
+
+
+def _modes(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): oct(path.stat().st_mode & 0o777) for path in folder.rglob("*")
+            if path.is_file()}
+
+
+def test_every_file_of_a_run_and_of_an_export_has_the_mode_the_umask_gives(tmp_path, full_run):
+    """Issue 30, item 4: safetensors files (adapters, optimizer states, the base model, MLflow's
+    copies of the elites) were written 0o600 whatever the umask, so no one else could read them."""
+    written = _modes(full_run)
+    for folder in ("checkpoints/", "best_adapter/", "elites/", "base_model/", "mlartifacts/"):
+        assert any(name.startswith(folder) and name.endswith(".safetensors") for name in written), folder
+    assert {name: mode for name, mode in written.items() if mode != oct(0o666 & ~UMASK)} == {}
+    for umask in (UMASK, 0o027):
+        out = tmp_path / f"umask-{umask:o}"
+        evo("export", full_run, out, umask=umask)
+        exported = _modes(out)
+        assert "adapter_model.safetensors" in exported
+        assert set(exported.values()) == {oct(0o666 & ~umask)}, exported
 
 
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
