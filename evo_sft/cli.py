@@ -57,10 +57,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _run_dir(text: str) -> Path:
+    """The run folder a command is given, checked: a missing one, or one that holds no run, is
+    a mistake in what the command is given."""
+    from evo_sft.run import NotARun, run_folder
+
+    try:
+        return run_folder(text)
+    except NotARun as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_resume(args) -> int:
     from evo_sft.run import resume
 
-    result = resume(Path(args.run_dir), args.generations, args.set)
+    result = resume(_run_dir(args.run_dir), args.generations, args.set)
     return 130 if result is not None and result.interrupted else 0
 
 
@@ -101,7 +112,7 @@ def cmd_status(args) -> int:
     from evo_sft.hyperparameters import shown
     from evo_sft.run import config_of
 
-    run_dir = Path(args.run_dir)
+    run_dir = _run_dir(args.run_dir)
     status = status_dict(run_dir)
     if args.json:
         print(json.dumps(status, indent=2))
@@ -129,7 +140,7 @@ def cmd_export(args) -> int:
     from evo_sft.io.storage import replace_directory, umask_modes
     from evo_sft.run import config_of
 
-    run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
+    run_dir, out_dir = _run_dir(args.run_dir), Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file; export into a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.force:
@@ -171,10 +182,11 @@ def cmd_replay(args) -> int:
     from evo_sft.replay import TOLERANCE, replay
     from evo_sft.run import SCHEDULE_FILE
 
-    schedule = Path(args.schedule) if args.schedule else Path(args.run_dir) / SCHEDULE_FILE
+    run_dir = _run_dir(args.run_dir)
+    schedule = Path(args.schedule) if args.schedule else run_dir / SCHEDULE_FILE
     if not schedule.is_file():
         raise UsageError(f"no schedule at {schedule}: a run writes it when it finishes")
-    results, exact = replay(Path(args.run_dir), schedule)
+    results, exact = replay(run_dir, schedule)
     worst = max((r.difference for r in results if r.run_fitness is not None), default=0.0)
     final = results[-1]
     print(f"replayed fitness {final.fitness:.6f}, the run's {final.run_fitness}: largest difference {worst:.2e}"
@@ -309,7 +321,7 @@ def main(argv=None) -> int:
 
 
 def _user_error(error: Exception) -> bool:
-    """No run to resume or inspect (no config, no intact checkpoint), or a run already in the folder.
+    """A run that cannot do what is asked (no checkpoint to resume, none intact), or a run already in the folder.
     Checked without importing evo_sft.io.storage (torch), so validation alone stays quick."""
     storage = sys.modules.get("evo_sft.io.storage")
     return isinstance(error, FileExistsError) or (storage is not None and isinstance(error, storage.CheckpointError))

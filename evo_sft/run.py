@@ -41,6 +41,21 @@ class RunResult:
     scored_rows: int | None = None  # the test rows its fitness was scored on
 
 
+class NotARun(Exception):
+    """A folder given as a run's is missing or holds no evo-sft run (a mistake in what a command
+    is given: one line, exit code 2)."""
+
+
+def run_folder(path: str | Path) -> Path:
+    """`path`, absolute, once it is known to hold an evo-sft run (its config.yaml)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise NotARun(f"{path} is missing: there is no such folder")
+    if not (path / CONFIG_FILE).is_file():
+        raise NotARun(f"{path} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
+    return path
+
+
 def start(config: ExperimentConfig) -> RunResult:
     """Start the run in its folder. A folder whose run stopped before its first checkpoint is
     taken over: what that attempt wrote is removed (its MLflow runs are deleted by the tracker)."""
@@ -64,9 +79,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
     `overrides` (KEY=VALUE) change its saved config for this session only, e.g. where its Ray
     cluster or MLflow server now is. None, having said so and started nothing, when the run
     already has that many generations."""
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
+    run_dir = run_folder(run_dir)
     overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
     config.run_dir = str(run_dir)  # the folder given, wherever the run was before

@@ -82,6 +82,9 @@ DRY_RUN_OVERRIDES = ["--set", "population.size=8", "--set", "evolution.generatio
                      "--set", "evolution.hyperparameters.lr.max=0.05"]
 
 
+NOT_A_RUN_COMMANDS = [("resume",), ("status",), ("export", "exported"), ("replay",)]
+
+
 def _quick_commands(root: Path) -> dict:
     """name -> (argv, cwd): every short command of this module. Each runs in its own empty
     folder, so "nothing started" can be checked as "nothing written"."""
@@ -114,6 +117,13 @@ def _quick_commands(root: Path) -> dict:
         (root / name).mkdir()
         commands[name] = (argv, root / name)
     (root / "empty-config" / "empty.yaml").write_text("# nothing set yet\n")
+    for command in NOT_A_RUN_COMMANDS:
+        for what in ("missing", "not-a-run"):
+            cwd = root / f"{command[0]}-{what}"
+            (cwd / "folder").mkdir(parents=True)
+            (cwd / "folder" / "notes.txt").write_text("not a run")
+            commands[cwd.name] = ([command[0], cwd / ("nowhere" if what == "missing" else "folder"), *command[1:]],
+                                  cwd)
     return commands
 
 
@@ -162,6 +172,19 @@ def test_argument_mistakes_are_one_line_with_exit_code_2(quick, case, message):
     result, cwd, before = quick[case]
     assert (result.returncode, result.stdout, result.stderr) == (2, "", message + "\n")
     assert sorted(p.name for p in cwd.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", [c[0] for c in NOT_A_RUN_COMMANDS])
+def test_a_run_folder_that_is_missing_or_holds_no_run_is_a_mistake_with_exit_code_2(quick, command):
+    """Issue 30, item 9: `resume` of a folder that holds no run exited 1, and called a folder
+    that does not exist one that holds no run."""
+    for what, message in (("missing", "{folder} is missing: there is no such folder"),
+                          ("not-a-run", "{folder} holds no evo-sft run (no config.yaml); start one with `evo-sft run`")):
+        result, cwd, before = quick[f"{command}-{what}"]
+        folder = cwd / ("nowhere" if what == "missing" else "folder")
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {message.format(folder=folder)}\n")
+        assert sorted(p.name for p in cwd.iterdir()) == before
+        assert [p.name for p in (cwd / "folder").iterdir()] == ["notes.txt"]
 
 
 def test_every_argument_is_described_and_every_option_says_its_default(quick):
