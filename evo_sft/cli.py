@@ -166,6 +166,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from evo_sft.ui import serve
+
+    run_dir = _run_dir(args.run_dir)
+    return serve(run_dir, status_dict(run_dir)["mlflow"], args.port)
+
+
 def cmd_submit(args) -> int:
     from evo_sft.jobs import submit
 
@@ -288,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
                                            "differ by more than 1e-6")
     replay.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder")
     replay.add_argument("--schedule", metavar="FILE", help="the schedule to replay (default: RUN_DIR/schedule.json)")
+
+    ui = command("ui", cmd_ui, "start the MLflow UI on a run's own store (on 127.0.0.1) and print its addresses; "
+                               "Ctrl-C stops it")
+    ui.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    ui.add_argument("--port", type=int, metavar="N", help="the port to serve on (default: a free one)")
 
     submit = command("submit", cmd_submit, "submit the controller to a Ray cluster as a Ray Job")
     submit.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")

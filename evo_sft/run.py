@@ -216,7 +216,8 @@ def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitn
     if state and state["tracking_uri"] != uri == saved_tracking_uri(saved, run_dir):
         move_artifact_root(uri, state["tracking_uri"])
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
-                         run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
+                         run_name=run_dir.name, state=state, searched=list(config.evolution.hyperparameters),
+                         queue_dir=run_dir / "tracking_queue", fitness=fitness)
 
 
 def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
@@ -309,10 +310,15 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_runs_page, mlflow_ui_command
+    from evo_sft.tracking import mlflow_page
 
-    print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
-    print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
+    experiment, parent = tracker.outbox.experiment_id, tracker.outbox.run_ids.get("parent")
+    if tracker.tracking_uri.startswith(("http://", "https://")):
+        server = tracker.tracking_uri.rstrip("/") + "/"
+        print(f"MLflow runs:     {mlflow_page(server, experiment)}")
+        print(f"MLflow run:      {mlflow_page(server, experiment, parent)}")
+    else:
+        print(f"MLflow UI:       evo-sft ui {result.run_dir}  (serves this run's store, prints its address)")
     print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
 
 

@@ -9,7 +9,7 @@ OURS = re.compile("|".join([
     r"  clones: .*",
     r"=== evo-sft summary ===",
     r"(best member|lineage|fitness per generation|founders'|outputs on the first test prompts|checkpoints|"
-    r"best adapter|MLflow UI|MLflow runs|resume/extend).*",
+    r"best adapter|MLflow UI|MLflow runs|MLflow run|resume/extend).*",
     r"  prompt '.*",
     r"",
 ]))

@@ -209,7 +209,7 @@ def test_every_argument_is_described_and_every_option_says_its_default(quick):
     assert undescribed == []
     result, _, _ = quick["help"]
     assert result.returncode == 0 and "--version" in result.stdout
-    for name in ("run", "resume", "status", "export", "submit", "logs", "stop"):
+    for name in ("run", "resume", "status", "export", "ui", "submit", "logs", "stop"):
         assert re.search(rf"^\s+{name}\s+\S", result.stdout, re.M), name
 
 
@@ -335,7 +335,7 @@ def test_demo_end_to_end_on_local_ray():
         assert scored_with["lr"] == pytest.approx(float(row.group(1)), rel=5e-3)
         assert len(re.search(r"fitness per generation.*: (.*)", summary).group(1).split()) == generations
         uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-        assert f"mlflow ui --backend-store-uri {uri}" in summary
+        assert f"MLflow UI:       evo-sft ui {run_dir}  (serves this run's store, prints its address)" in summary
         assert str(run_dir / "best_adapter") in summary
 
         client = MlflowClient(uri)
