@@ -1,5 +1,4 @@
 """Start, resume and summarise an evolution described by an experiment config."""
-import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -161,14 +160,10 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
     import ray
 
     from evo_sft.population.ray_backend import RayPopulation
+    from evo_sft.population.ray_session import init_ray
 
     if not ray.is_initialized():
-        init = dict(config.ray.init)
-        if config.ray.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            init.setdefault("_temp_dir", str(run_dir / "ray"))
-        init.setdefault("logging_level", logging.WARNING)  # not Ray's start-up INFO lines
-        ray.init(address=config.ray.address, **init)
+        init_ray(config.ray.address, run_dir / "ray", config.ray.init)
     _check_gang_fits(config)
     return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
@@ -200,9 +195,9 @@ def _ray_initialized() -> bool:
 
 def _shutdown_ray(config: ExperimentConfig) -> None:
     if config.population.backend == "ray":
-        import ray
+        from evo_sft.population.ray_session import shutdown_ray
 
-        ray.shutdown()
+        shutdown_ray()
 
 
 def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):

@@ -16,6 +16,7 @@ from evo_sft.config import ExperimentConfig, config_from_dict
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Fitness
 from evo_sft.io.checkpoint import latest_intact
+from evo_sft.population.ray_session import init_ray, shutdown_ray
 
 RESULTS = "results.jsonl"
 
@@ -79,8 +80,7 @@ def run(comparison: Comparison) -> list[StrategyRun]:
     client = MlflowClient(uri)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=config.ray.address, **{"_temp_dir": str(out / "ray"), **config.ray.init})
+        init_ray(config.ray.address, out / "ray", config.ray.init)
     fitness = build.fitness(config)
     runs = []
     try:
@@ -100,7 +100,7 @@ def run(comparison: Comparison) -> list[StrategyRun]:
                     results.write(json.dumps(result.to_dict()) + "\n")
     finally:
         if owns_ray:
-            ray.shutdown()
+            shutdown_ray()
     write_report(runs, fitness, comparison, client, experiment_id(client, experiment, artifact_root(uri)))
     return runs
 

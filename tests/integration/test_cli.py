@@ -423,3 +423,43 @@ def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters
         hp = member["hyperparameters"]
         assert rows[member["id"]][4:8] == [str(hp["lora_r"]), f"{hp['lora_alpha']:.3g}", hp["scheduler"],
                                            str(hp["warmup_steps"])]
+
+
+# ----------------------------------------------------------------------- a killed driver (issue 30, item 10)
+def test_a_sigkilled_run_leaves_no_ray_process_behind():
+    """SIGKILL the driver of a run on a local Ray cluster once its members train: every process it
+    started (GCS, raylet, the raylet's DashboardAgent and RuntimeEnvAgent, the members' actors) is
+    gone within seconds. Ray's agents used to outlive the driver by a minute or more (~210 MB)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    sets = ["population.size=2", "data.num_rows=60", "evolution.generations=50", "evolution.steps_per_generation=2",
+            "evolution.tournament_size=2", "agent.batch_size=8"]
+    run_dir = Path(tempfile.mkdtemp(prefix="kill", dir="/tmp")) / "run"  # Ray's socket paths stay short
+    try:
+        driver = subprocess.Popen([str(EVO_SFT), "run", str(DEMO), "--run-dir", str(run_dir),
+                                   *[x for s in sets for x in ("--set", s)]],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=subprocess_env(RAY_AUTH_MODE="disabled"), cwd=run_dir.parent)
+        deadline, started = time.monotonic() + QUICK_TIMEOUT_S * 3, {}
+        wanted = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::MemberActor")
+        while not all(any(p.startswith(name) for p in started.values()) for name in wanted):
+            assert driver.poll() is None, f"the run ended with {driver.returncode} before its members trained"
+            assert time.monotonic() < deadline, f"no {wanted} among the run's processes: {sorted(started.values())}"
+            for process in psutil.Process(driver.pid).children(recursive=True):
+                try:
+                    started[process] = " ".join(process.cmdline())
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 20
+        while (alive := sorted(cmd[:80] for p, cmd in started.items() if p.is_running())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive == [], "processes the killed run left behind"
+    finally:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
