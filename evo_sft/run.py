@@ -282,7 +282,8 @@ def table_printer(fitness: Fitness):
                   + f" {fitness.shown(record.fitness[slot]):>10.4f} {train.tokens_per_second:>8.0f}")
         born = [d for d in record.decisions if d.clone]
         if born:
-            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
+            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} "
+                                           f"({'not mutated' if d.mutation == 'none' else d.mutation})" for d in born))
 
     return print_table
 
@@ -291,7 +292,9 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
     best = result.best_member
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
-    scored_with = controller.lineage.hyperparameters_at(best, controller.generation)
+    print(f"run folder:      {result.run_dir}")
+    scored_with = {name: float(f"{value:.6g}") if isinstance(value, float) else value  # no binary noise
+                   for name, value in controller.lineage.hyperparameters_at(best, controller.generation).items()}
     print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f} "
           f"on {result.scored_rows} held-out test rows  hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))

@@ -214,4 +214,4 @@ def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparis
     for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png", RESULTS):
         client.log_artifact(comparison_run.info.run_id, str(out / name))
     client.set_terminated(comparison_run.info.run_id)
-    print(f"written: {out / 'table.md'}, {out / 'best_fitness_vs_tokens.png'}, {out / RESULTS}")
+    print(f"written: {out / 'table.md'}, {out / 'summary.json'}, {out / 'best_fitness_vs_tokens.png'}, {out / RESULTS}")

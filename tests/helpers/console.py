@@ -8,7 +8,7 @@ OURS = re.compile("|".join([
     r" [* ] *\d+ .*",  # a table's row
     r"  clones: .*",
     r"=== evo-sft summary ===",
-    r"(best member|lineage|fitness per generation|founders'|outputs on the first test prompts|checkpoints|"
+    r"(run folder|best member|lineage|fitness per generation|founders'|outputs on the first test prompts|checkpoints|"
     r"best adapter|MLflow UI|MLflow runs|MLflow run|resume/extend).*",
     r"  prompt '.*",
     r"",

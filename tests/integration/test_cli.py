@@ -296,12 +296,45 @@ def test_the_config_the_kuberay_job_runs_fits_its_gpu_worker():
     assert actors * population.num_cpus <= cpus
 
 
-# ----------------------------------------------------------------------- the demo on local Ray
-def test_demo_end_to_end_on_local_ray():
-    """The demo config as `make demo` runs it, on a local Ray cluster: it learns its task. The best
-    member reverses most held-out words exactly (scored on all of them at the end), far more than
-    any founder after the first generation; the summary prints its outputs beside the references.
-    Every line of its output is evo-sft's own: no library warnings, progress bars or INFO logs."""
+# ----------------------------------------------------------------------- `make demo`, twice
+def _fresh_clone(root: Path) -> Path:
+    """What `make demo` reads in a fresh clone (the Makefile, pyproject.toml, configs/demo.yaml),
+    its venv set up already: `.venv/.installed` newer than pyproject.toml, and `.venv/bin/evo-sft`
+    this venv's (which runs this tree's evo_sft)."""
+    clone = root / "clone"
+    (clone / "configs").mkdir(parents=True)
+    for name in ("Makefile", "pyproject.toml", "configs/demo.yaml"):
+        shutil.copy2(REPO / name, clone / name)
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    (clone / ".venv" / "bin" / "evo-sft").symlink_to(EVO_SFT)
+    (clone / ".venv" / ".installed").touch()
+    return clone
+
+
+def _make_demo(clone: Path, overrides: list[str], timeout: float) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """`make demo ARGS="OVERRIDES"`: the run folder its summary names, what evo-sft printed (make's
+    echo of the command checked and left out) and the process."""
+    result = subprocess.run(["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])],
+                            capture_output=True, text=True, cwd=clone, timeout=timeout,
+                            env=subprocess_env(drop=("RAY_AUTH_MODE", "ARGS")))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    echo, stdout = result.stdout.split("\n", 1)
+    run_dir = Path(re.search(r"^run folder: +(\S+)$", stdout, re.M).group(1))
+    assert run_dir.parent == clone / "runs", run_dir
+    assert echo == " ".join([".venv/bin/evo-sft run configs/demo.yaml --run-dir", f"runs/{run_dir.name}", *overrides])
+    return run_dir, stdout, result
+
+
+def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
+    """Issue 30, item 1: the README's first command failed the second time it was typed (the
+    folder held a run). `make demo` in a fresh clone, twice (the second time shrunk through ARGS):
+    each run has its own folder, which its summary names, and the first is left as it was.
+
+    The first is the demo as `make demo` runs it, on a local Ray cluster: it learns its task. The
+    best member reverses most held-out words exactly (scored on all of them at the end), far more
+    than any founder after the first generation; the summary prints its outputs beside the
+    references. Every line of its output is evo-sft's own: no library warnings, progress bars or
+    INFO logs."""
     from mlflow.tracking import MlflowClient
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -309,15 +342,15 @@ def test_demo_end_to_end_on_local_ray():
     from evo_sft.config import load_config
 
     generations = load_config(DEMO).evolution.generations
-    run_dir = Path(tempfile.mkdtemp(prefix="es", dir="/tmp")) / "run"  # Ray's socket paths stay short
+    root = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))  # Ray's socket paths stay short
     try:
-        result = evo(["run", DEMO, "--run-dir", run_dir], cwd=run_dir.parent, timeout=480)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-6000:]
+        clone = _fresh_clone(root)
+        run_dir, stdout, result = _make_demo(clone, [], timeout=900)
+        output = stdout + result.stderr
         assert foreign_lines(output) == [], "library noise in the demo's output"
         assert any("MemberActor" in log.read_text(errors="replace") for log in (run_dir / "ray").rglob("worker-*.out")), \
             "the members did not run as Ray actors"
-        summary = result.stdout[result.stdout.index("=== evo-sft summary ==="):]
+        summary = stdout[stdout.index("=== evo-sft summary ==="):]
         best = int(re.search(r"best member: (\d+)", summary).group(1))
         rate, rows = re.search(r"exact_match (\S+) on (\d+) held-out test rows", summary).groups()
         assert float(rate) >= 0.8 and int(rows) == 200, summary
@@ -327,8 +360,7 @@ def test_demo_end_to_end_on_local_ray():
         assert len(samples) == 4 and all(reference == word[::-1] for word, reference, _ in samples)
         assert sum(output == reference for _, reference, output in samples) >= 3, summary
         assert re.search(r"^lineage: \d+", summary, re.M)
-        last_table = result.stdout[result.stdout.index(f"generation {generations} "):
-                                   result.stdout.index("=== evo-sft summary ===")]
+        last_table = stdout[stdout.index(f"generation {generations} "):stdout.index("=== evo-sft summary ===")]
         row = re.search(rf"^ [* ]\s*{best} +(\S+) +(\d+) ", last_table, re.M)
         scored_with = ast.literal_eval(re.search(r"hyperparameters (\{.*\})", summary).group(1))
         assert scored_with["batch_size"] == int(row.group(2)), "the summary shows other hyperparameters than were scored"
@@ -376,8 +408,20 @@ def test_demo_end_to_end_on_local_ray():
         exported = logits(run_dir / "best_adapter")
         assert torch.allclose(exported, logits(in_checkpoint), atol=1e-5, rtol=0)
         assert (exported - logits(None)).abs().max() > 1e-2
+
+        # the second `make demo`: a new folder, the first one as it was
+        before = {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if "ray" not in p.parts}
+        small = ["--set population.backend=local", "--set data.num_rows=160", "--set evolution.generations=2",
+                 "--set evolution.steps_per_generation=2"]
+        second, second_stdout, _ = _make_demo(clone, small, timeout=600)
+        assert (run_dir.name, second.name) == ("demo-1", "demo-2")
+        assert sorted(p.name for p in (clone / "runs").iterdir()) == ["demo-1", "demo-2"]
+        assert (second / "best_adapter" / "adapter_model.safetensors").is_file()
+        assert f"resume/extend:   evo-sft resume {second} --generations N" in second_stdout
+        assert {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+                if "ray" not in p.parts} == before
     finally:
-        shutil.rmtree(run_dir.parent, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------- a wider search

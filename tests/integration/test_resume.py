@@ -597,6 +597,36 @@ def test_every_file_of_a_run_and_of_an_export_has_the_mode_the_umask_gives(tmp_p
         assert set(exported.values()) == {oct(0o666 & ~umask)}, exported
 
 
+def test_the_clones_and_the_best_members_hyperparameters_read_plainly(full_run, full_status):
+    """Issue 30, item 11: a clone that was not mutated read `(none)`, and the summary printed the
+    best member's hyperparameters with binary noise (`'lr': 0.0014399999999999999`). Each line is
+    compared whole with one built from the checkpoint's lineage."""
+    import ast
+    import re
+
+    from evo_sft.evolution import Lineage
+
+    stdout = (full_run.parent / "full.stdout").read_text()
+    lineage = Lineage.from_dict(controller_state(full_run, GENERATIONS)["lineage"])
+    for generation in range(1, GENERATIONS):
+        born = sorted((m for m in lineage.members.values() if m.generation_born == generation + 1), key=lambda m: m.slot)
+        expected = "  clones: " + ", ".join(
+            f"slot {m.slot} <- member {m.parent_id} ({'not mutated' if m.mutation == 'none' else m.mutation})"
+            for m in born)
+        table = stdout[stdout.index(f"generation {generation}  "):stdout.index(f"generation {generation + 1}  ")]
+        assert [line for line in table.splitlines() if line.startswith("  clones: ")] == ([expected] if born else [])
+    assert "(not mutated)" in stdout and "(none)" not in stdout
+
+    line = next(line for line in stdout.splitlines() if line.startswith("best member: "))
+    best, shown = re.fullmatch(r"best member: (\d+)  exact_match \d\.\d{4} on \d+ held-out test rows  "
+                               r"hyperparameters (\{.*\})", line).groups()
+    scored_with = lineage.hyperparameters_at(int(best), GENERATIONS)
+    plain = {name: float(f"{value:.6g}") if isinstance(value, float) else value for name, value in scored_with.items()}
+    assert shown == str(plain)
+    assert {name: value for name, value in ast.literal_eval(shown).items() if isinstance(value, float)} == \
+        pytest.approx({name: value for name, value in scored_with.items() if isinstance(value, float)}, rel=1e-5)
+
+
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
     from transformers import AutoTokenizer
 
