@@ -1,6 +1,7 @@
 """Start, resume and summarise an evolution described by an experiment config."""
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,8 +317,15 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
         print(f"MLflow runs:     {mlflow_page(server, experiment)}")
         print(f"MLflow run:      {mlflow_page(server, experiment, parent)}")
     else:
-        print(f"MLflow UI:       evo-sft ui {result.run_dir}  (serves this run's store, prints its address)")
-    print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
+        print(f"MLflow UI:       {evo_sft_command()} ui {result.run_dir}  (serves this run's store, prints its address)")
+    print(f"resume/extend:   {evo_sft_command()} resume {result.run_dir} --generations N")
+
+
+def evo_sft_command() -> str:
+    """`evo-sft` as the user can type it: its name where PATH finds this one, else its path (the
+    console script of a venv that is not active, as after `make demo`)."""
+    script = Path(sys.executable).parent / "evo-sft"
+    return "evo-sft" if not script.is_file() or shutil.which("evo-sft") == str(script) else str(script)
 
 
 def config_of(run_dir: Path) -> ExperimentConfig:

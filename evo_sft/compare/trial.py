@@ -2,6 +2,7 @@
 same recipe, data, fitness and test set), trained an iteration at a time on tokens drawn from the
 strategy's `TokenBank`, scored after each iteration. With `checkpoints` (PBT) every report carries
 the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator."""
+import logging
 import math
 import tempfile
 import time
@@ -12,6 +13,7 @@ import ray
 from ray import tune
 from ray.tune.stopper import Stopper
 
+from evo_sft.console import quiet_libraries
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts
 
@@ -32,6 +34,8 @@ def trial_slot(trial_id: str) -> int:
 
 
 def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialPlan, bank) -> None:
+    quiet_libraries()  # in the trial's process, as in a member's actor
+    logging.getLogger("ray").setLevel(logging.WARNING)  # not Ray Train's INFO line for each checkpoint
     trial = tune.get_context().get_trial_id()
     slot = trial_slot(trial)
     host = build_hosts(recipe, prepared, {slot: config["hyperparameters"]})[slot]

@@ -1,6 +1,13 @@
 """What `evo-sft run` prints itself: its generation tables, the summary and its one-line notes.
-Anything else in a run's output is a library's noise."""
+Anything else in a run's output is a library's noise. And what a program writes to a terminal."""
+import fcntl
+import os
+import pty
 import re
+import struct
+import subprocess
+import sys
+import termios
 
 OURS = re.compile("|".join([
     r"generation \d+  \(optimizer step \d+ per member\)",
@@ -18,3 +25,25 @@ OURS = re.compile("|".join([
 def foreign_lines(output: str) -> list[str]:
     """The lines of a run's output (stdout and stderr) that evo-sft did not print."""
     return [line for line in output.splitlines() if not OURS.fullmatch(line)]
+
+
+def on_a_terminal(code: str, rows: int = 24, columns: int = 80, timeout: float = 120) -> bytes:
+    """Every byte that Python `code`, run in a process of its own, writes to a pseudo-terminal of
+    `rows` x `columns` (its stdin, stdout and stderr)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(master)
+    assert process.wait(timeout) == 0, written
+    return written

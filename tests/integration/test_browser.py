@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.paths import BIN, DEMO, EVO_SFT, REPO
-from tests.helpers.processes import subprocess_env
+from tests.helpers.paths import DEMO, EVO_SFT, REPO
+from tests.helpers.processes import path_without_the_venv, subprocess_env
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -30,16 +30,19 @@ MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A small demo run, and the command its summary prints to look at it in MLflow."""
     run_dir = tmp_path_factory.mktemp("browser") / "demo-run"
     sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=3",
             "evolution.steps_per_generation=2"]
-    result = subprocess.run([str(BIN / "evo-sft"), "run", str(DEMO), "--run-dir", str(run_dir),
+    result = subprocess.run([str(EVO_SFT), "run", str(DEMO), "--run-dir", str(run_dir),
                              *[x for s in sets for x in ("--set", s)]],
-                            capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+                            capture_output=True, text=True, env=subprocess_env(PATH=path_without_the_venv()),
+                            cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"MLflow UI:       evo-sft ui {run_dir}  (serves this run's store, prints its address)" in result.stdout
-    return run_dir
+    line = next(line for line in result.stdout.splitlines() if line.startswith("MLflow UI:"))
+    assert line == f"MLflow UI:       {EVO_SFT} ui {run_dir}  (serves this run's store, prints its address)"
+    return run_dir, line.split()[2:5]
 
 
 def _closed(port: int) -> bool:
@@ -85,7 +88,10 @@ def assert_real_screenshot(path: Path, min_size=(1000, 700)) -> None:
 
 
 def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_pictures(demo_run):
+    """`evo-sft ui RUN` started as the summary prints it, the venv not active."""
     from mlflow.tracking import MlflowClient
+
+    demo_run, command = demo_run
 
     assert Path(CHROMIUM).is_file(), "install Debian's chromium: apt-get install -y chromium"
     experiment_id, parent, members = _member_runs(demo_run)
@@ -99,8 +105,8 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
     history = MlflowClient(f"sqlite:///{demo_run / 'mlflow.db'}").get_metric_history(clone.info.run_id, "fitness")
     assert sorted(point.step for point in history) == [2, 4, 6]
 
-    ui = subprocess.Popen([str(EVO_SFT), "ui", str(demo_run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=subprocess_env(), cwd=demo_run.parent)
+    ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=subprocess_env(PATH=path_without_the_venv()), cwd=demo_run.parent)
     try:
         heading = ui.stdout.readline()
         match = re.fullmatch(rf"MLflow UI of {re.escape(str(demo_run))} on (http://127\.0\.0\.1:(\d+)) "

@@ -18,7 +18,7 @@ import yaml
 
 from tests.helpers.console import foreign_lines
 from tests.helpers.paths import CONFIGS, DEMO, EVO_SFT, REPO
-from tests.helpers.processes import subprocess_env
+from tests.helpers.processes import path_without_the_venv, subprocess_env
 
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 QUICK_TIMEOUT_S = 120
@@ -316,7 +316,7 @@ def _make_demo(clone: Path, overrides: list[str], timeout: float) -> tuple[Path,
     echo of the command checked and left out) and the process."""
     result = subprocess.run(["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])],
                             capture_output=True, text=True, cwd=clone, timeout=timeout,
-                            env=subprocess_env(drop=("RAY_AUTH_MODE", "ARGS")))
+                            env=subprocess_env(drop=("RAY_AUTH_MODE", "ARGS"), PATH=path_without_the_venv()))
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     echo, stdout = result.stdout.split("\n", 1)
     run_dir = Path(re.search(r"^run folder: +(\S+)$", stdout, re.M).group(1))
@@ -367,7 +367,8 @@ def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
         assert scored_with["lr"] == pytest.approx(float(row.group(1)), rel=5e-3)
         assert len(re.search(r"fitness per generation.*: (.*)", summary).group(1).split()) == generations
         uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-        assert f"MLflow UI:       evo-sft ui {run_dir}  (serves this run's store, prints its address)" in summary
+        # the venv is not active: the commands are printed as they can be typed
+        assert f"MLflow UI:       {EVO_SFT} ui {run_dir}  (serves this run's store, prints its address)" in summary
         assert str(run_dir / "best_adapter") in summary
 
         client = MlflowClient(uri)
@@ -417,7 +418,7 @@ def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
         assert (run_dir.name, second.name) == ("demo-1", "demo-2")
         assert sorted(p.name for p in (clone / "runs").iterdir()) == ["demo-1", "demo-2"]
         assert (second / "best_adapter" / "adapter_model.safetensors").is_file()
-        assert f"resume/extend:   evo-sft resume {second} --generations N" in second_stdout
+        assert f"resume/extend:   {EVO_SFT} resume {second} --generations N" in second_stdout
         assert {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
                 if "ray" not in p.parts} == before
     finally:

@@ -70,6 +70,15 @@ def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short
     assert not [path for path in checkpoints if path.read_bytes()[:1] == b"\x80"]  # no pickle stream
     assert (out / "best_fitness_vs_tokens.png").stat().st_size > 10_000
     assert "| grid | 3 |" in (out / "table.md").read_text() and "beats evolution" in result.stdout
+    # Issue 30, item 2: on the screen a line per strategy and seed, then the table; whatever the
+    # runs and the libraries print (Tune, Ray, transformers, MLflow) is in compare.log
+    progress = [f"{run['strategy']}, seed 3: {run['tokens']:,} of 400 tokens in {run['wall_s']:.0f} s, "
+                f"best test_loss {-run['best_final']:.4f}\n" for run in runs]
+    written = "written: " + ", ".join(str(out / name) for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png",
+                                                                   "results.jsonl", "compare.log"))
+    assert result.stdout == "".join(progress) + "\n" + (out / "table.md").read_text() + "\n" + written + "\n"
+    assert result.stderr == ""
+    assert "generation 1  (optimizer step 2 per member)" in (out / "compare.log").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-compare")
     recorded = client.search_runs([experiment.experiment_id], "tags.`evo_sft.strategy` != ''")

@@ -4,6 +4,7 @@ import io
 from contextlib import contextmanager
 
 from evo_sft.progress import progress_line
+from tests.helpers.console import on_a_terminal
 from tests.helpers.tracking import make_controller
 
 
@@ -43,43 +44,13 @@ def test_the_progress_line_counts_every_member_step_and_is_silent_off_a_terminal
 
 
 
-def _drawn_on_a_terminal_of_size(rows: int, columns: int) -> bytes:
-    """What `progress_line` writes to a pseudo-terminal that reports `rows` x `columns`, in a
-    process of its own (tqdm asks the terminal of its stdout for its size)."""
-    import fcntl
-    import os
-    import pty
-    import struct
-    import subprocess
-    import sys
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    code = "from evo_sft.progress import progress_line\nwith progress_line(1, 3) as report:\n    report({0: (3, 300)})\n"
-    env = {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "LINES")}
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    os.close(master)
-    assert process.wait(60) == 0, drawn
-    return drawn
-
-
 def test_a_terminal_that_reports_no_size_gets_the_line_80_columns_wide():
     """Issue 30, item 7: under `script` and some CI consoles the terminal says 0x0; tqdm then
     counted -1 rows and drew nothing. Each frame below is the line as the user sees it."""
     import re
 
-    frames = _drawn_on_a_terminal_of_size(0, 0).decode().split("\r")
+    code = "from evo_sft.progress import progress_line\nwith progress_line(1, 3) as report:\n    report({0: (3, 300)})\n"
+    frames = on_a_terminal(code, rows=0, columns=0).decode().split("\r")
     assert frames[0] == "" and frames[-1] == ""
     first, last, cleared = frames[1:-1]
     assert re.fullmatch(r"generation 1: 0/3 steps \| {32}\| \d\d:\d\d elapsed, \? left", first), first
