@@ -1,5 +1,6 @@
 """From an experiment config to the pieces of a run: base model, tokenised data, the recipe of
 its members, the founders' hyperparameters, selection and mutation, and the population."""
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from evo_sft.config import ExperimentConfig, founder_values
 from evo_sft.evolution import (
     Explore, HyperparameterConfig, Mutations, RLChoice, RLParameter, TournamentSelection, TruncationSelection,
 )
+from evo_sft.evolution.founders import latin_hypercube
+from evo_sft.evolution.guided import GuidedExplore
 from evo_sft.hyperparameters import HYPERPARAMETERS
 
 
@@ -105,24 +108,49 @@ def selection_and_mutations(config: ExperimentConfig) -> tuple[TournamentSelecti
     if evolution.selection == "truncation":
         selection = TruncationSelection(evolution.truncation_quantile, size, eval_loop=evolution.eval_loop)
     else:
-        selection = TournamentSelection(evolution.tournament_size, evolution.elitism, size, eval_loop=evolution.eval_loop)
+        selection = TournamentSelection(evolution.tournament_size, evolution.elitism, size, eval_loop=evolution.eval_loop,
+                                        replace_quantile=evolution.replace_quantile)
     m = evolution.mutation
     mutations = Mutations(no_mutation=m.no_mutation, rl_hp=m.rl_hp, mutate_elite=m.mutate_elite,
-                          explore=Explore(tuple(m.explore.perturb_factors), m.explore.resample_probability))
+                          explore=Explore(tuple(m.explore.perturb_factors), m.explore.resample_probability,
+                                          m.explore.every),
+                          guide=GuidedExplore(m.guide.kappa, m.guide.window) if m.guide else None)
     return selection, mutations
 
 
 def founder_hyperparameters(config: ExperimentConfig) -> list[dict]:
-    """Every founder starts at the config's `agent.<name>` values. Where the learning rate
-    mutates, slot 0 keeps the config's and the others draw theirs uniformly on the range's
-    scale (seeded), so the first generation already compares rates."""
-    start = founder_values(config)
+    """The founders' hyperparameters, as `evolution.founders` says: a Latin hypercube over every
+    searched hyperparameter (seeded), each at the config's `agent.<name>`, or the config's with the
+    learning rate drawn (log-uniform) for every slot but 0."""
+    start, size = founder_values(config), config.population.size
     space = hp_config(config)
-    if "lr" not in space:
-        return [dict(start) for _ in range(config.population.size)]
     rng = np.random.default_rng([config.seed, 0xF0])
-    lrs = [config.agent.lr] + [space["lr"].sample(rng) for _ in range(config.population.size - 1)]
+    if config.evolution.founders == "spread":
+        return latin_hypercube(space, start, size, rng, multiples(config))
+    if config.evolution.founders == "config" or "lr" not in space:
+        return [dict(start) for _ in range(size)]
+    lrs = [config.agent.lr] + [space["lr"].sample(rng) for _ in range(size - 1)]
     return [{**start, "lr": value} for value in lrs]
+
+
+def multiples(config: ExperimentConfig) -> dict[str, int]:
+    """What an integer hyperparameter must be a multiple of, besides its range's own."""
+    micro = config.agent.micro_batch_size_per_gpu
+    return {"batch_size": micro} if micro else {}
+
+
+def tokens_per_row(split: dict) -> float:
+    """The mean supervised tokens of a tokenised split's rows (labels are shifted by one, so a row
+    of p prompt tokens and n tokens in all supervises n - p)."""
+    return float(np.mean([len(ids) - prompt for ids, prompt in zip(split["input_ids"], split["prompt_lengths"])]))
+
+
+def generation_tokens(config: ExperimentConfig, prepared: dict) -> int:
+    """What one member trains on in a generation at the config's batch size: the supervised tokens
+    of steps_per_generation steps of agent.batch_size rows, at the training rows' mean (with
+    `evolution.interval: tokens`, every member's share, whatever its batch size)."""
+    rows = config.evolution.steps_per_generation * config.agent.batch_size
+    return math.ceil(rows * tokens_per_row(prepared["train"]))
 
 
 def local_hosts(config: ExperimentConfig, model_path: str, prepared: dict, founders: list[dict]) -> list:
@@ -130,3 +158,19 @@ def local_hosts(config: ExperimentConfig, model_path: str, prepared: dict, found
     from evo_sft.population.hosting import local_hosts
 
     return local_hosts(member_recipe(config, model_path), prepared, founders, config.population.members_per_actor)
+
+
+def controller(config: ExperimentConfig, population, prepared: dict, **observing):
+    """The run's controller over `population`: its search space, selection, mutation, seed, budget
+    and interval (`evolution.interval: tokens` gives every member the same tokens a generation);
+    `observing` holds what watches it (observers, checkpointer, save_elite, progress)."""
+    from evo_sft.controller import Controller
+
+    selection, mutations = selection_and_mutations(config)
+    evolution = config.evolution
+    return Controller(population, hp_config(config), evolution.steps_per_generation, config.seed,
+                      selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
+                      token_budget=evolution.token_budget,
+                      generation_tokens=generation_tokens(config, prepared) if evolution.interval == "tokens" else None,
+                      **observing)
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from evo_sft.compare.strategies import STRATEGIES
 from evo_sft.config import ConfigError, load_config
 from evo_sft.data.sources import DataError, check_paths
 
@@ -260,8 +261,8 @@ def parser() -> argparse.ArgumentParser:
                                               "and compare them")
     compare.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")
     overrides(compare, "the config")
-    compare.add_argument("--strategies", default="evolution,pbt,asha,random,grid", metavar="NAMES",
-                         help="comma-separated, of evolution, pbt, asha, random, grid (default: all five)")
+    compare.add_argument("--strategies", default=",".join(STRATEGIES), metavar="NAMES",
+                         help=f"comma-separated, of {', '.join(STRATEGIES)} (default: all {len(STRATEGIES)})")
     compare.add_argument("--seeds", type=int, default=1, metavar="N",
                          help="seeds per strategy: the config's seed and the N-1 after it (default: 1)")
     compare.add_argument("--budget", type=int, metavar="TOKENS",

@@ -97,6 +97,17 @@ class ExploreConfig:
 
     perturb_factors: list[float] = field(default_factory=lambda: [0.8, 1.2])
     resample_probability: float = 0.25
+    every: bool = False  # explore every searched hyperparameter of a mutated member at once (PBT), not one
+
+
+@dataclass
+class GuideConfig:
+    """Model-guided mutation (evo_sft.evolution.GuidedExplore, PB2's idea): a Gaussian process of
+    the fitness members gained over the last `window` generations picks a mutated member's
+    hyperparameters by its upper confidence bound (mean + kappa x standard deviation)."""
+
+    kappa: float = 1.0
+    window: int = 3
 
 
 @dataclass
@@ -105,6 +116,7 @@ class MutationConfig:
     rl_hp: float = 0.6
     mutate_elite: bool = True
     explore: ExploreConfig = field(default_factory=ExploreConfig)
+    guide: GuideConfig | None = None
 
 
 @dataclass
@@ -139,12 +151,21 @@ class FitnessOptions:
 
 
 SELECTIONS = ("tournament", "truncation")
+FOUNDERS = ("spread", "config", "random_lr")
+INTERVALS = ("tokens", "steps")
 
 
 @dataclass
 class EvolutionConfig:
     generations: int = 5
     steps_per_generation: int = 10
+    # What members train between selections: "tokens", the same supervised tokens each (what
+    # steps_per_generation steps of agent.batch_size rows hold on average), so that a smaller
+    # batch takes more steps; or "steps", the same optimizer steps each (AgileRL's).
+    interval: str = "tokens"
+    # The founders' hyperparameters: "spread", a Latin hypercube over every searched one;
+    # "config", all at agent.<name>; "random_lr", slot 0 at agent.lr and the others' lr drawn.
+    founders: str = "spread"
     # Supervised training tokens the whole population may train on; the run ends once they are
     # spent, whatever `generations` says (evo_sft.controller.Controller). null: no budget.
     token_budget: int | None = None
@@ -152,6 +173,9 @@ class EvolutionConfig:
     tournament_size: int = 2
     elitism: bool = True
     truncation_quantile: float = 0.25  # with truncation: the bottom quantile is replaced by clones of the top one
+    # With tournament: null, every non-elite slot holds a tournament (AgileRL's); a quantile q, only
+    # the bottom q of the population lose their slots, each to the winner of a tournament among the others.
+    replace_quantile: float | None = None
     eval_loop: int = 1
     fitness: str = "test_loss"  # a name in evo_sft.fitness.FITNESSES, or a user function module:function
     fitness_options: FitnessOptions = field(default_factory=FitnessOptions)
@@ -356,8 +380,19 @@ def _validate(cfg: ExperimentConfig) -> None:
     )
     _require(evolution.selection in SELECTIONS, "evolution.selection",
              f"must be one of {', '.join(SELECTIONS)}, got {evolution.selection!r}")
+    for key, allowed in (("interval", INTERVALS), ("founders", FOUNDERS)):
+        value = getattr(evolution, key)
+        _require(value in allowed, f"evolution.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
     _require(0 < evolution.truncation_quantile <= 0.5, "evolution.truncation_quantile",
              f"must be in (0, 0.5], got {evolution.truncation_quantile}")
+    if evolution.replace_quantile is not None:
+        _require(0 < evolution.replace_quantile <= 0.5, "evolution.replace_quantile",
+                 f"must be in (0, 0.5] or null, got {evolution.replace_quantile}")
+        _require(evolution.selection == "tournament", "evolution.replace_quantile",
+                 f"applies to tournament selection; evolution.selection is {evolution.selection!r}")
+        _require(evolution.tournament_size < population.size, "evolution.tournament_size",
+                 f"{evolution.tournament_size} members drawn from the {population.size - 1} others of a replaced "
+                 f"member: at most {population.size - 1} with evolution.replace_quantile")
     _validate_fitness(evolution.fitness, evolution.fitness_options)
     _require(evolution.eval_loop >= 1, "evolution.eval_loop", f"must be >= 1, got {evolution.eval_loop}")
     mutation = evolution.mutation
@@ -373,6 +408,10 @@ def _validate(cfg: ExperimentConfig) -> None:
                  f"must be > 0 and other than 1, got {factor}")
     _require(0 <= explore.resample_probability <= 1, "evolution.mutation.explore.resample_probability",
              f"must be in [0, 1], got {explore.resample_probability}")
+    if mutation.guide is not None:
+        _require(mutation.guide.kappa >= 0, "evolution.mutation.guide.kappa", f"must be >= 0, got {mutation.guide.kappa}")
+        _require(mutation.guide.window >= 1, "evolution.mutation.guide.window",
+                 f"must be >= 1, got {mutation.guide.window}")
 
     micro = agent.micro_batch_size_per_gpu
     if micro is not None:
@@ -542,7 +581,7 @@ def config_from_dict(d: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def _apply_override(d: dict[str, Any], override: str) -> None:
+def apply_override(d: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -583,7 +622,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Exper
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
     for override in overrides:
-        _apply_override(d, override)
+        apply_override(d, override)
     config = config_from_dict(d)
     if empty:
         print(f"{path} is empty: running the defaults{' with the --set overrides' if overrides else ''} "

@@ -15,6 +15,7 @@ from evo_sft.evolution import (
     HyperparameterConfig, Lineage, MemberState, Mutations, TournamentSelection, TruncationSelection,
     apply_plan_to_lineage, elite, plan_generation, score,
 )
+from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.protocol import Population, TrainResult
 
 
@@ -45,14 +46,18 @@ class Controller:
     With `token_budget`, the run ends once the population has trained on that many tokens: in
     each generation a member trains until it has had its share of what is left (its last step
     may pass it, by less than one batch), so batch-size mutation cannot exceed the budget.
-    `progress(generation, total_steps)`, if given, is a context manager around each generation's
-    training that yields the `report` the population's `train` is given (see `evo_sft.progress`).
+    With `generation_tokens`, every member trains that many supervised tokens a generation (its
+    last step may pass them), however many steps its batch size takes, so that members are
+    compared after equal tokens; without, `steps_per_generation` optimizer steps each.
+    `progress(generation, total, unit)`, if given, is a context manager around each generation's
+    training that yields the `report` the population's `train` is given (see `evo_sft.progress`);
+    `total` counts units ("step" or "token") of all members.
     """
 
     def __init__(self, population: Population, hp_config: HyperparameterConfig, steps_per_generation: int, seed: int,
                  selection: TournamentSelection | TruncationSelection | None = None, mutations: Mutations | None = None,
                  micro_batch_size: int | None = None, observers=(), checkpointer=None, save_elite=None,
-                 token_budget: int | None = None, progress=None):
+                 token_budget: int | None = None, progress=None, generation_tokens: int | None = None):
         self.population = population
         self.hp_config, self.steps_per_generation = hp_config, steps_per_generation
         self.selection, self.mutations = selection, mutations
@@ -60,9 +65,10 @@ class Controller:
         self.observers, self.checkpointer, self.save_elite = list(observers), checkpointer, save_elite
         self.progress = progress
         self.rng = np.random.default_rng(seed)
-        self.token_budget = token_budget
+        self.token_budget, self.generation_tokens = token_budget, generation_tokens
         self.generation = 0
         self.tokens: list[int] = []
+        self.batches: list[list[int]] = []  # per generation, the batches each slot's member trained on
         self.lineage = Lineage()
         self.slot_ids = [self.lineage.found(hp, generation=1, slot=slot)
                          for slot, hp in enumerate(population.hyperparameters())]
@@ -78,6 +84,7 @@ class Controller:
             "slot_ids": self.slot_ids,
             "fitness": [[member_id, history] for member_id, history in self.fitness.items()],
             "tokens": self.tokens,
+            "batches": self.batches,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -87,6 +94,9 @@ class Controller:
         self.slot_ids = list(state["slot_ids"])
         self.fitness = {member_id: list(history) for member_id, history in state["fitness"]}
         self.tokens = list(state.get("tokens", []))  # checkpoints before token counting have none
+        # checkpoints before token intervals: every member took steps_per_generation batches
+        self.batches = [list(row) for row in state.get(
+            "batches", [[self.steps_per_generation] * self.population.size] * self.generation)]
 
     def scores(self) -> list[float]:
         """Each slot's score: its recent fitness (`selection.eval_loop` evaluations), -inf if none."""
@@ -96,6 +106,10 @@ class Controller:
     def best_slot(self) -> int:
         return elite(self.scores())
 
+    def schedule(self, member_id: int) -> dict:
+        """The schedule of `member_id`'s line (evo_sft.evolution.schedule), what `evo-sft replay` retrains."""
+        return line_schedule(self.lineage, member_id, self.fitness[member_id], self.batches, self.steps_per_generation)
+
     @property
     def tokens_trained(self) -> int:
         return self.tokens[-1] if self.tokens else 0
@@ -103,12 +117,15 @@ class Controller:
     def budget_spent(self) -> bool:
         return self.token_budget is not None and self.tokens_trained >= self.token_budget
 
-    def _token_limits(self) -> list[int] | None:
-        """Each member's share of the token budget that is left, or None without a budget."""
-        if self.token_budget is None:
-            return None
-        share = -(-(self.token_budget - self.tokens_trained) // self.population.size)
-        return [share] * self.population.size
+    def _training_plan(self) -> tuple[int, list[int] | None]:
+        """(steps, each member's token limit or None) of the next generation: its interval's steps
+        or tokens, within each member's share of the token budget that is left. A step trains at
+        least one token, so a token interval needs no more steps than it has tokens."""
+        limits = [] if self.generation_tokens is None else [self.generation_tokens]
+        if self.token_budget is not None:
+            limits.append(-(-(self.token_budget - self.tokens_trained) // self.population.size))
+        steps = self.steps_per_generation if self.generation_tokens is None else self.generation_tokens
+        return steps, [min(limits)] * self.population.size if limits else None
 
     def _record_failure(self, kind: str, slot: int, error: str) -> None:
         """A lineage event for a member whose worker died: "restart" (rebuilt as it was) or
@@ -133,13 +150,17 @@ class Controller:
         decisions, retired = [], []
         if generation > 1 and self.selection is not None and self.mutations is not None:
             decisions, retired = self._evolve(generation)
-        limits = self._token_limits()
+        steps, limits = self._training_plan()
         if self.progress is None:
-            train = self.population.train(self.steps_per_generation, limits)
+            train = self.population.train(steps, limits)
+        elif self.generation_tokens is None:
+            with self.progress(generation, self.population.size * steps, "step") as report:
+                train = self.population.train(steps, limits, report)
         else:
-            with self.progress(generation, self.population.size * self.steps_per_generation) as report:
-                train = self.population.train(self.steps_per_generation, limits, report)
+            with self.progress(generation, sum(limits), "token") as report:
+                train = self.population.train(steps, limits, report)
         self.tokens.append(self.tokens_trained + sum(result.tokens for result in train))
+        self.batches.append([len(result.step_losses) for result in train])
         if self.checkpointer is not None:
             self.checkpointer.settle(self)
         evaluations = self.population.evaluate()
@@ -169,8 +190,10 @@ class Controller:
         scores = self.scores()
         members = [MemberState(member_id, hyperparameters, scores[slot]) for slot, (member_id, hyperparameters)
                    in enumerate(zip(self.slot_ids, self.population.hyperparameters()))]
+        guide = self.mutations.guide
+        propose = guide.proposer(self.hp_config, self.lineage, self.fitness, generation) if guide else None
         decisions = plan_generation(members, self.selection, self.mutations, self.hp_config, self.rng,
-                                    self.multiple_of)
+                                    self.multiple_of, propose)
         slot_of = {member_id: slot for slot, member_id in enumerate(self.slot_ids)}
         self.population.clone([(d.slot, slot_of[d.parent_id]) for d in decisions if d.clone])
         self.population.set_hyperparameters(

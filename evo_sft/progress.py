@@ -10,23 +10,25 @@ from tqdm import tqdm
 
 
 @contextmanager
-def progress_line(generation: int, total_steps: int, stream=None):
+def progress_line(generation: int, total: int, unit: str = "step", stream=None):
     """Yields the `report` a population's `train` calls with {slot: (steps, tokens)}, or None
-    where `stream` (default stdout) is not a terminal."""
+    where `stream` (default stdout) is not a terminal. The line counts `unit`s ("step" or
+    "token") of all members out of `total`."""
     stream = stream or sys.stdout
     if not stream.isatty():
         yield None
         return
     size = shutil.get_terminal_size()  # 80x24 where a terminal reports no size (0x0), where tqdm would draw nothing
-    bar = tqdm(total=total_steps, desc=f"generation {generation}", unit="step", leave=False, file=stream,
+    bar = tqdm(total=total, desc=f"generation {generation}", unit=unit, leave=False, file=stream,
                ncols=size.columns, nrows=size.lines,
-               bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed} elapsed, {remaining} left{postfix}")
+               bar_format="{desc}: {n_fmt}/{total_fmt} " + unit + "s |{bar}| {elapsed} elapsed, {remaining} left{postfix}")
     start = time.perf_counter()
+    counted = 0 if unit == "step" else 1
 
     def report(done: dict[int, tuple[int, int]]) -> None:
-        steps, tokens = sum(s for s, _ in done.values()), sum(t for _, t in done.values())
+        tokens = sum(t for _, t in done.values())
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
-        bar.update(steps - bar.n)
+        bar.update(min(sum(counts[counted] for counts in done.values()), total) - bar.n)
 
     try:
         yield report

@@ -53,9 +53,8 @@ def replay(run_dir: Path, schedule_file: Path) -> tuple[list[Replayed], bool]:
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
     founder = entries[0]
     host = build_hosts(build.member_recipe(config, model_path), build.prepare_data(config, tokenizer),
-                       {founder["slot"]: build.founder_hyperparameters(config)[founder["slot"]]})[founder["slot"]]
-    print(f"replaying member {schedule['member_id']}'s line from {run_dir}: "
-          f"{len(entries)} generations x {schedule['steps_per_generation']} steps")
+                       {founder["slot"]: founder["hyperparameters"]})[founder["slot"]]
+    print(f"replaying member {schedule['member_id']}'s line from {run_dir}: {len(entries)} generations")
     print(f"  {'generation':>10} {'member':>6} {'run fitness':>12} {'replayed':>12} {'difference':>10}")
     results, exact, before = [], True, None
     for entry in entries:
@@ -66,7 +65,7 @@ def replay(run_dir: Path, schedule_file: Path) -> tuple[list[Replayed], bool]:
             before is None or hyperparameters.get("lora_r", 0) <= before["hyperparameters"].get("lora_r", 0))
         host.stream = DataStream(len(host.gym.train), stream_seed(config.seed, entry["slot"]))
         host.stream.take(entry["rows_before"])
-        host.train(schedule["steps_per_generation"])
+        host.train(entry.get("batches") or schedule["steps_per_generation"])  # schedules before token intervals have none
         result = Replayed(entry["generation"], entry["member_id"], entry["fitness"], host.evaluate().fitness)
         results.append(result)
         run = f"{result.run_fitness:12.6f}" if result.run_fitness is not None else f"{'-inf':>12}"

@@ -16,7 +16,6 @@ from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest
 from evo_sft.config import ConfigError, ExperimentConfig, config_from_dict, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
 from evo_sft.evolution import elite
-from evo_sft.evolution.schedule import line_schedule
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
 from evo_sft.io.storage import CheckpointError, replace_directory, save_json
@@ -115,16 +114,13 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     fitness = build.fitness(config)
     tracker = _tracker(config, run_dir, saved, fitness)
     last = LastRecord()
-    selection, mutations = build.selection_and_mutations(config)
-    controller = Controller(
-        population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
-        selection=selection, mutations=mutations, micro_batch_size=config.agent.micro_batch_size_per_gpu,
+    controller = build.controller(
+        config, population, prepared,
         observers=[table_printer(fitness), tracker, last],
         checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
                                            extra_state=lambda: {"tracking": tracker.state_dict(),
                                                                 "run_dir": str(run_dir)}),
         save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
-        token_budget=config.evolution.token_budget,
         progress=progress_line,
     )
     if checkpoint:
@@ -247,8 +243,7 @@ def _finish(controller: Controller, run_dir: Path, tokenizer, interrupted: bool,
     evaluation = evaluations[best] if evaluations else None
     if full_test:
         tracker.log_final(controller.generation, controller.slot_ids[best], evaluation)
-    schedule = line_schedule(controller.lineage, controller.slot_ids[best], controller.fitness[controller.slot_ids[best]],
-                             controller.steps_per_generation)
+    schedule = controller.schedule(controller.slot_ids[best])
     save_json(run_dir / SCHEDULE_FILE, schedule)
     tracker.log_schedule(schedule)
     target = run_dir / "best_adapter"
@@ -269,9 +264,12 @@ def table_printer(fitness: Fitness):
     losses = fitness.metric != "test_loss"
 
     def print_table(controller: Controller, record: GenerationRecord) -> None:
-        step = controller.generation * controller.steps_per_generation
         names = controller.hp_config.names()
-        print(f"generation {record.generation}  (optimizer step {step} per member)")
+        if controller.generation_tokens is None:
+            print(f"generation {record.generation}  (optimizer step "
+                  f"{controller.generation * controller.steps_per_generation} per member)")
+        else:
+            print(f"generation {record.generation}  ({controller.tokens_trained:,} supervised tokens trained)")
         print(f"  {'member':>6} " + " ".join(f"{name:>{max(10, len(name))}}" for name in names)
               + f" {'train_loss':>10}" + (f" {'test_loss':>10}" if losses else "")
               + f" {fitness.metric:>10} {'tok/s':>8}")

@@ -1,20 +1,12 @@
 """Compute counted in supervised training tokens (the response tokens a step trains on): what a
 budget is, what one generation costs, and the bank that Tune trials draw their tokens from."""
-import math
-
-import numpy as np
-
-
-def tokens_per_row(split: dict) -> float:
-    """The mean supervised tokens of a tokenised split's rows (labels are shifted by one, so a row
-    of p prompt tokens and n tokens in all supervises n - p)."""
-    return float(np.mean([len(ids) - prompt for ids, prompt in zip(split["input_ids"], split["prompt_lengths"])]))
+from evo_sft import build
+from evo_sft.build import tokens_per_row
 
 
 def generation_tokens(config, prepared: dict) -> int:
     """What one generation of the config's population trains on at the founders' batch size."""
-    rows = config.population.size * config.evolution.steps_per_generation * config.agent.batch_size
-    return math.ceil(rows * tokens_per_row(prepared["train"]))
+    return config.population.size * build.generation_tokens(config, prepared)
 
 
 def default_budget(config, prepared: dict) -> int:
@@ -31,7 +23,8 @@ class TokenBank:
     """The token budget of one strategy's trials (a Ray actor). A trial draws tokens before it
     trains and settles what it used after: no trial gets more than `per_trial`, and the trials
     together no more than `budget` (each draw's last step may pass it by less than one batch).
-    It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness)."""
+    It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness), and
+    every exploit (a trial that continued from another trial's checkpoint)."""
 
     def __init__(self, budget: int, per_trial: int):
         self.budget, self.per_trial = budget, per_trial
@@ -39,6 +32,7 @@ class TokenBank:
         self.by_trial: dict[str, int] = {}
         self.reserved_by_trial: dict[str, int] = {}
         self.evaluations: list[tuple[int, str, float]] = []
+        self.exploits: list[tuple[str, str]] = []  # (trial, the trial whose checkpoint it continued from)
 
     def draw(self, trial: str, wanted: int) -> int:
         mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
@@ -69,3 +63,9 @@ class TokenBank:
 
     def ledger(self) -> list[tuple[int, str, float]]:
         return self.evaluations
+
+    def exploited(self, trial: str, donor: str) -> None:
+        self.exploits.append((trial, donor))
+
+    def exploit_log(self) -> list[tuple[str, str]]:
+        return self.exploits

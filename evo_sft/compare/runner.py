@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from evo_sft import build
 from evo_sft.compare import budget as budgets, report, strategies
 from evo_sft.compare.report import StrategyRun
@@ -36,16 +38,19 @@ class Comparison:
     budget: int  # supervised training tokens each (strategy, seed) may consume
     out: Path
     generation_tokens: int  # what one generation of the population trains on at the founders' batch size
+    evolution: ExperimentConfig | None = None  # the evolution's own config where it differs (a benchmark's variant)
 
 
-def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int | None, out: Path) -> Comparison:
-    """Check what was asked before anything runs; a ValueError says what is wrong."""
+def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int | None, out: Path,
+         evolution: ExperimentConfig | None = None) -> Comparison:
+    """Check what was asked before anything runs; a ValueError says what is wrong. `evolution`, if
+    given, is the config the evolution runs with (the same task, data and budget)."""
     quiet_libraries()  # preparing the data writes the demo model
     names = strategies.parse(strategy_names)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    if "grid" in names:
-        strategies.lr_grid(config)
+    for name in names:
+        strategies.check(name, config)
     out = Path(out).resolve()
     if (out / RESULTS).exists():
         raise ValueError(f"{out} holds a comparison already; choose another --out")
@@ -60,7 +65,7 @@ def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int 
         raise ValueError(f"--budget {budget:,} tokens is less than one generation: {config.population.size} members "
                          f"x {config.evolution.steps_per_generation} steps x {config.agent.batch_size} rows "
                          f"x {budgets.tokens_per_row(prepared['train']):.1f} supervised tokens a row = {generation:,}")
-    return Comparison(config, names, [config.seed + i for i in range(seeds)], budget, out, generation)
+    return Comparison(config, names, [config.seed + i for i in range(seeds)], budget, out, generation, evolution)
 
 
 def seeded(config: ExperimentConfig, seed: int) -> ExperimentConfig:
@@ -108,7 +113,8 @@ def _run(comparison: Comparison, screen) -> list[StrategyRun]:
                 screen.flush()
                 try:
                     if strategy == "evolution":
-                        result = run_evolution(seed_config, comparison, uri, experiment, prepared)
+                        result = run_evolution(seeded(comparison.evolution or config, seed), comparison, uri,
+                                               experiment, prepared)
                     else:
                         result = run_tune(strategy, seed_config, comparison, model_path, prepared)
                 except BaseException:
@@ -170,7 +176,7 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
     size = config.population.size
     bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(comparison.budget, -(-comparison.budget // size))
     plan = TrialPlan(config.evolution.steps_per_generation, budgets.tokens_per_row(prepared["train"]),
-                     checkpoints=strategy == "pbt")
+                     checkpoints=strategy in strategies.EXPLOITING)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, recipe=build.member_recipe(config, model_path), prepared=prepared,
                              plan=plan, bank=bank),
@@ -183,19 +189,20 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
         run_config=tune.RunConfig(name=f"{strategy}-seed{config.seed}", storage_path=str(comparison.out / "tune"),
                                   stop=BudgetSpent(bank), verbose=0))
     os.environ.update(TUNE_ENVIRONMENT)
-    random.seed(config.seed)  # PBT's explore draws from Python's generator
+    random.seed(config.seed)  # PBT's and PB2's exploit and explore draw from Python's generator
+    np.random.seed(config.seed)  # PB2's acquisition
     started = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - started
     if grid.errors:
         raise RuntimeError(f"{strategy}: {len(grid.errors)} trials failed; the first: {grid.errors[0]}")
-    tokens, ledger = ray.get([bank.spent.remote(), bank.ledger.remote()])
+    tokens, ledger, exploits = ray.get([bank.spent.remote(), bank.ledger.remote(), bank.exploit_log.remote()])
     ray.kill(bank)
     ledger.sort(key=lambda evaluation: evaluation[0])
     last = {trial: fitness for _, trial, fitness in ledger}
+    notes = {"trials": len(last), **({"exploits": len(exploits)} if strategy in strategies.EXPLOITING else {})}
     return StrategyRun(strategy, config.seed, [(tokens, fitness) for tokens, _, fitness in ledger], list(last.values()),
-                       tokens, wall, len(ledger), len(ledger) * budgets.test_tokens(prepared),
-                       notes={"trials": len(last)})
+                       tokens, wall, len(ledger), len(ledger) * budgets.test_tokens(prepared), notes=notes)
 
 
 def record(client, experiment_id: str, run: StrategyRun, fitness: Fitness, comparison: Comparison) -> str:

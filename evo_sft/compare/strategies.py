@@ -5,6 +5,9 @@ which configurations its trials start from and which scheduler decides between t
 - pbt: Ray Tune's PopulationBasedTraining from the evolution's founders, perturbing every
   generation (one trial iteration), quantile 0.25, resample probability 0.25, factors 1.2/0.8,
   values kept within the search space's bounds (and multiples).
+- pb2: Ray Tune's PB2 (Population Based Bandits: a Gaussian-process bandit chooses the explored
+  values) from the evolution's founders, same interval and quantile as PBT, bounds as the search
+  space's (numeric hyperparameters only).
 - asha: ASHAScheduler (grace period 1 iteration, reduction factor 3, up to the evolution's
   generations) over configurations drawn from the search space; budget that stopped trials
   save goes to more configurations.
@@ -18,7 +21,8 @@ import numpy as np
 from evo_sft import build
 from evo_sft.config import founder_values
 
-STRATEGIES = ("evolution", "pbt", "asha", "random", "grid")
+STRATEGIES = ("evolution", "pbt", "pb2", "asha", "random", "grid")
+EXPLOITING = ("pbt", "pb2")  # their trials copy each other's checkpoints
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_PERIOD = 1
 ASHA_CONFIGS_PER_MEMBER = 16  # configurations ASHA may reach, per population member
@@ -39,16 +43,21 @@ def parse(text: str) -> list[str]:
     return names
 
 
-def multiples(config) -> dict[str, int]:
-    """What an integer hyperparameter must be a multiple of, besides its range's own."""
-    micro = config.agent.micro_batch_size_per_gpu
-    return {"batch_size": micro} if micro else {}
+def check(strategy: str, config) -> None:
+    """Whether `strategy` can search the config's space; a ValueError says why not."""
+    if strategy == "grid":
+        lr_grid(config)
+    if strategy == "pb2":
+        choices = [name for name, param in build.hp_config(config).items() if hasattr(param, "choices")]
+        if choices:
+            raise ValueError(f"pb2 searches numeric hyperparameters only; evolution.hyperparameters.{choices[0]} "
+                             "has choices")
 
 
 def sampled(config, count: int, seed: int) -> list[dict]:
     """`count` configurations drawn from the search space's prior (each mutable hyperparameter
     on its own scale; the others at the founders' values)."""
-    space, start, steps = build.hp_config(config), founder_values(config), multiples(config)
+    space, start, steps = build.hp_config(config), founder_values(config), build.multiples(config)
     rng = np.random.default_rng([seed, 0xC0])
     return [{**start, **{name: space[name].sample(rng, steps.get(name, 1)) for name in space}} for _ in range(count)]
 
@@ -67,7 +76,7 @@ def lr_grid(config) -> list[dict]:
 def configurations(strategy: str, config, seed: int) -> list[dict]:
     """The hyperparameters of each trial a Tune baseline starts, in order."""
     size = config.population.size
-    if strategy == "pbt":
+    if strategy in EXPLOITING:
         return build.founder_hyperparameters(config)
     if strategy == "grid":
         return lr_grid(config)
@@ -77,17 +86,14 @@ def configurations(strategy: str, config, seed: int) -> list[dict]:
 def scheduler(strategy: str, config):
     """The Tune scheduler of a baseline (None: FIFO, every trial runs to its budget)."""
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
 
     if strategy == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=config.evolution.generations,
                              grace_period=ASHA_GRACE_PERIOD, reduction_factor=ASHA_REDUCTION_FACTOR)
-    if strategy != "pbt":
+    if strategy not in EXPLOITING:
         return None
-    space, steps = build.hp_config(config), multiples(config)
-    rng = np.random.default_rng(config.seed)
-    mutations = {name: list(param.choices) if hasattr(param, "choices")
-                 else (lambda param=param, name=name: param.sample(rng, steps.get(name, 1)))
-                 for name, param in space.items()}
+    space, steps = build.hp_config(config), build.multiples(config)
 
     def within_bounds(new: dict) -> dict:
         hyperparameters = new["hyperparameters"]
@@ -96,10 +102,18 @@ def scheduler(strategy: str, config):
                 hyperparameters[name] = bounded(param, hyperparameters[name], steps.get(name, 1))
         return new
 
+    if strategy == "pb2":
+        return PB2(time_attr="training_iteration", perturbation_interval=1, quantile_fraction=PBT_QUANTILE,
+                   hyperparam_bounds={"hyperparameters": {name: [param.min, param.max] for name, param in space.items()}},
+                   custom_explore_fn=within_bounds, synch=True)
+    rng = np.random.default_rng(config.seed)
+    mutations = {name: list(param.choices) if hasattr(param, "choices")
+                 else (lambda param=param, name=name: param.sample(rng, steps.get(name, 1)))
+                 for name, param in space.items()}
     return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1,
                                    hyperparam_mutations={"hyperparameters": mutations},
                                    quantile_fraction=PBT_QUANTILE, resample_probability=PBT_RESAMPLE_PROBABILITY,
-                                   perturbation_factors=PBT_FACTORS, custom_explore_fn=within_bounds)
+                                   perturbation_factors=PBT_FACTORS, custom_explore_fn=within_bounds, synch=True)
 
 
 def bounded(param, value, multiple_of: int = 1):

@@ -39,7 +39,9 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
     trial = tune.get_context().get_trial_id()
     slot = trial_slot(trial)
     host = build_hosts(recipe, prepared, {slot: config["hyperparameters"]})[slot]
-    restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
+    donor = restore(host, tune.get_checkpoint(), trial, config["hyperparameters"])
+    if donor is not None:
+        ray.get(bank.exploited.remote(trial, donor))
     while True:
         wanted = math.ceil(RESERVE * plan.steps * host.agent.batch_size * plan.tokens_per_row)
         grant = ray.get(bank.draw.remote(trial, wanted))
@@ -67,12 +69,13 @@ def save(host, trial: str, directory: Path) -> None:
     storage.save_json(directory / "trial.json", {"trial_id": trial, "slot": host.slot})
 
 
-def restore(host, checkpoint, trial: str, hyperparameters: dict) -> None:
+def restore(host, checkpoint, trial: str, hyperparameters: dict) -> str | None:
     """Continue from `checkpoint` (this trial's own, or a better trial's that PBT's exploit chose):
     its weights, optimizer and scheduler; this trial's own data stream goes on where it was, a
-    copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters."""
+    copied member's starts this trial's stream afresh. Then this trial's (explored) hyperparameters.
+    Returns the donor's trial id where the checkpoint is another trial's."""
     if checkpoint is None:
-        return
+        return None
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         saved = storage.load_json(directory / "trial.json")
@@ -81,6 +84,7 @@ def restore(host, checkpoint, trial: str, hyperparameters: dict) -> None:
         else:
             host.agent.load_checkpoint(directory / f"slot_{saved['slot']}", load_optimizer=True)
     host.set_hyperparameters(hyperparameters)
+    return None if saved["trial_id"] == trial else saved["trial_id"]
 
 
 class BudgetSpent(Stopper):

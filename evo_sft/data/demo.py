@@ -38,17 +38,17 @@ def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> LlamaForCausalLM:
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                **shape) -> LlamaForCausalLM:
+    """The demo's Llama: `shape` overrides the other LlamaConfig sizes (heads, intermediate size...)."""
     import torch
 
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **{"intermediate_size": hidden_size * 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 512, **shape},
         tie_word_embeddings=False,
         use_cache=False,
         # the tokenizer's ids: a response ends with <|im_end|> (chat template) or <|endoftext|> (plain text)

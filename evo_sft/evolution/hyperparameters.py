@@ -64,11 +64,21 @@ class RLParameter:
     def sample(self, rng: np.random.Generator, multiple_of: int = 1):
         """A value drawn from the prior: uniform over [min, max] on this parameter's scale (an int
         one rounded to the nearest allowed multiple)."""
+        return self.at(rng.random(), multiple_of)
+
+    def at(self, quantile: float, multiple_of: int = 1):
+        """The prior's value at `quantile` in [0, 1]: that far from min to max on this parameter's
+        scale. An int one on a linear scale takes its allowed multiples as equal shares of [0, 1]
+        (so each is as likely as the next); on a log scale it is rounded to the nearest multiple."""
         m = self._multiple(multiple_of)
+        if self.dtype is int and self.scale == "linear":
+            lo, hi = self.multiple_bounds(m)
+            count = (hi - lo) // m + 1
+            return int(lo + min(int(quantile * count), count - 1) * m)
         if self.scale == "log":
-            value = math.exp(rng.uniform(math.log(self.min), math.log(self.max)))
+            value = math.exp(math.log(self.min) + quantile * (math.log(self.max) - math.log(self.min)))
         else:
-            value = rng.uniform(self.min, self.max)
+            value = self.min + quantile * (self.max - self.min)
         if self.dtype is float:
             return float(min(max(value, self.min), self.max))
         lo, hi = self.multiple_bounds(m)
@@ -166,6 +176,10 @@ class RLChoice:
     def sample(self, rng: np.random.Generator, multiple_of: int = 1):
         """A choice drawn uniformly."""
         return self.choices[int(rng.integers(len(self.choices)))]
+
+    def at(self, quantile: float, multiple_of: int = 1):
+        """The choice whose equal share of [0, 1] holds `quantile`."""
+        return self.choices[min(int(quantile * len(self.choices)), len(self.choices) - 1)]
 
     def check(self, name: str, value) -> None:
         if isinstance(value, bool) or value not in self.choices:

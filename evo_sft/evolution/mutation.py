@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evo_sft.evolution.guided import GuidedExplore
 from evo_sft.evolution.hyperparameters import HyperparameterConfig, RLChoice, RLParameter
 
 _RL_ONLY = ("architecture", "new_layer_prob", "parameters", "activation")
@@ -21,6 +22,7 @@ class Explore:
 
     perturb_factors: tuple = (0.8, 1.2)
     resample_probability: float = 0.25
+    every: bool = False  # explore every hyperparameter of a mutated member at once (PBT), not one
 
     def __post_init__(self):
         factors = tuple(self.perturb_factors)
@@ -49,8 +51,10 @@ class Mutations:
     `activation_selection`, `device` and `accelerator` are accepted for compatibility and unused.
 
     A mutation changes one hyperparameter, chosen uniformly: with `explore` (an `Explore`) by
-    PBT's perturb-or-resample, without it as AgileRL does (grow or shrink by the parameter's own
-    factors, or a neighbouring choice)."""
+    PBT's perturb-or-resample (every hyperparameter at once with `explore.every`), without it as
+    AgileRL does (grow or shrink by the parameter's own factors, or a neighbouring choice). With
+    `guide` (a `GuidedExplore`) and a proposal fitted for the generation, a mutation takes the
+    proposed hyperparameters instead."""
 
     def __init__(
         self,
@@ -67,6 +71,7 @@ class Mutations:
         device="cpu",
         accelerator=None,
         explore: Explore | None = None,
+        guide: GuidedExplore | None = None,
     ):
         probabilities = dict(
             no_mutation=no_mutation,
@@ -92,6 +97,7 @@ class Mutations:
         self.mutate_elite = mutate_elite
         self.rand_seed = rand_seed
         self.explore = explore
+        self.guide = guide
 
     def mutate(
         self,
@@ -100,15 +106,21 @@ class Mutations:
         rng: np.random.Generator,
         multiple_of: dict[str, int] | None = None,
         surely: bool = False,
+        propose=None,
     ) -> tuple[dict, str]:
-        """Return (new hyperparameters, name of the mutated one or "none"); `surely` skips the
-        draw of `no_mutation`."""
+        """Return (new hyperparameters, what mutated: a name, names joined by "+", or "none");
+        `surely` skips the draw of `no_mutation`; `propose` (the guide's proposal for this
+        generation, see `GuidedExplore.proposer`) replaces the explore step where given."""
         new = copy.deepcopy(hyperparameters)
         names = hp_config.names()
         if not names or (not surely and rng.random() < self.no_mutation / (self.no_mutation + self.rl_hp)):
             return new, "none"
-        name = names[rng.integers(len(names))]
-        step = (multiple_of or {}).get(name, 1)
-        param, value = hp_config[name], hyperparameters[name]
-        new[name] = self.explore.apply(param, value, rng, step) if self.explore else param.mutate(value, rng, step)
-        return new, name
+        if propose is not None:
+            new = propose(hyperparameters, rng, multiple_of)
+            return new, "+".join(name for name in names if new[name] != hyperparameters[name]) or "none"
+        chosen = names if self.explore is not None and self.explore.every else [names[rng.integers(len(names))]]
+        for name in chosen:
+            step = (multiple_of or {}).get(name, 1)
+            param, value = hp_config[name], hyperparameters[name]
+            new[name] = self.explore.apply(param, value, rng, step) if self.explore else param.mutate(value, rng, step)
+        return new, "+".join(name for name in chosen if new[name] != hyperparameters[name]) or chosen[0]

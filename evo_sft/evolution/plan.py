@@ -35,10 +35,12 @@ def plan_generation(
     hp_config: HyperparameterConfig,
     rng: np.random.Generator,
     multiple_of: dict[str, int] | None = None,
+    propose=None,
 ) -> list[SlotDecision]:
     """Select a parent for every slot and mutate its hyperparameters (a selection that keeps its
-    survivors as they are mutates only the clones, each surely). A member with a non-finite
-    fitness (a NaN loss, a lost worker) is replaced by a clone of the elite."""
+    survivors as they are mutates only the clones, each surely; `propose`, the guide's proposal
+    for this generation, is passed to every mutation). A member with a non-finite fitness (a NaN
+    loss, a lost worker) is replaced by a clone of the elite."""
     elite_slot, parents = selection.select([m.fitness for m in members], rng)
     if math.isfinite(members[elite_slot].fitness):
         parents = [elite_slot if not math.isfinite(members[slot].fitness) else parent
@@ -53,7 +55,7 @@ def plan_generation(
             hyperparameters, mutation = copy.deepcopy(parent.hyperparameters), "none"
         else:
             hyperparameters, mutation = mutations.mutate(parent.hyperparameters, hp_config, rng, multiple_of,
-                                                         surely=not selection.mutates_survivors)
+                                                         surely=not selection.mutates_survivors, propose=propose)
         decisions.append(SlotDecision(slot, parent.id, clone, hyperparameters, mutation))
     return decisions
 

@@ -8,11 +8,15 @@ import numpy as np
 
 class TournamentSelection:
     """Pick a parent for every population slot by tournament, keeping the elite. Every member,
-    survivor or clone, may then be mutated."""
+    survivor or clone, may then be mutated.
 
-    mutates_survivors = True
+    With `replace_quantile` q, only the members ranked in the bottom q of the population (at least
+    one, at most half) lose their slots, each to a clone of the winner of a tournament among the
+    other members; every other member keeps its slot and its hyperparameters, and only the clones
+    are mutated (a steady-state tournament: what reaches the top stays there)."""
 
-    def __init__(self, tournament_size: int, elitism: bool, population_size: int, eval_loop: int = 1):
+    def __init__(self, tournament_size: int, elitism: bool, population_size: int, eval_loop: int = 1,
+                 replace_quantile: float | None = None):
         if population_size < 1:
             raise ValueError(f"TournamentSelection: population_size must be >= 1, got {population_size}")
         if not 1 <= tournament_size <= population_size:
@@ -22,10 +26,17 @@ class TournamentSelection:
             )
         if eval_loop < 1:
             raise ValueError(f"TournamentSelection: eval_loop must be >= 1, got {eval_loop}")
+        if replace_quantile is not None and not 0 < replace_quantile <= 0.5:
+            raise ValueError(f"TournamentSelection: replace_quantile must be in (0, 0.5], got {replace_quantile}")
+        if replace_quantile is not None and tournament_size > population_size - 1:
+            raise ValueError(f"TournamentSelection: a tournament among the other members takes at most "
+                             f"{population_size - 1}, got tournament_size {tournament_size}")
         self.tournament_size = tournament_size
         self.elitism = elitism
         self.population_size = population_size
         self.eval_loop = eval_loop
+        self.replace_quantile = replace_quantile
+        self.mutates_survivors = replace_quantile is None
 
     def score(self, fitness_history: list[float]) -> float:
         return score(fitness_history, self.eval_loop)
@@ -38,6 +49,8 @@ class TournamentSelection:
             )
         fitness = [-math.inf if math.isnan(f) else float(f) for f in fitnesses]
         elite_slot = elite(fitness)
+        if self.replace_quantile is not None:
+            return elite_slot, self._replace_the_worst(fitness, rng)
         parents = []
         for slot in range(self.population_size):
             if self.elitism and slot == elite_slot:
@@ -46,6 +59,21 @@ class TournamentSelection:
             contestants = rng.choice(self.population_size, size=self.tournament_size, replace=False)
             parents.append(elite(fitness, contestants))
         return elite_slot, parents
+
+    def _replace_the_worst(self, fitness: list[float], rng: np.random.Generator) -> list[int]:
+        n = self.population_size
+        losers = sorted(range(n), key=lambda s: (fitness[s], -s))[:losers_count(n, self.replace_quantile)]
+        parents = list(range(n))
+        for slot in sorted(losers):
+            others = [other for other in range(n) if other != slot]
+            contestants = rng.choice(others, size=self.tournament_size, replace=False)
+            parents[slot] = elite(fitness, contestants)
+        return parents
+
+
+def losers_count(population_size: int, quantile: float) -> int:
+    """How many members a quantile replaces: at least one, at most half the population."""
+    return min(math.ceil(population_size * quantile), population_size // 2)
 
 
 class TruncationSelection:
@@ -77,7 +105,7 @@ class TruncationSelection:
         fitness = [-math.inf if math.isnan(f) else float(f) for f in fitnesses]
         n = self.population_size
         ranked = sorted(range(n), key=lambda s: (-fitness[s], s))  # best first, ties to the lowest slot
-        k = min(math.ceil(n * self.quantile), n // 2)
+        k = losers_count(n, self.quantile)
         parents = list(range(n))
         for slot in sorted(ranked[n - k:]):
             parents[slot] = ranked[int(rng.integers(k))]

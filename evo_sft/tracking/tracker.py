@@ -59,7 +59,6 @@ from pathlib import Path
 
 from evo_sft.config import flatten_config
 from evo_sft.evolution import elite
-from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Fitness, NegativeTestLoss
 from evo_sft.tracking.outbox import DESCRIPTION_TAG, METRICS_PER_BATCH, Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves, plot_schedule
@@ -165,9 +164,7 @@ class MLflowTracker:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
                                 "artifact_path": f"elite/generation_{record.generation:05d}"})
         if record.generation % self.artifact_every == 0:
-            self._refresh_artifacts(controller, line_schedule(controller.lineage, record.elite_id,
-                                                              controller.fitness[record.elite_id],
-                                                              controller.steps_per_generation))
+            self._refresh_artifacts(controller, controller.schedule(record.elite_id))
 
     def log_final(self, generation: int, member_id: int, evaluation) -> None:
         """The best member as scored on the whole test set after `generation` generations
@@ -204,8 +201,7 @@ class MLflowTracker:
         controller = self._controller
         if controller is not None and self._refreshed_at != controller.generation:
             best = controller.slot_ids[controller.best_slot()]
-            self._refresh_artifacts(controller, line_schedule(controller.lineage, best, controller.fitness[best],
-                                                              controller.steps_per_generation))
+            self._refresh_artifacts(controller, controller.schedule(best))
         for member_id in sorted(self._live):
             self.outbox.submit({"kind": "terminate", "key": member_key(member_id), "status": status})
         self._live.clear()

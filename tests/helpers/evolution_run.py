@@ -62,12 +62,9 @@ def pieces(config, run_dir: Path) -> tuple[str, dict, list[dict]]:
 
 def make_controller(config, population, run_dir: Path | None = None) -> Controller:
     """The controller exactly as `run.start` builds it (less tracking and elite export)."""
-    selection, mutations = build.selection_and_mutations(config)
     checkpointer = EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep) if run_dir else None
-    return Controller(population, build.hp_config(config), config.evolution.steps_per_generation, config.seed,
-                      selection=selection, mutations=mutations,
-                      micro_batch_size=config.agent.micro_batch_size_per_gpu, checkpointer=checkpointer,
-                      token_budget=config.evolution.token_budget)
+    prepared = pieces(config, run_dir or config.resolved_run_dir())[1]
+    return build.controller(config, population, prepared, checkpointer=checkpointer)
 
 
 def controller_over(agents, gym, steps, selection=None, mutations=None, observers=(), save_elite=None, seed=0,

@@ -19,9 +19,9 @@ def test_the_progress_line_counts_every_member_step_and_is_silent_off_a_terminal
     screen, reports = Terminal(), []
 
     @contextmanager
-    def progress(generation, total):
+    def progress(generation, total, unit):
         assert total == 3 * 3  # three members of three steps
-        with progress_line(generation, total, screen) as report:
+        with progress_line(generation, total, unit, screen) as report:
             yield lambda done: (reports.append(done), report(done))
 
     controller = make_controller(tmp_path, [])
@@ -38,7 +38,7 @@ def test_the_progress_line_counts_every_member_step_and_is_silent_off_a_terminal
         assert min(loss for _, loss in result.step_losses) <= result.train_loss <= max(l for _, l in result.step_losses)
 
     quiet = io.StringIO()
-    with progress_line(2, 9, quiet) as report:
+    with progress_line(2, 9, "step", quiet) as report:
         assert report is None
     assert quiet.getvalue() == ""
 

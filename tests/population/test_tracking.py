@@ -11,7 +11,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evo_sft.controller import GenerationRecord
-from evo_sft.evolution.schedule import line_schedule
 from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
 from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_page
@@ -48,7 +47,7 @@ def test_evolution_is_logged_to_an_embedded_store(tmp_path):
     controller = make_controller(tmp_path, [tracker, recorder])
     controller.run(3)
     winner = max(m for m in controller.slot_ids if controller.lineage.members[m].parent_id is not None)  # a clone's line
-    tracker.log_schedule(line_schedule(controller.lineage, winner, controller.fitness[winner], 3))
+    tracker.log_schedule(controller.schedule(winner))
     tracker.close()
     assert has_clones(controller)
     client = MlflowClient(uri)
@@ -210,7 +209,7 @@ def test_nonfinite_fitness_is_not_logged_and_counted(tmp_path):
     record = GenerationRecord(1, ids, train, [-1.0, -math.inf, -3.0], hyperparameters, elite_slot=0, elite_id=ids[0],
                               evaluations=[Evaluation(-1.0, 1.0), Evaluation(-math.inf, math.nan), Evaluation(-3.0, 3.0)])
     controller.fitness = {member_id: [f] for member_id, f in zip(ids, record.fitness)}
-    controller.generation = 1
+    controller.generation, controller.batches = 1, [[3, 3, 3]]
     tracker = make_tracker(uri, tmp_path)
     tracker(controller, record)
     tracker.close()

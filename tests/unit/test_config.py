@@ -318,6 +318,18 @@ INVALID = [
      "evolution.mutation.explore.resample_probability: must be in [0, 1], got 1.5"),
     (nested("evolution.selection", "roulette"), "evolution.selection: must be one of tournament, truncation, got 'roulette'"),
     (nested("evolution.truncation_quantile", 0.75), "evolution.truncation_quantile: must be in (0, 0.5], got 0.75"),
+    # the search (issue 33)
+    (nested("evolution.interval", "epochs"), "evolution.interval: must be one of tokens, steps, got 'epochs'"),
+    (nested("evolution.founders", "grid"), "evolution.founders: must be one of spread, config, random_lr, got 'grid'"),
+    (nested("evolution.mutation.guide.kappa", -1.0), "evolution.mutation.guide.kappa: must be >= 0, got -1.0"),
+    (nested("evolution.replace_quantile", 0.6), "evolution.replace_quantile: must be in (0, 0.5] or null, got 0.6"),
+    (merge(nested("evolution.replace_quantile", 0.25), nested("evolution.selection", "truncation")),
+     "evolution.replace_quantile: applies to tournament selection; evolution.selection is 'truncation'"),
+    (merge(nested("evolution.replace_quantile", 0.25), nested("evolution.tournament_size", 4)),
+     "evolution.tournament_size: 4 members drawn from the 3 others of a replaced member: at most 3"),
+    (nested("evolution.mutation.guide.window", 0), "evolution.mutation.guide.window: must be >= 1, got 0"),
+    (nested("evolution.mutation.guide.kapa", 1.0),
+     "unknown key 'evolution.mutation.guide.kapa' (did you mean 'evolution.mutation.guide.kappa'?)"),
     # fitness (issue 23)
     (nested("evolution.fitness", "exactmatch"), "evolution.fitness: unknown fitness 'exactmatch' (did you mean 'exact_match'?)"),
     (nested("evolution.fitness", "no_such_module_here:score"),

@@ -138,10 +138,13 @@ def test_a_line_schedule_counts_the_rows_each_slot_gave_out_before_a_generation(
     from evo_sft.evolution.schedule import line_schedule
 
     lineage, (first, _, child, grandchild) = slotted_family()
-    schedule = line_schedule(lineage, grandchild, [-3.0, -2.0, float("-inf"), -1.0], steps_per_generation=10)
+    batches = [[10, 10], [10, 12], [7, 12], [5, 5]]  # per generation, per slot (token intervals make them differ)
+    schedule = line_schedule(lineage, grandchild, [-3.0, -2.0, float("-inf"), -1.0], batches, steps_per_generation=10)
     entries = schedule["generations"]
     assert [(e["member_id"], e["slot"]) for e in entries] == [(first, 0), (child, 1), (child, 1), (grandchild, 0)]
     assert [e["hyperparameters"]["batch_size"] for e in entries] == [8, 24, 16, 32]
     assert [e["fitness"] for e in entries] == [-3.0, -2.0, None, -1.0]
-    # slot 1 gave 10 x 16 rows to founder 1 before generation 2; slot 0 gave 3 x 10 x 8 to founder 0 before 4
-    assert [e["rows_before"] for e in entries] == [0, 160, 160 + 240, 240]
+    assert [e["batches"] for e in entries] == [10, 12, 12, 5]
+    # slot 1 gave 10 x 16 rows to founder 1 before generation 2, then 12 x 24 to its clone in generation 2;
+    # slot 0 gave (10 + 10 + 7) x 8 rows to founder 0 before generation 4
+    assert [e["rows_before"] for e in entries] == [0, 160, 160 + 12 * 24, 27 * 8]

@@ -158,3 +158,30 @@ def test_truncation_puts_non_finite_members_at_the_bottom():
 def test_truncation_invalid_arguments_raise_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TruncationSelection(**kwargs)
+
+
+def test_a_steady_state_tournament_replaces_only_the_bottom_quantile_by_tournament_winners():
+    """replace_quantile 0.25 of 8: the two worst lose their slots; each parent is the better of two
+    drawn from the seven others (so the best of them wins 2/7 of the time, the worst other never)."""
+    selection = TournamentSelection(2, True, 8, replace_quantile=0.25)
+    fitness = [-3.0, -1.0, -2.0, -5.0, -4.0, -6.0, -0.5, -7.0]
+    rng, parents_of = np.random.default_rng(0), {5: Counter(), 7: Counter()}
+    for _ in range(3000):
+        elite, parents = selection.select(fitness, rng)
+        assert elite == 6
+        assert [p for slot, p in enumerate(parents) if slot not in (5, 7)] == [0, 1, 2, 3, 4, 6]
+        for slot in (5, 7):
+            parents_of[slot][parents[slot]] += 1
+    assert 5 not in parents_of[5] and 7 not in parents_of[7]  # never its own parent
+    assert parents_of[5][6] / 3000 == pytest.approx(2 / 7, abs=0.03)  # the best wins every draw it is in
+    assert parents_of[5][7] == 0 and parents_of[7][5] == 0  # the worst of the others never wins
+    assert not selection.mutates_survivors
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(tournament_size=2, elitism=True, population_size=4, replace_quantile=0.75), "replace_quantile"),
+    (dict(tournament_size=4, elitism=True, population_size=4, replace_quantile=0.25), "at most 3"),
+])
+def test_steady_state_tournament_arguments_are_checked(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TournamentSelection(**kwargs)
