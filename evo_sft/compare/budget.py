@@ -23,20 +23,29 @@ class TokenBank:
     """The token budget of one strategy's trials (a Ray actor). A trial draws tokens before it
     trains and settles what it used after: no trial gets more than `per_trial`, and the trials
     together no more than `budget` (each draw's last step may pass it by less than one batch).
+    With `iterations`, the trials are a fixed population (PBT, PB2, random, grid): each trial
+    draws on its own share only, and every trial gets exactly `iterations` draws of at least one
+    token, so that trials stepped in sync (PBT's synchronous mode) all report as often, however
+    far one overshot; without, trials share what is left (ASHA starts new trials with it).
     It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness), and
     every exploit (a trial that continued from another trial's checkpoint)."""
 
-    def __init__(self, budget: int, per_trial: int):
-        self.budget, self.per_trial = budget, per_trial
+    def __init__(self, budget: int, per_trial: int, iterations: int | None = None):
+        self.budget, self.per_trial, self.iterations = budget, per_trial, iterations
         self.consumed, self.reserved = 0, 0
         self.by_trial: dict[str, int] = {}
         self.reserved_by_trial: dict[str, int] = {}
+        self.draws: dict[str, int] = {}
         self.evaluations: list[tuple[int, str, float]] = []
         self.exploits: list[tuple[str, str]] = []  # (trial, the trial whose checkpoint it continued from)
 
     def draw(self, trial: str, wanted: int) -> int:
         mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
-        grant = max(0, min(wanted, self.per_trial - mine, self.budget - self.consumed - self.reserved))
+        if self.iterations is None:
+            grant = max(0, min(wanted, self.per_trial - mine, self.budget - self.consumed - self.reserved))
+        else:
+            grant = 0 if self.trial_done(trial) else max(1, min(wanted, self.per_trial - mine))
+        self.draws[trial] = self.draws.get(trial, 0) + (grant > 0)
         self.reserved += grant
         self.reserved_by_trial[trial] = self.reserved_by_trial.get(trial, 0) + grant
         return grant
@@ -50,6 +59,8 @@ class TokenBank:
         return self.consumed
 
     def trial_done(self, trial: str) -> bool:
+        if self.iterations is not None:
+            return self.draws.get(trial, 0) >= self.iterations
         return self.by_trial.get(trial, 0) >= self.per_trial
 
     def exhausted(self) -> bool:

@@ -173,10 +173,11 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
 
     from evo_sft.compare.trial import BudgetSpent, TrialPlan, train_trial
 
-    size = config.population.size
-    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(comparison.budget, -(-comparison.budget // size))
-    plan = TrialPlan(config.evolution.steps_per_generation, budgets.tokens_per_row(prepared["train"]),
-                     checkpoints=strategy in strategies.EXPLOITING)
+    size, iteration = config.population.size, build.generation_tokens(config, prepared)
+    per_trial = -(-comparison.budget // size)
+    iterations = None if strategy == "asha" else -(-per_trial // iteration)  # ASHA's trials share the budget
+    bank = ray.remote(budgets.TokenBank).options(num_cpus=0).remote(comparison.budget, per_trial, iterations)
+    plan = TrialPlan(iteration, checkpoints=strategy in strategies.EXPLOITING)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, recipe=build.member_recipe(config, model_path), prepared=prepared,
                              plan=plan, bank=bank),

@@ -1,9 +1,10 @@
 """The Ray Tune trainable of the baselines: one member, built as a run builds its members (the
 same recipe, data, fitness and test set), trained an iteration at a time on tokens drawn from the
-strategy's `TokenBank`, scored after each iteration. With `checkpoints` (PBT) every report carries
-the member as safetensors and JSON files: adapter, optimizer, scheduler, data stream, generator."""
+strategy's `TokenBank` (an iteration is what one generation of the evolution gives a member at the
+config's batch size, whatever the trial's own), scored after each iteration. With `checkpoints`
+(PBT, PB2) every report carries the member as safetensors and JSON files: adapter, optimizer,
+scheduler, data stream, generator."""
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,13 +19,11 @@ from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts
 
 WAIT_FOR_TOKENS_S = 0.2
-RESERVE = 1.5  # a trial draws this many times what an iteration needs on average, and gives back the rest
 
 
 @dataclass(frozen=True)
 class TrialPlan:
-    steps: int  # optimizer steps in one iteration (one generation of the evolution)
-    tokens_per_row: float  # the mean supervised tokens of a training row
+    tokens: int  # supervised tokens of one iteration: what a member trains on in one generation of the evolution
     checkpoints: bool  # report the member with each result (PBT's exploit copies it)
 
 
@@ -43,14 +42,13 @@ def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialP
     if donor is not None:
         ray.get(bank.exploited.remote(trial, donor))
     while True:
-        wanted = math.ceil(RESERVE * plan.steps * host.agent.batch_size * plan.tokens_per_row)
-        grant = ray.get(bank.draw.remote(trial, wanted))
+        grant = ray.get(bank.draw.remote(trial, plan.tokens))
         if grant == 0:
             if ray.get(bank.trial_done.remote(trial)) or ray.get(bank.exhausted.remote()):
                 return
             time.sleep(WAIT_FOR_TOKENS_S)  # the other trials hold what is left; they may give some back
             continue
-        result = host.train(plan.steps, grant)
+        result = host.train(grant, grant)  # a step trains at least one token
         total = ray.get(bank.settle.remote(trial, grant, result.tokens))
         evaluation = host.evaluate()
         ray.get(bank.evaluated.remote(trial, total, evaluation.fitness))

@@ -42,7 +42,7 @@ def compare(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, asha, random, grid"),
+    (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, pb2, asha, random, grid"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
 ])

@@ -23,7 +23,7 @@ def config(size: int = 4):
 
 def test_unknown_or_repeated_strategies_are_refused_by_name():
     assert strategies.parse("grid, evolution") == ["grid", "evolution"]
-    with pytest.raises(ValueError, match="unknown strategy 'hyperband'.*known: evolution, pbt, asha, random, grid"):
+    with pytest.raises(ValueError, match="unknown strategy 'hyperband'.*known: evolution, pbt, pb2, asha, random, grid"):
         strategies.parse("evolution,hyperband")
     with pytest.raises(ValueError, match="twice"):
         strategies.parse("pbt,pbt")
@@ -82,3 +82,26 @@ def test_a_token_budget_must_be_positive():
     assert config_from_dict({"evolution": {"token_budget": 5000}}).evolution.token_budget == 5000
     with pytest.raises(ConfigError, match="evolution.token_budget: must be >= 1 or null"):
         config_from_dict({"evolution": {"token_budget": 0}})
+
+
+def test_a_fixed_population_draws_as_often_per_trial_however_far_one_overshot():
+    """iterations=3 (PBT's synchronous mode needs every trial to report as often): each trial draws
+    on its own share, three times, at least one token each, whatever another trial used."""
+    bank = TokenBank(budget=120, per_trial=60, iterations=3)
+    grants = {"a": [], "b": []}
+    for _ in range(3):
+        for trial, overshoot in (("a", 25), ("b", 0)):
+            grant = bank.draw(trial, 20)
+            grants[trial].append(grant)
+            bank.settle(trial, grant, grant + overshoot)
+    assert grants == {"a": [20, 15, 1], "b": [20, 20, 20]}  # a's overshoots shorten only its own draws
+    assert bank.draw("a", 20) == bank.draw("b", 20) == 0 and bank.trial_done("a") and bank.trial_done("b")
+
+
+def test_pb2_searches_numeric_hyperparameters_only():
+    strategies.check("pb2", config())
+    with_choices = config_from_dict({**config().to_dict(), "evolution": {
+        **config().to_dict()["evolution"], "hyperparameters": {"scheduler": {"choices": ["constant", "cosine"]}}}})
+    with pytest.raises(ValueError, match="pb2 searches numeric hyperparameters only; "
+                                         "evolution.hyperparameters.scheduler has choices"):
+        strategies.check("pb2", with_choices)
