@@ -145,7 +145,7 @@ def assert_everything_logged(client, controller, records, repeated: bool = False
     parent, members = parent_and_members(client, "evolution")
     assert parent.info.status == "FINISHED"
     assert client.get_experiment_by_name("evolution").tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "each child run" in parent.data.tags["mlflow.note.content"]
+    assert "its members are its child runs" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params == flatten_config(CONFIG)
     assert_metrics_equal(logged_metrics(client, parent.info.run_id, GENERATION_METRICS, repeated),
                          expected_generation_metrics(records))
