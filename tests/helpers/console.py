@@ -6,7 +6,6 @@ import pty
 import re
 import struct
 import subprocess
-import sys
 import termios
 
 OURS = re.compile("|".join([
@@ -27,13 +26,14 @@ def foreign_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if not OURS.fullmatch(line)]
 
 
-def on_a_terminal(code: str, rows: int = 24, columns: int = 80, timeout: float = 120) -> bytes:
-    """Every byte that Python `code`, run in a process of its own, writes to a pseudo-terminal of
-    `rows` x `columns` (its stdin, stdout and stderr)."""
+def on_a_terminal(argv: list[str], rows: int = 24, columns: int = 80, timeout: float = 120, env: dict | None = None,
+                  cwd=None) -> bytes:
+    """Every byte that the program `argv` writes to a pseudo-terminal of `rows` x `columns` (its
+    stdin, stdout and stderr), once it has exited with code 0."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    env = {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "LINES")}
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=env)
+    env = {name: value for name, value in (env or os.environ).items() if name not in ("COLUMNS", "LINES")}
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)
     os.close(slave)
     written = b""
     while True:
@@ -45,5 +45,5 @@ def on_a_terminal(code: str, rows: int = 24, columns: int = 80, timeout: float =
             break
         written += chunk
     os.close(master)
-    assert process.wait(timeout) == 0, written
+    assert process.wait(timeout) == 0, written.decode(errors="replace")[-6000:]
     return written

@@ -1,4 +1,5 @@
-"""Looking at a run as a user does (issues 6, 24 and 30): after a small demo run, `evo-sft ui RUN`
+"""Looking at a run as a user does (issues 6, 24 and 30): after the shared small demo run
+(tests/helpers/demo_runs.py), `evo-sft ui RUN`
 serves the run's store (a real `mlflow server` on 127.0.0.1) and prints its addresses; headless
 Chromium (Debian's `chromium`, driven by Playwright, no browser download) opens the experiment on
 its runs (not GenAI's overview) at the address it prints, the parent run already showing its
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.paths import DEMO, EVO_SFT, REPO
+from tests.helpers.demo_runs import GENERATIONS
+from tests.helpers.paths import EVO_SFT, REPO
 from tests.helpers.processes import path_without_the_venv, subprocess_env
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -30,17 +32,11 @@ MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A small demo run, and the command its summary prints to look at it in MLflow."""
-    run_dir = tmp_path_factory.mktemp("browser") / "demo-run"
-    sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=3",
-            "evolution.steps_per_generation=2"]
-    result = subprocess.run([str(EVO_SFT), "run", str(DEMO), "--run-dir", str(run_dir),
-                             *[x for s in sets for x in ("--set", s)]],
-                            capture_output=True, text=True, env=subprocess_env(PATH=path_without_the_venv()),
-                            cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("MLflow UI:"))
+def demo_run(demo_runs) -> tuple[Path, list[str]]:
+    """The shared 4-generation demo run, and the command its summary prints to look at it in MLflow
+    (it ran with the venv not active)."""
+    run_dir = demo_runs.full
+    line = next(line for line in demo_runs.full_run.stdout.splitlines() if line.startswith("MLflow UI:"))
     assert line == f"MLflow UI:       {EVO_SFT} ui {run_dir}  (serves this run's store, prints its address)"
     return run_dir, line.split()[2:5]
 
@@ -100,10 +96,10 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
     # a clone born in the last generation: its run holds a fitness point for every generation
     clone = max((run for run in members.values() if run.data.tags["evo_sft.parent_member_id"]),
                 key=lambda run: int(run.data.tags["evo_sft.generation_born"]))
-    assert clone.data.tags["evo_sft.generation_born"] == "3"
+    assert clone.data.tags["evo_sft.generation_born"] == str(GENERATIONS)
     donor = members[f"member-{clone.data.tags['evo_sft.parent_member_id']}"]
     history = MlflowClient(f"sqlite:///{demo_run / 'mlflow.db'}").get_metric_history(clone.info.run_id, "fitness")
-    assert sorted(point.step for point in history) == [2, 4, 6]
+    assert sorted(point.step for point in history) == [2 * g for g in range(1, GENERATIONS + 1)]
 
     ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=subprocess_env(PATH=path_without_the_venv()), cwd=demo_run.parent)
@@ -160,7 +156,7 @@ def _look_around(server, runs_page, experiment_id, parent_name, members, clone, 
                 page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
                 page.screenshot(path=str(png), full_page=True)
 
-            # the clone's run page -> its `fitness` metric -> a chart over all three generations
+            # the clone's run page -> its `fitness` metric -> a chart over every generation
             page.goto(f"{server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}{MODEL_TRAINING}")
             expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
             page.get_by_role("link", name="fitness", exact=True).click()

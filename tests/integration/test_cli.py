@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.console import foreign_lines
+from tests.helpers.console import foreign_lines, on_a_terminal
 from tests.helpers.paths import CONFIGS, DEMO, EVO_SFT, REPO
 from tests.helpers.processes import path_without_the_venv, subprocess_env
 
@@ -311,24 +311,30 @@ def _fresh_clone(root: Path) -> Path:
     return clone
 
 
-def _make_demo(clone: Path, overrides: list[str], timeout: float) -> tuple[Path, str, subprocess.CompletedProcess]:
-    """`make demo ARGS="OVERRIDES"`: the run folder its summary names, what evo-sft printed (make's
-    echo of the command checked and left out) and the process."""
-    result = subprocess.run(["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])],
-                            capture_output=True, text=True, cwd=clone, timeout=timeout,
-                            env=subprocess_env(drop=("RAY_AUTH_MODE", "ARGS"), PATH=path_without_the_venv()))
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    echo, stdout = result.stdout.split("\n", 1)
-    run_dir = Path(re.search(r"^run folder: +(\S+)$", stdout, re.M).group(1))
+def _make_demo(clone: Path, overrides: list[str], timeout: float, terminal: bool = False) -> tuple[Path, str, str]:
+    """`make demo ARGS="OVERRIDES"` (on a pseudo-terminal with `terminal`): the run folder its
+    summary names, what evo-sft printed on stdout (make's echo of the command checked and left
+    out; on a terminal, every byte it wrote, with the terminal's line ends) and on stderr."""
+    argv = ["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])]
+    env = subprocess_env(drop=("RAY_AUTH_MODE", "ARGS"), PATH=path_without_the_venv())
+    if terminal:
+        stdout, stderr = on_a_terminal(argv, timeout=timeout, env=env, cwd=clone).decode(), ""
+    else:
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=clone, timeout=timeout, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        stdout, stderr = result.stdout, result.stderr
+    echo, stdout = re.split(r"\r?\n", stdout, maxsplit=1)
+    run_dir = Path(re.search(r"^run folder: +(\S+?)\r?$", stdout, re.M).group(1))
     assert run_dir.parent == clone / "runs", run_dir
     assert echo == " ".join([".venv/bin/evo-sft run configs/demo.yaml --run-dir", f"runs/{run_dir.name}", *overrides])
-    return run_dir, stdout, result
+    return run_dir, stdout, stderr
 
 
 def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
     """Issue 30, item 1: the README's first command failed the second time it was typed (the
-    folder held a run). `make demo` in a fresh clone, twice (the second time shrunk through ARGS):
-    each run has its own folder, which its summary names, and the first is left as it was.
+    folder held a run). `make demo` in a fresh clone, twice (the second time shrunk through ARGS,
+    on a terminal): each run has its own folder, which its summary names, and the first is left as
+    it was; the venv not active, the summary prints commands that can be typed as they are.
 
     The first is the demo as `make demo` runs it, on a local Ray cluster: it learns its task. The
     best member reverses most held-out words exactly (scored on all of them at the end), far more
@@ -345,8 +351,8 @@ def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
     root = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))  # Ray's socket paths stay short
     try:
         clone = _fresh_clone(root)
-        run_dir, stdout, result = _make_demo(clone, [], timeout=900)
-        output = stdout + result.stderr
+        run_dir, stdout, stderr = _make_demo(clone, [], timeout=900)
+        output = stdout + stderr
         assert foreign_lines(output) == [], "library noise in the demo's output"
         assert any("MemberActor" in log.read_text(errors="replace") for log in (run_dir / "ray").rglob("worker-*.out")), \
             "the members did not run as Ray actors"
@@ -410,15 +416,17 @@ def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
         assert torch.allclose(exported, logits(in_checkpoint), atol=1e-5, rtol=0)
         assert (exported - logits(None)).abs().max() > 1e-2
 
-        # the second `make demo`: a new folder, the first one as it was
+        # the second `make demo`, shrunk, on a terminal: a new folder, the first one as it was, and
+        # nothing on the terminal after the summary's last line (Ray's colorama wrote ESC[0m at exit)
         before = {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if "ray" not in p.parts}
-        small = ["--set population.backend=local", "--set data.num_rows=160", "--set evolution.generations=2",
-                 "--set evolution.steps_per_generation=2"]
-        second, second_stdout, _ = _make_demo(clone, small, timeout=600)
+        small = ["--set population.size=2", "--set evolution.tournament_size=2", "--set data.num_rows=60",
+                 "--set evolution.generations=1", "--set evolution.steps_per_generation=1",
+                 "--set evolution.fitness=test_loss", "--set evolution.fitness_options={}"]
+        second, terminal, _ = _make_demo(clone, small, timeout=600, terminal=True)
         assert (run_dir.name, second.name) == ("demo-1", "demo-2")
         assert sorted(p.name for p in (clone / "runs").iterdir()) == ["demo-1", "demo-2"]
         assert (second / "best_adapter" / "adapter_model.safetensors").is_file()
-        assert f"resume/extend:   {EVO_SFT} resume {second} --generations N" in second_stdout
+        assert terminal.endswith(f"\r\nresume/extend:   {EVO_SFT} resume {second} --generations N\r\n"), terminal[-300:]
         assert {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
                 if "ray" not in p.parts} == before
     finally:

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,40 +26,52 @@ TINY = {
 }
 
 
-@pytest.fixture
-def short_dir():
-    """A folder under a short /tmp path: Ray's socket paths in it stay under 108 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="cmp", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def compare(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    config = tmp_path / "tiny.yaml"
+def compare(folder: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(tmp_path / "out"), *args],
+    return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(folder / "out"), *args],
                           capture_output=True, text=True, env=subprocess_env(RAY_AUTH_MODE="disabled"),
-                          cwd=tmp_path, timeout=timeout)
+                          cwd=folder, timeout=timeout)
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, pb2, asha, random, grid"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
-])
-def test_bad_input_is_refused_with_exit_2_before_anything_starts(tmp_path, args, message):
-    result = compare(tmp_path, *args, timeout=120)
+]
+WHOLE = ["--budget", "400"]
+
+
+@pytest.fixture(scope="module")
+def compared():
+    """{args: (its folder, the result)} of every compare of this module, run at once (the refused
+    ones spend their seconds importing while the whole comparison trains), each in a folder under
+    a short /tmp path (Ray's socket paths in it stay under 108 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="cmp", dir="/tmp"))
+    folders = {tuple(args): root / str(index) for index, args in enumerate([WHOLE, *(a for a, _ in BAD_INPUT)])}
+    for folder in folders.values():
+        folder.mkdir()
+    with ThreadPoolExecutor(len(folders)) as pool:
+        futures = {args: pool.submit(compare, folder, *args) for args, folder in folders.items()}
+        results = {args: (folders[args], future.result()) for args, future in futures.items()}
+    yield results
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_is_refused_with_exit_2_before_anything_starts(compared, args, message):
+    folder, result = compared[tuple(args)]
     assert result.returncode == 2, result.stderr
     assert f"error: {message}" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (folder / "out").exists()
 
 
-def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short_dir):
+def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(compared):
     from mlflow import MlflowClient
 
-    result = compare(short_dir, "--budget", "400")
+    folder, result = compared[tuple(WHOLE)]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = short_dir / "out"
+    out = folder / "out"
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [run["strategy"] for run in runs] == ["evolution", "pbt", "asha", "random", "grid"]
     largest_batch = 8 * 10  # 8 rows of at most 7 letters, eos and the template's end of turn

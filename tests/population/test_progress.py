@@ -1,6 +1,7 @@
 """The progress line of a generation's training, drawn by tqdm on a terminal, from what the
 members report step by step (in this process), and each step's loss in the train results."""
 import io
+import sys
 from contextlib import contextmanager
 
 from evo_sft.progress import progress_line
@@ -50,7 +51,7 @@ def test_a_terminal_that_reports_no_size_gets_the_line_80_columns_wide():
     import re
 
     code = "from evo_sft.progress import progress_line\nwith progress_line(1, 3) as report:\n    report({0: (3, 300)})\n"
-    frames = on_a_terminal(code, rows=0, columns=0).decode().split("\r")
+    frames = on_a_terminal([sys.executable, "-c", code], rows=0, columns=0).decode().split("\r")
     assert frames[0] == "" and frames[-1] == ""
     first, last, cleared = frames[1:-1]
     assert re.fullmatch(r"generation 1: 0/3 steps \| {32}\| \d\d:\d\d elapsed, \? left", first), first
