@@ -9,7 +9,7 @@ import subprocess
 import termios
 
 OURS = re.compile("|".join([
-    r"generation \d+  \(optimizer step \d+ per member\)",
+    r"generation \d+  \((optimizer step \d+ per member|[\d,]+ supervised tokens trained)\)",
     r"  member +\w+.*",  # a table's header
     r" [* ] *\d+ .*",  # a table's row
     r"  clones: .*",

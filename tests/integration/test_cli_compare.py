@@ -73,7 +73,7 @@ def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(compa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = folder / "out"
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [run["strategy"] for run in runs] == ["evolution", "pbt", "asha", "random", "grid"]
+    assert [run["strategy"] for run in runs] == ["evolution", "pbt", "pb2", "asha", "random", "grid"]
     largest_batch = 8 * 10  # 8 rows of at most 7 letters, eos and the template's end of turn
     for run in runs:  # the same budget, measured: at most one batch per member over it
         assert 400 <= run["tokens"] <= 400 + TINY["population"]["size"] * largest_batch, run
