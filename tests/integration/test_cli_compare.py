@@ -52,7 +52,7 @@ def compared():
     for folder in folders.values():
         folder.mkdir()
     with ThreadPoolExecutor(len(folders)) as pool:
-        futures = {args: pool.submit(compare, folder, *args) for args, folder in folders.items()}
+        futures = {args: pool.submit(compare, folder, *args, timeout=600) for args, folder in folders.items()}
         results = {args: (folders[args], future.result()) for args, future in futures.items()}
     yield results
     shutil.rmtree(root, ignore_errors=True)
