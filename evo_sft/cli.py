@@ -57,10 +57,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _run_dir(text: str) -> Path:
+    """The run folder a command is given, checked: a missing one, or one that holds no run, is
+    a mistake in what the command is given."""
+    from evo_sft.run import NotARun, run_folder
+
+    try:
+        return run_folder(text)
+    except NotARun as error:
+        raise UsageError(str(error)) from None
+
+
 def cmd_resume(args) -> int:
     from evo_sft.run import resume
 
-    result = resume(Path(args.run_dir), args.generations, args.set)
+    result = resume(_run_dir(args.run_dir), args.generations, args.set)
     return 130 if result is not None and result.interrupted else 0
 
 
@@ -68,7 +79,7 @@ def cmd_status(args) -> int:
     from evo_sft.hyperparameters import shown
     from evo_sft.run import config_of, status_dict
 
-    run_dir = Path(args.run_dir)
+    run_dir = _run_dir(args.run_dir)
     status = status_dict(run_dir)
     if args.json:
         print(json.dumps(status, indent=2))
@@ -94,7 +105,7 @@ def cmd_export(args) -> int:
     from evo_sft.export import ExportError, export
 
     try:
-        done = export(Path(args.run_dir), Path(args.out_dir), args.member, args.merged, args.force, args.register)
+        done = export(_run_dir(args.run_dir), Path(args.out_dir), args.member, args.merged, args.force, args.register)
     except ExportError as error:
         raise UsageError(str(error)) from None
     load = {"adapter": f"PeftModel.from_pretrained(base_model, '{done.out_dir}')"}.get(
@@ -106,6 +117,14 @@ def cmd_export(args) -> int:
         print(f"registered in MLflow as {args.register!r} version {done.registered_version} "
               f"(mlflow.pyfunc.load_model('models:/{args.register}/{done.registered_version}'))")
     return 0
+
+
+def cmd_ui(args) -> int:
+    from evo_sft.run import status_dict
+    from evo_sft.ui import serve
+
+    run_dir = _run_dir(args.run_dir)
+    return serve(run_dir, status_dict(run_dir)["mlflow"], args.port)
 
 
 def cmd_submit(args) -> int:
@@ -124,10 +143,11 @@ def cmd_replay(args) -> int:
     from evo_sft.replay import TOLERANCE, replay
     from evo_sft.run import SCHEDULE_FILE
 
-    schedule = Path(args.schedule) if args.schedule else Path(args.run_dir) / SCHEDULE_FILE
+    run_dir = _run_dir(args.run_dir)
+    schedule = Path(args.schedule) if args.schedule else run_dir / SCHEDULE_FILE
     if not schedule.is_file():
         raise UsageError(f"no schedule at {schedule}: a run writes it when it finishes")
-    results, exact = replay(Path(args.run_dir), schedule)
+    results, exact = replay(run_dir, schedule)
     worst = max((r.difference for r in results if r.run_fitness is not None), default=0.0)
     final = results[-1]
     print(f"replayed fitness {final.fitness:.6f}, the run's {final.run_fitness}: largest difference {worst:.2e}"
@@ -244,6 +264,11 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder")
     replay.add_argument("--schedule", metavar="FILE", help="the schedule to replay (default: RUN_DIR/schedule.json)")
 
+    ui = command("ui", cmd_ui, "start the MLflow UI on a run's own store (on 127.0.0.1) and print its addresses; "
+                               "Ctrl-C stops it")
+    ui.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    ui.add_argument("--port", type=int, metavar="N", help="the port to serve on (default: a free one)")
+
     submit = command("submit", cmd_submit, "submit the controller to a Ray cluster as a Ray Job")
     submit.add_argument("config", metavar="CONFIG", help="the experiment's YAML file")
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265 (required)")
@@ -276,7 +301,7 @@ def main(argv=None) -> int:
 
 
 def _user_error(error: Exception) -> bool:
-    """No run to resume or inspect (no config, no intact checkpoint), or a run already in the folder.
+    """A run that cannot do what is asked (no checkpoint to resume, none intact), or a run already in the folder.
     Checked without importing evo_sft.io.storage (torch), so validation alone stays quick."""
     storage = sys.modules.get("evo_sft.io.storage")
     return isinstance(error, FileExistsError) or (storage is not None and isinstance(error, storage.CheckpointError))

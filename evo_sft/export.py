@@ -23,7 +23,7 @@ from evo_sft.controller import saved_schedule
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.evolution import Lineage
 from evo_sft.io.checkpoint import latest_intact
-from evo_sft.io.storage import replace_directory
+from evo_sft.io.storage import replace_directory, umask_modes
 from evo_sft.model_card import ModelCard, card_for, write_card
 from evo_sft.run import best_member, config_of, final_evaluation, saved_tracking_uri
 
@@ -81,6 +81,7 @@ def export(run_dir: Path, out_dir: Path, member: int | str = "best", merged: boo
             whole_model(config, run_dir, slot_dir, tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_card(staging, card)
+        umask_modes(staging)  # a copied adapter keeps the checkpoint's modes, which an earlier umask gave
         version = _register(register, staging, card, config, run_dir, tokenizer) if register else None
         replace_directory(staging, out_dir)
     finally:

@@ -141,7 +141,7 @@ class ModelCard:
         rows = [(f"{metric} (the fitness)", scores["metric_value"], evaluation["scored_rows"])]
         if metric != "test_loss":
             rows.append(("test_loss", scores["test_loss"], every))
-        table = [f"| metric | value | test rows | what it measures |", "|---|---|---|---|"]
+        table = ["| metric | value | test rows | what it measures |", "|---|---|---|---|"]
         for name, value, count in rows:
             base = name.split(" ")[0]
             table.append(f"| {name} | {_number(value)} | {count}{' (all)' if count == every else ''} | "

@@ -18,8 +18,9 @@ def progress_line(generation: int, total: int, unit: str = "step", stream=None):
     if not stream.isatty():
         yield None
         return
+    size = shutil.get_terminal_size()  # 80x24 where a terminal reports no size (0x0), where tqdm would draw nothing
     bar = tqdm(total=total, desc=f"generation {generation}", unit=unit, leave=False, file=stream,
-               ncols=shutil.get_terminal_size().columns,  # 80 where a terminal reports no size
+               ncols=size.columns, nrows=size.lines,
                bar_format="{desc}: {n_fmt}/{total_fmt} " + unit + "s |{bar}| {elapsed} elapsed, {remaining} left{postfix}")
     start = time.perf_counter()
     counted = 0 if unit == "step" else 1

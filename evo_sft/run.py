@@ -1,8 +1,8 @@
 """Start, resume and summarise an evolution described by an experiment config."""
-import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,21 @@ class RunResult:
     registered_as: str | None = None  # the registered model it became a version of (tracking.register_model)
 
 
+class NotARun(Exception):
+    """A folder given as a run's is missing or holds no evo-sft run (a mistake in what a command
+    is given: one line, exit code 2)."""
+
+
+def run_folder(path: str | Path) -> Path:
+    """`path`, absolute, once it is known to hold an evo-sft run (its config.yaml)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise NotARun(f"{path} is missing: there is no such folder")
+    if not (path / CONFIG_FILE).is_file():
+        raise NotARun(f"{path} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
+    return path
+
+
 def start(config: ExperimentConfig) -> RunResult:
     """Start the run in its folder. A folder whose run stopped before its first checkpoint is
     taken over: what that attempt wrote is removed (its MLflow runs are deleted by the tracker)."""
@@ -75,9 +90,7 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
     `overrides` (KEY=VALUE) change its saved config for this session only, e.g. where its Ray
     cluster or MLflow server now is. None, having said so and started nothing, when the run
     already has that many generations."""
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
+    run_dir = run_folder(run_dir)
     overrides = list(overrides) + ([f"evolution.generations={generations}"] if generations is not None else [])
     config = load_config(run_dir / CONFIG_FILE, overrides)
     config.run_dir = str(run_dir)  # the folder given, wherever the run was before
@@ -161,14 +174,10 @@ def _population(config: ExperimentConfig, run_dir: Path, model_path: str, prepar
     import ray
 
     from evo_sft.population.ray_backend import RayPopulation
+    from evo_sft.population.ray_session import init_ray
 
     if not ray.is_initialized():
-        init = dict(config.ray.init)
-        if config.ray.address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            init.setdefault("_temp_dir", str(run_dir / "ray"))
-        init.setdefault("logging_level", logging.WARNING)  # not Ray's start-up INFO lines
-        ray.init(address=config.ray.address, **init)
+        init_ray(config.ray.address, run_dir / "ray", config.ray.init)
     _check_gang_fits(config)
     return RayPopulation(build.member_recipe(config, model_path), prepared, founders,
                          num_cpus=config.population.num_cpus, num_gpus=config.population.num_gpus,
@@ -200,9 +209,9 @@ def _ray_initialized() -> bool:
 
 def _shutdown_ray(config: ExperimentConfig) -> None:
     if config.population.backend == "ray":
-        import ray
+        from evo_sft.population.ray_session import shutdown_ray
 
-        ray.shutdown()
+        shutdown_ray()
 
 
 def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):
@@ -216,7 +225,8 @@ def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitn
     if state and state["tracking_uri"] != uri == saved_tracking_uri(saved, run_dir):
         move_artifact_root(uri, state["tracking_uri"])
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
-                         run_name=run_dir.name, state=state, queue_dir=run_dir / "tracking_queue", fitness=fitness)
+                         run_name=run_dir.name, state=state, searched=list(config.evolution.hyperparameters),
+                         queue_dir=run_dir / "tracking_queue", fitness=fitness)
 
 
 def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
@@ -336,7 +346,8 @@ def table_printer(fitness: Fitness):
                   + f" {fitness.shown(record.fitness[slot]):>10.4f} {train.tokens_per_second:>8.0f}")
         born = [d for d in record.decisions if d.clone]
         if born:
-            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} ({d.mutation})" for d in born))
+            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} "
+                                           f"({'not mutated' if d.mutation == 'none' else d.mutation})" for d in born))
 
     return print_table
 
@@ -345,7 +356,9 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
     best = result.best_member
     history = controller.fitness[best]
     print("\n=== evo-sft summary ===")
-    scored_with = controller.lineage.hyperparameters_at(best, controller.generation)
+    print(f"run folder:      {result.run_dir}")
+    scored_with = {name: float(f"{value:.6g}") if isinstance(value, float) else value  # no binary noise
+                   for name, value in controller.lineage.hyperparameters_at(best, controller.generation).items()}
     print(f"best member: {best}  {fitness.metric} {fitness.shown(result.best_fitness):.4f} "
           f"on {result.scored_rows} held-out test rows  hyperparameters {scored_with}")
     print("lineage: " + " <- ".join(str(m) for m in controller.lineage.ancestry(best)))
@@ -359,16 +372,28 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_models_page, mlflow_runs_page, mlflow_ui_command
+    from evo_sft.tracking import mlflow_models_page, mlflow_page
 
-    print(f"MLflow UI:       {mlflow_ui_command(tracker.tracking_uri)}")
-    print(f"MLflow runs:     {mlflow_runs_page(tracker.tracking_uri, tracker.outbox.experiment_id)}")
+    experiment, parent = tracker.outbox.experiment_id, tracker.outbox.run_ids.get("parent")
+    server = tracker.tracking_uri.rstrip("/") + "/" if tracker.tracking_uri.startswith(("http://", "https://")) else None
+    if server is not None:
+        print(f"MLflow runs:     {mlflow_page(server, experiment)}")
+        print(f"MLflow run:      {mlflow_page(server, experiment, parent)}")
+    else:
+        print(f"MLflow UI:       {evo_sft_command()} ui {result.run_dir}  (serves this run's store, prints its address)")
     if result.registered_as is not None:
         queued = any(record["kind"] == "register_model" for record in tracker.outbox.pending)
-        print(f"MLflow model:    {result.registered_as!r}, a new version from member {best}"
-              + (" (queued until MLflow is reachable)" if queued else
-                 f" ({mlflow_models_page(tracker.tracking_uri, result.registered_as)})"))
-    print(f"resume/extend:   evo-sft resume {result.run_dir} --generations N")
+        where = ("queued until MLflow is reachable" if queued else mlflow_models_page(server, result.registered_as)
+                 if server is not None else "on the Models page of evo-sft ui")
+        print(f"MLflow model:    {result.registered_as!r}, a new version from member {best} ({where})")
+    print(f"resume/extend:   {evo_sft_command()} resume {result.run_dir} --generations N")
+
+
+def evo_sft_command() -> str:
+    """`evo-sft` as the user can type it: its name where PATH finds this one, else its path (the
+    console script of a venv that is not active, as after `make demo`)."""
+    script = Path(sys.executable).parent / "evo-sft"
+    return "evo-sft" if not script.is_file() or shutil.which("evo-sft") == str(script) else str(script)
 
 
 def status_dict(run_dir: Path) -> dict:

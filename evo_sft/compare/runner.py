@@ -16,12 +16,20 @@ from evo_sft import build
 from evo_sft.compare import budget as budgets, report, strategies
 from evo_sft.compare.report import StrategyRun
 from evo_sft.config import ExperimentConfig, config_from_dict
+from evo_sft.console import output_to_log, quiet_libraries
 from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Fitness
 from evo_sft.io.checkpoint import latest_intact
+from evo_sft.population.ray_session import init_ray, shutdown_ray
 
 RESULTS = "results.jsonl"
 UNBOUNDED_GENERATIONS = 1_000_000  # an evolution with a time budget only: the time ends it
+LOG = "compare.log"  # all that the runs and the libraries print; the screen gets a line per strategy and seed
+# Ray Tune's legacy output engine, which at `verbose=0` prints nothing (the new one still prints
+# the experiment's table, the results folder and a TensorBoard hint)
+TUNE_ENVIRONMENT = {"RAY_AIR_NEW_OUTPUT": "0",
+                    # a trial started when the budget is all drawn ends without a result; that is no error
+                    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 
 
 @dataclass
@@ -48,6 +56,7 @@ def plan(config: ExperimentConfig, strategy_names: str, seeds: int, budget: int 
     """Check what was asked before anything runs; a ValueError says what is wrong. `evolution`, if
     given, is the config the evolution runs with (the same task, data and budget). Without a token
     `budget`, the default one, unless `budget_seconds` is the only budget."""
+    quiet_libraries()  # preparing the data writes the demo model
     names = strategies.parse(strategy_names)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -86,21 +95,28 @@ def prepare(config: ExperimentConfig, out: Path) -> tuple[str, dict]:
 
 
 def run(comparison: Comparison) -> list[StrategyRun]:
+    """Each strategy and seed in turn, a line on the screen for each, then the table; all else
+    that is printed goes to `out/compare.log`."""
+    comparison.out.mkdir(parents=True, exist_ok=True)
+    with output_to_log(comparison.out / LOG) as screen:
+        return _run(comparison, screen)
+
+
+def _run(comparison: Comparison, screen) -> list[StrategyRun]:
     import ray
     from mlflow import MlflowClient
 
     from evo_sft.tracking.outbox import experiment_id
     from evo_sft.tracking.store import artifact_root
 
+    quiet_libraries()
     out, config = comparison.out, comparison.config
-    out.mkdir(parents=True, exist_ok=True)
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     experiment = config.tracking.experiment or f"{config.name}-compare"
     client = MlflowClient(uri)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=config.ray.address, **{"_temp_dir": str(out / "ray"), **config.ray.init})
+        init_ray(config.ray.address, out / "ray", config.ray.init)
     fitness = build.fitness(config)
     runs = []
     try:
@@ -108,12 +124,20 @@ def run(comparison: Comparison) -> list[StrategyRun]:
             seed_config = seeded(config, seed)
             model_path, prepared = prepare(seed_config, out)
             for strategy in comparison.strategies:
-                print(f"== {strategy}, seed {seed}, budget {comparison.described()}", flush=True)
-                if strategy == "evolution":
-                    result = run_evolution(seeded(comparison.evolution or config, seed), comparison, uri, experiment,
-                                           prepared)
-                else:
-                    result = run_tune(strategy, seed_config, comparison, model_path, prepared)
+                screen.write(f"{strategy}, seed {seed}: ")
+                screen.flush()
+                try:
+                    if strategy == "evolution":
+                        result = run_evolution(seeded(comparison.evolution or config, seed), comparison, uri,
+                                               experiment, prepared)
+                    else:
+                        result = run_tune(strategy, seed_config, comparison, model_path, prepared)
+                except BaseException:
+                    screen.write(f"stopped (what it printed: {out / LOG})\n")
+                    raise
+                spent = f"{result.tokens:,}" + (f" of {comparison.budget:,}" if comparison.budget else "")
+                best = f"best {fitness.metric} {fitness.shown(result.best_final):.4f}" if result.final else "no result"
+                screen.write(f"{spent} tokens in {result.wall_s:.0f} s, {best}\n")
                 result.run_id = record(client, experiment_id(client, experiment, artifact_root(uri)), result,
                                        fitness, comparison)
                 runs.append(result)
@@ -121,8 +145,8 @@ def run(comparison: Comparison) -> list[StrategyRun]:
                     results.write(json.dumps(result.to_dict()) + "\n")
     finally:
         if owns_ray:
-            ray.shutdown()
-    write_report(runs, fitness, comparison, client, experiment_id(client, experiment, artifact_root(uri)))
+            shutdown_ray()
+    write_report(runs, fitness, comparison, client, experiment_id(client, experiment, artifact_root(uri)), screen)
     return runs
 
 
@@ -192,8 +216,7 @@ def run_tune(strategy: str, config: ExperimentConfig, comparison: Comparison, mo
                                     max_concurrent_trials=size, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{strategy}-seed{config.seed}", storage_path=str(comparison.out / "tune"),
                                   stop=BudgetSpent(bank, deadline), verbose=0))
-    # A trial started when the budget is all drawn ends without a result; that is no error.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.update(TUNE_ENVIRONMENT)
     random.seed(config.seed)  # PBT's and PB2's exploit and explore draw from Python's generator
     np.random.seed(config.seed)  # PB2's acquisition
     grid = tuner.fit()
@@ -235,14 +258,15 @@ def record(client, experiment_id: str, run: StrategyRun, fitness: Fitness, compa
     return run_id
 
 
-def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparison, client, experiment_id: str) -> None:
-    """Print and write the table, the summary and the plot, and log them as one MLflow run."""
+def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparison, client, experiment_id: str,
+                 screen) -> None:
+    """Print (on `screen`) and write the table, the summary and the plot, and log them as one MLflow run."""
     out = comparison.out
     targets = report.grid_targets(runs)
     rows = report.summary(runs, fitness, targets)
     text = (f"budget: {comparison.described()}, per strategy and seed\n\n"
             + report.table(runs, fitness, targets) + "\n\n" + report.summary_table(rows, fitness) + "\n")
-    print("\n" + text)
+    screen.write("\n" + text + "\n")
     (out / "table.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     report.plot(runs, fitness, out / "best_fitness_vs_tokens.png", title=f"{comparison.config.name}: "
@@ -251,4 +275,5 @@ def write_report(runs: list[StrategyRun], fitness: Fitness, comparison: Comparis
     for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png", RESULTS):
         client.log_artifact(comparison_run.info.run_id, str(out / name))
     client.set_terminated(comparison_run.info.run_id)
-    print(f"written: {out / 'table.md'}, {out / 'best_fitness_vs_tokens.png'}, {out / RESULTS}")
+    screen.write(f"written: {out / 'table.md'}, {out / 'summary.json'}, {out / 'best_fitness_vs_tokens.png'}, "
+                 f"{out / RESULTS}, {out / LOG}\n")

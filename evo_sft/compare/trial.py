@@ -6,6 +6,7 @@ config's batch size, whatever the trial's own), scored after each iteration. Wit
 scheduler, data stream, generator. With a `deadline` an iteration takes only the steps that fit
 before it, as the evolution's generations do (`evo_sft.time_budget.Deadline`, its forecast carried
 in the checkpoint)."""
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import ray
 from ray import tune
 from ray.tune.stopper import Stopper
 
+from evo_sft.console import quiet_libraries
 from evo_sft.io import storage
 from evo_sft.population.hosting import MemberRecipe, build_hosts
 from evo_sft.time_budget import Deadline
@@ -35,6 +37,8 @@ def trial_slot(trial_id: str) -> int:
 
 
 def train_trial(config: dict, recipe: MemberRecipe, prepared: dict, plan: TrialPlan, bank) -> None:
+    quiet_libraries()  # in the trial's process, as in a member's actor
+    logging.getLogger("ray").setLevel(logging.WARNING)  # not Ray Train's INFO line for each checkpoint
     trial = tune.get_context().get_trial_id()
     if plan.deadline is not None and time.time() >= plan.deadline:
         return  # started when the time was spent: ends without a result, like one the tokens ran out for

@@ -11,6 +11,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evo_sft.io.storage import umask_modes
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -67,6 +69,7 @@ def write_demo_model(directory: str | Path, seed: int = 0) -> Path:
     tmp = directory.with_name(directory.name + ".tmp")
     build_model(len(tokenizer), seed=seed).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    umask_modes(tmp)
     tmp.rename(directory)
     return directory
 

@@ -93,6 +93,33 @@ def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for name, t in tensors.items()}
 
 
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    umask_modes(path)
+
+
+def umask_modes(path: str | os.PathLike) -> None:
+    """Give the file `path`, or every file under the folder `path`, the mode a new file gets here
+    (0o666 less the umask): safetensors writes each file through a private temporary one, so its
+    files, and the folders of PEFT and transformers that hold them, would stay readable by their
+    owner alone."""
+    mode = 0o666 & ~_umask()
+    path = Path(path)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, mode)
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it back races with threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"missing file {_full(path)}")
@@ -181,7 +208,7 @@ class Snapshot:
     def tensors(self, relative: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         owned = cpu_copy(tensors)
         self.nbytes += sum(t.nbytes for t in owned.values())
-        self.files.append((relative, lambda path: save_file(owned, str(path), metadata=metadata)))
+        self.files.append((relative, lambda path: save_tensors(path, owned, metadata)))
 
     def json(self, relative: str, obj: Any) -> None:
         _check_json(obj, relative)

@@ -116,6 +116,7 @@ class MemberHost:
             self.agent.actor.save_pretrained(directory, selected_adapters=[ACTOR])
         else:
             self.agent.actor.save_pretrained(Path(directory) / ACTOR)
+        storage.umask_modes(directory)
         return str(Path(directory) / ACTOR)
 
 

@@ -38,13 +38,18 @@ class SFT:
     `agent.weight_decay`, `agent.lora_r`, ...); `set_hyperparameters` changes them on a live agent.
     The LoRA ones come from `lora_config` (None without LoRA), `scheduler` and `warmup_steps` from
     `lr_schedule` (constant without one).
+
+    `clone` (AgileRL's flag) suppresses adapter initialisation when cloning an existing agent: a
+    PEFT model given as `actor_network` is used as it is, its `actor` adapter and weights kept.
+    Without it, a PEFT model given is merged into its base weights and gets a fresh `actor`
+    adapter (from `lora_config`, else from the model's first adapter), as in AgileRL.
     """
 
     def __init__(self, pad_token_id: int, pad_token: str, model_name: str | None = None, actor_network=None,
                  model_config: dict | None = None, hp_config=None, index: int = 0, batch_size: int = 16,
                  lr: float = 5e-5, max_grad_norm: float = 0.1, update_epochs: int = 1,
                  calc_position_embeddings: bool = True, micro_batch_size_per_gpu: int | None = None,
-                 device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True,
+                 device: str = "cpu", lora_config=None, accelerator=None, wrap: bool = True, clone: bool = False,
                  seed: int = 42, gradient_checkpointing: bool = True, use_liger_loss: bool = False,
                  use_separate_reference_adapter: bool = False, lr_schedule: LRSchedule | None = None,
                  packing: bool | None = None, compile_layers: bool | None = None):
@@ -54,6 +59,7 @@ class SFT:
             raise ValueError("pass exactly one of model_name (loaded with from_pretrained) or actor_network")
         if micro_batch_size_per_gpu is not None and micro_batch_size_per_gpu < 1:
             raise ValueError(f"micro_batch_size_per_gpu must be >= 1, got {micro_batch_size_per_gpu}")
+        lora_config = _given_lora_config(actor_network, lora_config, clone)
         self.algo = "SFT"
         self.pad_token_id, self.pad_token = pad_token_id, pad_token
         self.model_name, self.model_config = model_name, model_config
@@ -93,7 +99,7 @@ class SFT:
             from transformers import AutoModelForCausalLM
 
             actor_network = AutoModelForCausalLM.from_pretrained(model_name, **(model_config or {}))
-        self.actor = self._prepare_model(actor_network)
+        self.actor = self._prepare_model(actor_network, add_adapters=not clone or model_name is not None)
         # Padding-free packed micro-batches with varlen attention (evo_sft.kernels); on by default on CUDA.
         self.packing = self._enable_packing(self.device.type == "cuda" if packing is None else packing)
         # torch.compile of each decoder layer and of the frozen head's loss chunk; on by default
@@ -103,7 +109,7 @@ class SFT:
         self.reinit_optimizers()
 
     # ----------------------------------------------------------------- model set-up
-    def _prepare_model(self, model):
+    def _prepare_model(self, model, add_adapters: bool):
         from peft import PeftModel, get_peft_model
 
         if hasattr(model, "config"):
@@ -112,7 +118,9 @@ class SFT:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})
             model.enable_input_require_grads()
-        if self.lora_config is not None and not isinstance(model, PeftModel):
+        if isinstance(model, PeftModel) and add_adapters:  # its adapters become part of the base weights
+            model = model.merge_and_unload()
+        if self.lora_config is not None and add_adapters:
             model = get_peft_model(model, self.lora_config, adapter_name=ACTOR)
             if self.use_separate_reference_adapter:
                 model.add_adapter(REFERENCE, self.lora_config)
@@ -498,6 +506,24 @@ class SFT:
         agent = cls(**init, device=device, accelerator=accelerator, lora_config=lora_config)
         agent.load_checkpoint(path, load_optimizer=True)
         return agent
+
+
+def _given_lora_config(actor_network, lora_config, clone: bool):
+    """The LoRA settings of a new agent: `lora_config`, else those of a PEFT model given as the
+    network (its `actor` adapter's when cloning, which keeps that adapter; else its first's)."""
+    from peft import PeftModel
+
+    if not isinstance(actor_network, PeftModel):
+        if clone and actor_network is not None and lora_config is not None:
+            raise ValueError("clone=True keeps the adapters of actor_network, which has none; pass the PEFT model "
+                             "of the agent being cloned, or clone=False to add adapters")
+        return lora_config
+    if clone and ACTOR not in actor_network.peft_config:
+        raise ValueError(f"clone=True keeps actor_network's '{ACTOR}' adapter, which it does not have "
+                         f"(adapters: {list(actor_network.peft_config)})")
+    if lora_config is not None:
+        return lora_config
+    return actor_network.peft_config[ACTOR] if clone else next(iter(actor_network.peft_config.values()))
 
 
 def _check_hyperparameters(values: dict) -> None:

@@ -2,18 +2,21 @@
 is unreachable, kept in a local queue and sent in order when it is back.
 
 A record has a `kind`, the local `key` of its run ("parent", "member:7"), values and a
-`timestamp`. A record that fails is appended to `queue_dir/mlflow_queue.jsonl` (the files of a
-queued artifact or model registration are copied under `queue_dir/files/` and named relative to
-`queue_dir`, so the queue moves with its folder) with one warning per outage, and so is every
-later record until `flush()` empties the queue: an outage costs one failed request per flush.
-Runs are created when their `create_run` record is sent, so the MLflow ids of local keys are
-known only here (`run_ids`); they are also kept in `queue_dir/mlflow_runs.json` as each run is
-made, where a tracker that starts afresh after an earlier one stopped before any checkpoint named
-its runs finds them (`forget_earlier_attempt`). The only records dropped are those the store
-refuses as invalid (HTTP 400, or 404 for a run that does not exist), which no retry could fix;
-each costs a warning.
+`timestamp`. A run's description (the tag `mlflow.note.content`, markdown) names the runs it
+links to by their local keys, `{parent}`, `{member:7}`, `{self}`, and the experiment as
+`{experiment}`: they are filled in with MLflow's ids when it is sent. A record that fails is
+appended to `queue_dir/mlflow_queue.jsonl` (the files of a queued artifact or model registration
+are copied under `queue_dir/files/` and named relative to `queue_dir`, so the queue moves with its
+folder) with one warning per outage, and so is every later record until `flush()` empties the
+queue: an outage costs one failed request per flush. Runs are created when their `create_run`
+record is sent, so the MLflow ids of local keys are known only here (`run_ids`); they are also
+kept in `queue_dir/mlflow_runs.json` as each run is made, where a tracker that starts afresh after
+an earlier one stopped before any checkpoint named its runs finds them (`forget_earlier_attempt`).
+The only records dropped are those the store refuses as invalid (HTTP 400, or 404 for a run that
+does not exist), which no retry could fix; each costs a warning.
 """
 import json
+import re
 import shutil
 import time
 import uuid
@@ -30,6 +33,8 @@ from evo_sft.tracking.registry import register
 QUEUE_FILE = "mlflow_queue.jsonl"
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 RUNS_FILE = "mlflow_runs.json"
+DESCRIPTION_TAG = "mlflow.note.content"  # what MLflow's UI shows as a run's description
+PLACEHOLDER = re.compile(r"\{(experiment|self|parent|member:\d+)\}")
 
 
 class TrackingWarning(UserWarning):
@@ -201,7 +206,8 @@ class Outbox:
         elif kind == "log":
             metrics = [Metric(name, value, record["timestamp"], step) for name, value, step in record.get("metrics", [])]
             params = [Param(name, value) for name, value in record.get("params", {}).items()]
-            tags = [RunTag(name, value) for name, value in record.get("tags", {}).items()]
+            tags = [RunTag(name, self._filled_in(value, record["key"]) if name == DESCRIPTION_TAG else value)
+                    for name, value in record.get("tags", {}).items()]
             client.log_batch(self._run_id(record["key"]), metrics=metrics, params=params, tags=tags, synchronous=True)
         elif kind == "artifact":
             local_path = self._local_path(record)
@@ -224,6 +230,10 @@ class Outbox:
             self._delete_runs(client, record["run_ids"], record["timestamp"])
         else:
             raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+    def _filled_in(self, description: str, key: str) -> str:
+        ids = {**self.run_ids, "self": self.run_ids[key], "experiment": self.experiment_id}
+        return PLACEHOLDER.sub(lambda match: ids.get(match.group(1), ""), description)
 
     @staticmethod
     def _copy_metrics(client: MlflowClient, source: str, target: str, before_step: int) -> None:

@@ -9,6 +9,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 LINE_COLOR, OTHER_COLOR = "#d62728", "#8c8c8c"
 SLOT_COLORS = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")  # none of them red, the winning line's colour
 DPI = 110
+MUTATION_ZORDER = 6  # a kept member's mutation marker, above the winning line (3) and edge labels (4)
 
 
 def fitness_label(metric: str) -> str:
@@ -52,9 +53,13 @@ def plot_fitness_curves(lineage, fitness: dict, line: list[int], metric: str, pa
 
 
 def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int], path: Path) -> None:
+    family_tree_figure(lineage, fitness, member_slots, line).savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def family_tree_figure(lineage, fitness: dict, member_slots: dict, line: list[int]) -> Figure:
     """x = generation (from 1), y = slot: a member's life is a horizontal bar labelled with its id;
-    an edge joins a parent to each clone it had, labelled with the clone's mutation; a diamond marks
-    a kept member's mutation. The winning line is drawn in red."""
+    an edge joins a parent to each clone it had, whose mutation is written under its first point;
+    a diamond, over any line, marks a kept member's mutation. The winning line is drawn in red."""
     generations = max((len(h) for h in fitness.values()), default=1)
     slots = max(member_slots.values(), default=0) + 1
     figure = Figure(figsize=(min(30, max(9, 1.6 * generations + 3)), min(30, max(4.5, 0.6 * slots + 2))))
@@ -80,27 +85,27 @@ def plot_family_tree(lineage, fitness: dict, member_slots: dict, line: list[int]
             axes.plot([start - 1, start], [parent_slot, slot], "-", color=LINE_COLOR if edge_on_line else "gray",
                       linewidth=2.5 if edge_on_line else 0.8, alpha=1.0 if edge_on_line else 0.5,
                       zorder=3 if edge_on_line else 1)
-            if member.mutation != "none":
-                at = 0.7  # of the way to the clone: crossing edges keep their labels apart
-                axes.annotate(member.mutation, (start - 1 + at, parent_slot + at * (slot - parent_slot)),
-                              ha="center", va="center",
+            if member.mutation != "none":  # under the clone's first point, clear of its edge and of other slots
+                axes.annotate(member.mutation, (start, slot), textcoords="offset points", xytext=(3, -9), ha="left",
+                              va="top",
                               fontsize=8 if edge_on_line else 6.5, color=LINE_COLOR if edge_on_line else "dimgray",
                               fontweight="bold" if edge_on_line else "normal", zorder=4 if edge_on_line else 2,
                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
     for event in lineage.events:
         slot = member_slots.get(event.get("member_id"))
         if event["kind"] == "mutate" and slot is not None:
-            axes.plot([event["generation"]], [slot], "D", color="black", markersize=4)
-            axes.annotate(event["mutation"], (event["generation"], slot), textcoords="offset points", xytext=(0, -11),
-                          ha="center", fontsize=7, color="black")
+            axes.plot([event["generation"]], [slot], "D", color="black", markeredgecolor="white", markersize=7,
+                      zorder=MUTATION_ZORDER)
+            axes.annotate(event["mutation"], (event["generation"], slot), textcoords="offset points", xytext=(0, -9),
+                          ha="center", va="top", fontsize=7, color="black", zorder=MUTATION_ZORDER)
     axes.set(xlabel="generation", ylabel="slot")
-    axes.set_title("family tree: member ids at birth; edges: parent → clone, labelled with the mutated "
-                   "hyperparameter; ◆ a kept member mutated; red: the winning line", fontsize=10, pad=10)
+    axes.set_title("family tree: member ids at birth; edges: parent → clone, its mutated hyperparameter "
+                   "under its first point; ◆ a kept member mutated; red: the winning line", fontsize=10, pad=10)
     axes.set_yticks(range(slots))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylim(slots - 0.5, -0.8)  # slot 0 on top, room for its labels
     axes.set_xlim(0.6, generations + 0.4)
-    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    return figure
 
 
 def plot_schedule(schedule: dict, path: Path) -> None:

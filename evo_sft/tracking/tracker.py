@@ -6,15 +6,15 @@ What is logged
   on its runs (model training) rather than on GenAI's overview.
 - Parent run (tag `evo_sft.role=evolution`, a description in `mlflow.note.content`): the
   flattened config as params; at step = generation `best_fitness`, `mean_fitness`,
-  `worst_fitness`, `nonfinite_members` and the best member's hyperparameters as `best_lr`,
-  `best_batch_size`; artifacts `elite/generation_XXXXX/` (the elite's PEFT adapter),
+  `worst_fitness`, `nonfinite_members` and the best member's searched hyperparameters (those the
+  search mutates) as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/` (the elite's PEFT adapter),
   `samples/generation_XXXXX.json` (the elite's outputs on the first test prompts, beside the
   references), `lineage.json`, `schedule.json`, `family_tree.png`, `fitness_curves.png`,
   `schedule.png` (drawn for the elite's line, and at the end for the winner's); with
   `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set at
   the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`. At the
   end (`log_schedule`), the winning line's schedule at step = generation: `lineage_<hyperparameter>`
-  for every numeric hyperparameter, `lineage_fitness` and `lineage_member` (which member of the
+  for every numeric searched hyperparameter, `lineage_fitness` and `lineage_member` (which member of the
   line trained in that generation). A resumed run logs them again at its end; MLflow keeps both
   points of a step.
 - Member runs (tag `mlflow.parentRunId`; `evo_sft.member_id`, `evo_sft.parent_member_id`,
@@ -22,10 +22,10 @@ What is logged
   `evo_sft.status` alive|retired, a description): params `initial.<hyperparameter>`; at step =
   the member's global optimizer step `train_loss` at every step, and at the end of each
   generation `test_loss` (whatever the fitness), the fitness metric (`exact_match`, ...;
-  `test_loss` itself by default), `fitness`, `tokens_per_second` and every numeric
-  hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are write-once; a
-  categorical one (`scheduler`) as the tag `hp.<name>`, its current value (its history is in the
-  lineage). A clone's run starts with a copy of every point of its parent's run before its own
+  `test_loss` itself by default), `fitness`, `tokens_per_second` and every numeric searched
+  hyperparameter (`lr`, `batch_size`, `lora_r`, ...) as metrics, since params are write-once (one
+  the search never changes would only draw a flat line: its value is the param); a categorical
+  one (`scheduler`) as the tag `hp.<name>`, its current value (its history is in the lineage). A clone's run starts with a copy of every point of its parent's run before its own
   first step (the parent's run holds its ancestors' points in turn), so each member's charts are
   its whole line from the first step.
 - With `tracking.register_model: NAME` (`register_model`), the best member at the end of the run
@@ -59,7 +59,6 @@ delete a metric point, so those steps hold the dead run's value beside the resum
 import json
 import math
 import os
-import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -68,7 +67,7 @@ from urllib.parse import quote
 from evo_sft.config import flatten_config
 from evo_sft.evolution import elite
 from evo_sft.fitness import Fitness, NegativeTestLoss
-from evo_sft.tracking.outbox import METRICS_PER_BATCH, Outbox, TrackingWarning
+from evo_sft.tracking.outbox import DESCRIPTION_TAG, METRICS_PER_BATCH, Outbox, TrackingWarning
 from evo_sft.tracking.plots import plot_family_tree, plot_fitness_curves, plot_schedule
 from evo_sft.tracking.registry import ARTIFACTS as REGISTERED, save_mlflow_model
 from evo_sft.tracking.store import artifact_root
@@ -76,18 +75,40 @@ from evo_sft.tracking.store import artifact_root
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 # MLflow 3 opens an experiment of this kind on its runs (model training), not on GenAI's traces
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-PARENT_DESCRIPTION = """\
-**An evo-sft evolution.** This run is the evolution; each child run (expand it in the runs list)
-is one member of the population.
+MODEL_TRAINING = "workflowType=machine_learning"
+# MLflow 3.17's runs list opens, on a first visit, the parent of every run tagged so
+MEMBER_RUN_TAGS = {"mlflow.runType": "evaluation"}
+
+
+def mlflow_page(server: str, experiment_id: str, run_id: str | None = None, tab: str = "") -> str:
+    """An address in the MLflow UI at `server` (e.g. "http://127.0.0.1:5000/"; "" for one relative to
+    the page that shows it): the experiment's runs, or a run's page (or its `tab`, "/artifacts").
+    MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (`workflowType`
+    in the address, else the browser's last choice, GenAI at first), not from the experiment's
+    kind: every address evo-sft prints or writes carries it."""
+    run = f"/runs/{run_id}{tab}" if run_id else ""
+    return f"{server}#/experiments/{experiment_id}{run}?{MODEL_TRAINING}"
+
+
+def mlflow_models_page(server: str, name: str) -> str:
+    """The registered model `name`'s page in the MLflow UI at `server` (as for `mlflow_page`)."""
+    return f"{server}#/models/{quote(name, safe='')}"
+
+
+# Run descriptions: the outbox fills in {experiment} and the ids of the runs they link to
+PARENT_DESCRIPTION = f"""\
+**An evo-sft evolution**: its pictures and files are in its \
+[artifacts]({mlflow_page("", "{experiment}", "{self}", "/artifacts")}), its members are its child runs in \
+the [runs list]({mlflow_page("", "{experiment}")}).
 
 - Here: best, mean and worst fitness per generation (step = generation); `lineage_*`, the
   hyperparameters, fitness and member of the winning line in each generation (logged when the run
-  ends); `fitness_curves.png`, `family_tree.png`, `schedule.png`, `lineage.json`, `schedule.json`
-  (what `evo-sft replay` retrains) and each generation's elite adapter.
+  ends); in the artifacts, `fitness_curves.png`, `family_tree.png`, `schedule.png`, `lineage.json`,
+  `schedule.json` (what `evo-sft replay` retrains) and each generation's elite adapter.
 - In a member's run (step = its optimizer step): `train_loss` at every step, and `fitness`,
-  `test_loss`, the hyperparameters and throughput at the end of each generation it trained in. A
-  clone's run starts with a copy of its ancestors' points up to its birth, so each chart is its
-  whole line from the first step.
+  `test_loss`, the hyperparameters the search mutates and throughput at the end of each generation
+  it trained in. A clone's run starts with a copy of its ancestors' points up to its birth, so
+  each chart is its whole line from the first step.
 """
 # Short HTTP retries and timeouts so an outage costs seconds per generation, not minutes
 # (MLflow 3's defaults: 7 retries with backoff factor 2, 120 s timeout). MLflow reads them at
@@ -105,30 +126,6 @@ def short_http_retries() -> None:
         os.environ.setdefault(name, value)
 
 
-def mlflow_ui_command(tracking_uri: str) -> str:
-    """How to look at the runs: the server's address, or the `mlflow ui` command for a local store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"
-
-
-def mlflow_runs_page(tracking_uri: str, experiment_id: str | None) -> str:
-    """The experiment's runs in the MLflow UI (on `mlflow ui`'s default address for a local store).
-    MLflow 3.17's UI picks GenAI or model-training views from a switch of its own (the URL's
-    `workflowType`, else the browser's last choice, GenAI at first), not from the experiment's kind."""
-    return f"{_ui_address(tracking_uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
-
-
-def mlflow_models_page(tracking_uri: str, name: str) -> str:
-    """A registered model's page in the MLflow UI (on `mlflow ui`'s default address for a local store)."""
-    return f"{_ui_address(tracking_uri)}/#/models/{quote(name, safe='')}"
-
-
-def _ui_address(tracking_uri: str) -> str:
-    """The server's address, or `mlflow ui`'s default one for a local store."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
 def member_key(member_id: int) -> str:
     return f"member:{member_id}"
 
@@ -136,16 +133,17 @@ def member_key(member_id: int) -> str:
 class MLflowTracker:
     """Controller observer: `tracker(controller, record)` after each generation.
 
+    `searched` names the hyperparameters the search mutates: only those are logged as metrics.
     `state` (from `state_dict()`) resumes the same parent and member runs. `queue_dir` holds
     the records waiting for the server; a tracker started on the same folder sends them first.
     Lineage and pictures are refreshed every `artifact_every` generations and at `close()`.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, config: dict, run_name: str | None = None,
-                 state: dict | None = None, *, queue_dir: Path, artifact_every: int = 1,
+                 state: dict | None = None, *, searched: list[str], queue_dir: Path, artifact_every: int = 1,
                  fitness: Fitness | None = None):
         short_http_retries()
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.tracking_uri, self.experiment, self.searched = tracking_uri, experiment, list(searched)
         self.fitness = fitness or NegativeTestLoss()
         self.artifact_every = artifact_every
         self._controller = None
@@ -201,7 +199,7 @@ class MLflowTracker:
         `schedule.json`, and the pictures drawn for that line."""
         points = []
         for entry in schedule["generations"]:
-            values = {**{f"lineage_{name}": v for name, v in _numbers(entry["hyperparameters"]).items()},
+            values = {**{f"lineage_{name}": v for name, v in self._numbers(entry["hyperparameters"]).items()},
                       "lineage_member": entry["member_id"]}
             if entry["fitness"] is not None:
                 values["lineage_fitness"] = entry["fitness"]
@@ -281,8 +279,7 @@ class MLflowTracker:
         if self.outbox.experiment_id is None:
             self.outbox.submit({"kind": "experiment", "name": self.experiment,
                                 "artifact_location": artifact_root(self.tracking_uri), "tags": EXPERIMENT_TAGS})
-        self._create_run("parent", run_name, {"evo_sft.role": "evolution", "mlflow.note.content": PARENT_DESCRIPTION},
-                         {})
+        self._create_run("parent", run_name, {"evo_sft.role": "evolution"}, {}, PARENT_DESCRIPTION)
         items = sorted(params.items())
         for start in range(0, len(items), PARAMS_PER_BATCH):
             self.outbox.submit({"kind": "log", "key": "parent", "params": dict(items[start:start + PARAMS_PER_BATCH])})
@@ -303,7 +300,7 @@ class MLflowTracker:
         info = lineage.members[member_id]
         parent = "" if info.parent_id is None else str(info.parent_id)
         tags = {
-            "evo_sft.role": "member", "evo_sft.status": "alive", "evo_sft.member_id": str(member_id),
+            **MEMBER_RUN_TAGS, "evo_sft.role": "member", "evo_sft.status": "alive", "evo_sft.member_id": str(member_id),
             "evo_sft.parent_member_id": parent, "evo_sft.generation_born": str(info.generation_born),
             "evo_sft.mutation": info.mutation, "evo_sft.slot": str(slot),
         }
@@ -312,8 +309,7 @@ class MLflowTracker:
             run_tags["evo_sft.parent_run_id"] = member_key(info.parent_id)
         else:
             tags["evo_sft.parent_run_id"] = ""
-        tags["mlflow.note.content"] = member_description(info, born_at)
-        self._create_run(key, f"member-{member_id}", tags, run_tags)
+        self._create_run(key, f"member-{member_id}", tags, run_tags, member_description(info, born_at))
         params = {f"initial.{name}": json.dumps(value) for name, value in hyperparameters.items()}
         self.outbox.submit({"kind": "log", "key": key, "params": params})
         if info.parent_id is not None and born_at is not None:
@@ -327,7 +323,7 @@ class MLflowTracker:
         hyperparameters = record.hyperparameters[slot]
         values = {"test_loss": record.evaluations[slot].test_loss,
                   self.fitness.metric: self.fitness.shown(fitness), "fitness": fitness,
-                  "tokens_per_second": train.tokens_per_second, **_numbers(hyperparameters)}
+                  "tokens_per_second": train.tokens_per_second, **self._numbers(hyperparameters)}
         losses = train.step_losses or ((train.optimizer_step, train.train_loss),)
         self._log_points(member_key(member_id), [("train_loss", loss, step) for step, loss in losses]
                          + [(name, value, train.optimizer_step) for name, value in values.items()])
@@ -343,7 +339,7 @@ class MLflowTracker:
             best = elite(record.fitness)
             values.update(best_fitness=max(fitness), mean_fitness=sum(fitness) / len(fitness),
                           worst_fitness=min(fitness))
-            values.update({f"best_{name}": v for name, v in _numbers(record.hyperparameters[best]).items()})
+            values.update({f"best_{name}": v for name, v in self._numbers(record.hyperparameters[best]).items()})
         self._log_metrics("parent", values, record.generation)
 
     def _log_samples(self, name: str, generation: int, member_id: int, evaluation) -> None:
@@ -377,6 +373,11 @@ class MLflowTracker:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(folder), "artifact_path": None})
         self._refreshed_at = controller.generation
 
+    def _numbers(self, hyperparameters: dict) -> dict:
+        """The numeric hyperparameters the search mutates: the ones worth a chart."""
+        return {name: value for name, value in hyperparameters.items() if name in self.searched
+                and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
     def _log_metrics(self, key: str, values: dict, step: int) -> None:
         self._log_points(key, [(name, value, step) for name, value in values.items()])
 
@@ -386,10 +387,12 @@ class MLflowTracker:
         for start in range(0, len(metrics), METRICS_PER_BATCH):
             self.outbox.submit({"kind": "log", "key": key, "metrics": metrics[start:start + METRICS_PER_BATCH]})
 
-    def _create_run(self, key: str, run_name: str | None, tags: dict, run_tags: dict) -> None:
-        """`run_tags` map a tag to the local key of a run whose id is its value once known."""
+    def _create_run(self, key: str, run_name: str | None, tags: dict, run_tags: dict, description: str) -> None:
+        """`run_tags` map a tag to the local key of a run whose id is its value once known; the
+        outbox fills in the links of `description` once the run is made (see `Outbox`)."""
         self._known_runs.add(key)
         self.outbox.submit({"kind": "create_run", "key": key, "run_name": run_name, "tags": tags, "run_tags": run_tags})
+        self.outbox.submit({"kind": "log", "key": key, "tags": {DESCRIPTION_TAG: description}})
 
 
 def first_step(train) -> int | None:
@@ -398,13 +401,11 @@ def first_step(train) -> int | None:
 
 
 def member_description(info, born_at: int | None) -> str:
+    """A member run's description, linked to the evolution's run and, for a clone, its parent member's."""
+    evolution = f"A member of [the evolution]({mlflow_page('', '{experiment}', '{parent}')}). "
     if info.parent_id is None:
-        return f"Member {info.id}, a founder: its charts start at its first optimizer step."
-    return (f"Member {info.id}: a clone of member {info.parent_id} (mutation: {info.mutation}) born in generation "
+        return evolution + f"Member {info.id}, a founder: its charts start at its first optimizer step."
+    parent = f"[member {info.parent_id}]({mlflow_page('', '{experiment}', '{member:' + str(info.parent_id) + '}')})"
+    return (evolution + f"Member {info.id}: a clone of {parent} (mutation: {info.mutation}) born in generation "
             f"{info.generation_born}. Its points before step {born_at} are its ancestors', copied from member "
             f"{info.parent_id}'s run, so its charts show its whole line.")
-
-
-def _numbers(hyperparameters: dict) -> dict:
-    return {name: value for name, value in hyperparameters.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}

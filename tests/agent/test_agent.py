@@ -418,3 +418,55 @@ def test_an_unknown_or_impossible_hyperparameter_is_refused_and_changes_nothing(
         agent.set_hyperparameters(weight_decay=-1)
     assert agent.lr == 1e-3 and {g["lr"] for g in agent.optimizer.param_groups} == {1e-3}
     assert not hasattr(agent, "momentum")
+
+
+# ----------------------------------------------------------------------- AgileRL's `clone` flag (issue 30, item 5)
+def test_the_constructor_takes_agilerls_clone_flag_where_agilerl_has_it():
+    import inspect
+
+    parameters = inspect.signature(SFT.__init__).parameters
+    clone = parameters["clone"]
+    assert (clone.default, clone.annotation, clone.kind) == (False, bool, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = list(parameters)
+    assert names.index("wrap") + 1 == names.index("clone") == names.index("seed") - 1  # AgileRL's order
+
+
+def _trained_peft_model(make_model, lora_config):
+    """A PEFT model with an `actor` adapter whose B matrices are not zero (so it changes the output)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(0), copy.deepcopy(lora_config), adapter_name="actor")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+def test_clone_keeps_the_given_peft_models_adapter_and_without_it_the_adapter_is_merged_and_fresh(
+        tokenizer, make_model, lora_config, logits_of, probe_ids):
+    given = _trained_peft_model(make_model, lora_config)
+    expected_logits = logits_of(given, probe_ids)
+    adapter = {name: p.detach().clone() for name, p in given.named_parameters() if "lora_" in name}
+    base = dict(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, gradient_checkpointing=False)
+
+    cloned = SFT(**base, actor_network=given, clone=True)
+    assert cloned.actor is given and cloned.lora_r == lora_config.r and cloned.lora_alpha == lora_config.lora_alpha
+    assert {name: p.detach() for name, p in cloned.actor.named_parameters() if "lora_" in name}.keys() == adapter.keys()
+    for name, p in cloned.actor.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p.detach(), adapter[name]), name
+    assert set(cloned.trainable_parameters()) == set(adapter)
+
+    fresh = SFT(**base, actor_network=_trained_peft_model(make_model, lora_config))
+    assert_close(logits_of(fresh, probe_ids), expected_logits, atol=1e-5, rtol=1e-5)  # the old adapter merged
+    b_matrices = {name: p for name, p in fresh.actor.named_parameters() if "lora_B" in name}
+    assert b_matrices and all(not p.any() for p in b_matrices.values()), "a fresh adapter starts with B = 0"
+    assert list(fresh.actor.peft_config) == ["actor"] and fresh.lora_r == lora_config.r
+
+
+def test_clone_of_a_network_without_adapters_is_refused(tokenizer, make_model, lora_config):
+    with pytest.raises(ValueError, match="clone=True keeps the adapters of actor_network, which has none"):
+        SFT(pad_token_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, actor_network=make_model(0),
+            lora_config=lora_config, clone=True)

@@ -472,3 +472,20 @@ def test_write_snapshots_returns_once_every_snapshot_is_taken_and_writes_on(tmp_
     written.set()
     writes.wait()
     assert sorted(log[3:]) == [f"wrote m{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_written_files_have_the_mode_the_umask_gives(tmp_path, umask):
+    """Issue 30, item 4: safetensors writes through a private temporary file, so its files were 0o600."""
+    previous = os.umask(umask)
+    try:
+        snapshot = storage.Snapshot()
+        snapshot.tensors("weights.safetensors", {"w": torch.ones(2)})
+        snapshot.state("optimizer", {"state": {0: {"exp_avg": torch.zeros(2)}}})
+        snapshot.json("attributes.json", {"a": 1})
+        snapshot.write_atomic(tmp_path / "checkpoint")
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "checkpoint").iterdir()}
+    assert modes == dict.fromkeys(["weights.safetensors", "optimizer.safetensors", "optimizer.json",
+                                   "attributes.json", "manifest.json"], oct(0o666 & ~umask))

@@ -2,6 +2,8 @@
 import os
 import socket
 
+from tests.helpers.paths import BIN
+
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports on 127.0.0.1 that were free a moment ago (all held open at once, so distinct)."""
@@ -31,3 +33,9 @@ def subprocess_env(drop: tuple[str, ...] = (), **extra: str) -> dict:
     for name in ("MLFLOW_TRACKING_URI", *drop):
         env.pop(name, None)
     return env
+
+
+def path_without_the_venv() -> str:
+    """PATH less the venv's bin/: a shell where the venv is not active, as after `make demo`."""
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and os.path.realpath(p) !=
+                           os.path.realpath(BIN))

@@ -15,12 +15,12 @@ from evo_sft.tracking import HTTP_ENVIRONMENT, MLflowTracker
 from tests.helpers.evolution_run import controller_over
 
 CONFIG = {"name": "tracking-test", "seed": 1, "agent": {"lr": 1e-3, "batch_size": 8}, "lora": {"r": 4}}
-# the numeric hyperparameters, logged as metrics; the categorical one (scheduler) is a tag
-HYPERPARAMETER_NAMES = ("lr", "batch_size", "max_grad_norm", "weight_decay", "warmup_steps", "lora_r", "lora_alpha",
-                        "lora_dropout")
-MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", *HYPERPARAMETER_NAMES)
+# the hyperparameters the search mutates (hp_config below), logged as metrics; the others never
+# change, so they are only params (`initial.<name>`), and the categorical one (scheduler) is a tag
+SEARCHED = ("lr", "batch_size")
+MEMBER_METRICS = ("train_loss", "test_loss", "fitness", "tokens_per_second", *SEARCHED)
 GENERATION_METRICS = ("best_fitness", "mean_fitness", "worst_fitness", "nonfinite_members",
-                      *(f"best_{name}" for name in HYPERPARAMETER_NAMES))
+                      *(f"best_{name}" for name in SEARCHED))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,7 +58,8 @@ def make_controller(tmp_path, observers) -> Controller:
 
 
 def make_tracker(uri, tmp_path, **kwargs) -> MLflowTracker:
-    return MLflowTracker(uri, "evolution", CONFIG, run_name="tiny", queue_dir=tmp_path / "queue", **kwargs)
+    return MLflowTracker(uri, "evolution", CONFIG, run_name="tiny", searched=list(SEARCHED), queue_dir=tmp_path / "queue",
+                         **kwargs)
 
 
 class Recorder:
@@ -85,7 +86,7 @@ def expected_member_metrics(records, lineage) -> dict:
             points.setdefault("train_loss", []).extend(train.step_losses)
             values = {"test_loss": record.evaluations[slot].test_loss, "fitness": fitness,
                       "tokens_per_second": train.tokens_per_second,
-                      **{name: record.hyperparameters[slot][name] for name in HYPERPARAMETER_NAMES}}
+                      **{name: record.hyperparameters[slot][name] for name in SEARCHED}}
             for name, value in values.items():
                 points.setdefault(name, []).append((train.optimizer_step, value))
     expected = {}
@@ -104,7 +105,7 @@ def expected_generation_metrics(records) -> dict:
         best = max(range(len(record.fitness)), key=lambda slot: record.fitness[slot])
         values = {"best_fitness": max(record.fitness), "worst_fitness": min(record.fitness),
                   "mean_fitness": sum(record.fitness) / len(record.fitness), "nonfinite_members": 0,
-                  **{f"best_{name}": record.hyperparameters[best][name] for name in HYPERPARAMETER_NAMES}}
+                  **{f"best_{name}": record.hyperparameters[best][name] for name in SEARCHED}}
         for name, value in values.items():
             expected[name].append((record.generation, value))
     return expected
@@ -144,10 +145,12 @@ def assert_everything_logged(client, controller, records, repeated: bool = False
     parent, members = parent_and_members(client, "evolution")
     assert parent.info.status == "FINISHED"
     assert client.get_experiment_by_name("evolution").tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "each child run" in parent.data.tags["mlflow.note.content"]
+    assert "its members are its child runs" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params == flatten_config(CONFIG)
     assert_metrics_equal(logged_metrics(client, parent.info.run_id, GENERATION_METRICS, repeated),
                          expected_generation_metrics(records))
+    assert set(parent.data.metrics) <= {*GENERATION_METRICS, "lineage_member", "lineage_fitness",
+                                        *(f"lineage_{name}" for name in SEARCHED)}, "a flat line charted"
     assert members.keys() == controller.lineage.members.keys()
     expected = expected_member_metrics(records, controller.lineage)
     for member_id, run in members.items():
@@ -165,6 +168,9 @@ def assert_everything_logged(client, controller, records, repeated: bool = False
         assert run.info.status == "FINISHED"
         # every member in the records trained and was scored: no run is empty
         assert_metrics_equal(logged_metrics(client, run.info.run_id, MEMBER_METRICS, repeated), expected[member_id])
+        assert set(run.data.metrics) == set(MEMBER_METRICS), "only what the search mutates is charted"
+        assert {"initial.lora_r", "initial.lora_alpha", "initial.max_grad_norm"} <= set(run.data.params)
+        assert tags["mlflow.runType"] == "evaluation"  # MLflow's runs list opens its parent's row
         assert tags["hp.scheduler"] == "constant"
 
 

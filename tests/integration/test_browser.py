@@ -1,72 +1,56 @@
-"""Looking at a run as a user does (issues 6 and 24): after a small demo run, a real `mlflow
-server` on 127.0.0.1 serves the run's store; headless Chromium (Debian's `chromium`, driven by
-Playwright, no browser download) opens the experiment on its runs (not GenAI's overview) at the
-address the summary prints, sees the parent run's description and its member runs, opens a
-clone's `fitness` chart (a line from the first generation: its ancestors' points are in its
-run), shows the three pictures of the parent run, and saves screenshots under tests/artifacts/.
+"""Looking at a run as a user does (issues 6, 24 and 30): after the shared small demo run
+(tests/helpers/demo_runs.py), `evo-sft ui RUN`
+serves the run's store (a real `mlflow server` on 127.0.0.1) and prints its addresses; headless
+Chromium (Debian's `chromium`, driven by Playwright, no browser download) opens the experiment on
+its runs (not GenAI's overview) at the address it prints, the parent run already showing its
+member runs, sees the parent run's description and follows its link to the artifacts, shows the
+three pictures of the parent run, opens a clone's `fitness` chart (a line from the first
+generation: its ancestors' points are in its run) and follows its description's link to its parent
+member; Ctrl-C then stops the UI. Screenshots are saved under tests/artifacts/.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`) and the `playwright` package (the
 `test` extra); `make test` installs both. Never skipped: a missing browser is a failure.
 """
-import os
 import re
 import signal
+import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.browser import assert_real_screenshot, browser_page, fresh_screenshots
-from tests.helpers.paths import BIN, DEMO, REPO
-from tests.helpers.processes import free_port, subprocess_env
+from tests.helpers.demo_runs import GENERATIONS
+from tests.helpers.paths import EVO_SFT
+from tests.helpers.processes import path_without_the_venv, subprocess_env
+
+MODEL_TRAINING = "?workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("browser") / "demo-run"
-    sets = ["population.backend=local", "data.num_rows=160", "evolution.generations=3",
-            "evolution.steps_per_generation=2"]
-    result = subprocess.run([str(BIN / "evo-sft"), "run", str(DEMO), "--run-dir", str(run_dir),
-                             *[x for s in sets for x in ("--set", s)]],
-                            capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+def demo_run(demo_runs) -> tuple[Path, list[str]]:
+    """The shared 4-generation demo run, and the command its summary prints to look at it in MLflow
+    (it ran with the venv not active)."""
+    run_dir = demo_runs.full
+    line = next(line for line in demo_runs.full_run.stdout.splitlines() if line.startswith("MLflow UI:"))
+    assert line == f"MLflow UI:       {EVO_SFT} ui {run_dir}  (serves this run's store, prints its address)"
+    return run_dir, line.split()[2:5]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(demo_run):
-    """`mlflow server` over the run's sqlite store; stopped by its PID (its own process group)."""
-    port = free_port()
-    log = (demo_run.parent / "mlflow-server.log").open("wb")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{demo_run / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=demo_run.parent,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, (demo_run.parent / "mlflow-server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        yield url
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if process.poll() is None:
-                os.killpg(process.pid, sig)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
-        log.close()
+def _closed(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _follow(page, name: str, address: str):
+    """Click the link `name` of a run's description (MLflow opens it in a new tab); the new tab, at `address`."""
+    from playwright.sync_api import expect
+
+    with page.expect_popup() as opened:
+        page.get_by_role("link", name=name, exact=True).click()
+    tab = opened.value
+    expect(tab).to_have_url(re.compile(address))
+    return tab
 
 
 def _member_runs(run_dir: Path) -> tuple:
@@ -81,11 +65,11 @@ def _member_runs(run_dir: Path) -> tuple:
     return experiment.experiment_id, parent, members
 
 
-def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_pictures(demo_run, mlflow_server):
+def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_pictures(demo_run):
+    """`evo-sft ui RUN` started as the summary prints it, the venv not active."""
     from mlflow.tracking import MlflowClient
-    from playwright.sync_api import expect
 
-    from evo_sft.tracking import mlflow_runs_page
+    demo_run, command = demo_run
 
     experiment_id, parent, members = _member_runs(demo_run)
     parent_name = parent.info.run_name
@@ -93,29 +77,53 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
     # a clone born in the last generation: its run holds a fitness point for every generation
     clone = max((run for run in members.values() if run.data.tags["evo_sft.parent_member_id"]),
                 key=lambda run: int(run.data.tags["evo_sft.generation_born"]))
-    assert clone.data.tags["evo_sft.generation_born"] == "3"
+    assert clone.data.tags["evo_sft.generation_born"] == str(GENERATIONS)
+    donor = members[f"member-{clone.data.tags['evo_sft.parent_member_id']}"]
     history = MlflowClient(f"sqlite:///{demo_run / 'mlflow.db'}").get_metric_history(clone.info.run_id, "fitness")
-    assert sorted(point.step for point in history) == [2, 4, 6]
-    names = ("fitness_curves.png", "family_tree.png", "schedule.png")
-    runs_png, chart_png, *shown = fresh_screenshots("mlflow_experiment_runs.png", "mlflow_member_fitness.png",
-                                                    *(f"mlflow_{name}" for name in names))
-    pictures = dict(zip(names, shown))
+    steps = sorted(point.step for point in history)
+    assert len(steps) == len(set(steps)) == GENERATIONS
+
+    ui = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=subprocess_env(PATH=path_without_the_venv()), cwd=demo_run.parent)
+    try:
+        heading = ui.stdout.readline()
+        match = re.fullmatch(rf"MLflow UI of {re.escape(str(demo_run))} on (http://127\.0\.0\.1:(\d+)) "
+                             r"\(Ctrl-C stops it\)\n", heading)
+        assert match, heading + ui.stdout.read() if ui.poll() is not None else heading
+        server, port = match.group(1), int(match.group(2))
+        runs_page = f"{server}/#/experiments/{experiment_id}{MODEL_TRAINING}"
+        assert ui.stdout.readline() == f"  runs:      {runs_page}\n"
+        assert ui.stdout.readline() == \
+            f"  evolution: {server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}{MODEL_TRAINING}\n"
+        _look_around(server, runs_page, experiment_id, parent_name, members, clone, donor)
+    finally:
+        ui.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = ui.communicate(timeout=60)
+    assert (ui.returncode, rest) == (0, "\nMLflow UI stopped\n")
+    assert _closed(port), "the MLflow server outlived `evo-sft ui`"
+
+
+def _look_around(server, runs_page, experiment_id, parent_name, members, clone, donor) -> None:
+    from playwright.sync_api import expect
+
+    runs_png, chart_png, *picture_pngs = fresh_screenshots(
+        "mlflow_experiment_runs.png", "mlflow_member_fitness.png",
+        *(f"mlflow_{name}" for name in ("fitness_curves.png", "family_tree.png", "schedule.png")))
+    pictures = dict(zip(("fitness_curves.png", "family_tree.png", "schedule.png"), picture_pngs))
 
     with browser_page() as page:
-        # the page the summary names opens on the runs, the parent run first
-        page.goto(mlflow_runs_page(mlflow_server, experiment_id))
+        # the page `evo-sft ui` names opens on the runs, the parent run first, its members shown
+        page.goto(runs_page)
         parent_link = page.get_by_role("link", name=parent_name, exact=True)
         expect(parent_link).to_be_visible()
-        parent_cell = page.locator('[col-id="attributes.`Run Name`"]').filter(has=parent_link)
-        parent_cell.get_by_role("button").first.click()  # the row's expand toggle: its member runs
         for name in members:
             expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
         page.screenshot(path=str(runs_png), full_page=True)
 
-        # the parent run's page: its description, and its pictures among the artifacts
+        # the parent run's page: its description, whose link opens its pictures among the artifacts
         parent_link.click()
-        expect(page.get_by_text("An evo-sft evolution.").first).to_be_visible()
-        page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{parent.info.run_id}/artifacts")
+        expect(page.get_by_text("An evo-sft evolution").first).to_be_visible()
+        page = _follow(page, "artifacts", rf"/runs/\w+/artifacts\{MODEL_TRAINING}$")
         for name, png in pictures.items():
             page.get_by_text(name, exact=True).first.click()  # in the artifact tree
             image = page.get_by_role("img", name=name, exact=True)
@@ -123,8 +131,8 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
             page.wait_for_function("image => image.complete && image.naturalWidth > 600", arg=image.element_handle())
             page.screenshot(path=str(png), full_page=True)
 
-        # the clone's run page -> its `fitness` metric -> a chart over all three generations
-        page.goto(f"{mlflow_server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}")
+        # the clone's run page -> its `fitness` metric -> a chart over every generation
+        page.goto(f"{server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}{MODEL_TRAINING}")
         expect(page.get_by_text("Parent run", exact=True).first).to_be_visible()
         page.get_by_role("link", name="fitness", exact=True).click()
         page.get_by_placeholder("Search metric charts").fill("fitness")
@@ -136,6 +144,11 @@ def test_mlflow_ui_shows_the_evolution_a_continuous_member_chart_and_the_picture
         expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
         page.wait_for_timeout(1000)  # let the plot finish its transition
         page.screenshot(path=str(chart_png), full_page=True)
+
+        # the clone's description links to its parent member's run
+        page.goto(f"{server}/#/experiments/{experiment_id}/runs/{clone.info.run_id}{MODEL_TRAINING}")
+        page = _follow(page, donor.info.run_name.replace("-", " "), rf"/runs/{donor.info.run_id}\{MODEL_TRAINING}$")
+        expect(page.get_by_text(f"Member {donor.info.run_name.split('-')[1]}", exact=False).first).to_be_visible()
 
     for png in (runs_png, chart_png, *pictures.values()):
         assert_real_screenshot(png)

@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.console import foreign_lines
+from tests.helpers.console import foreign_lines, on_a_terminal
 from tests.helpers.paths import CONFIGS, DEMO, EVO_SFT, REPO
-from tests.helpers.processes import subprocess_env
+from tests.helpers.processes import path_without_the_venv, subprocess_env
 
 CONFIG_FILES = sorted(CONFIGS.glob("*.yaml"))
 QUICK_TIMEOUT_S = 120
@@ -85,6 +85,9 @@ DRY_RUN_OVERRIDES = ["--set", "population.size=8", "--set", "evolution.generatio
                      "--set", "evolution.hyperparameters.lr.max=0.05"]
 
 
+NOT_A_RUN_COMMANDS = [("resume",), ("status",), ("export", "exported"), ("replay",)]
+
+
 def _quick_commands(root: Path) -> dict:
     """name -> (argv, cwd): every short command of this module. Each runs in its own empty
     folder, so "nothing started" can be checked as "nothing written"."""
@@ -117,6 +120,13 @@ def _quick_commands(root: Path) -> dict:
         (root / name).mkdir()
         commands[name] = (argv, root / name)
     (root / "empty-config" / "empty.yaml").write_text("# nothing set yet\n")
+    for command in NOT_A_RUN_COMMANDS:
+        for what in ("missing", "not-a-run"):
+            cwd = root / f"{command[0]}-{what}"
+            (cwd / "folder").mkdir(parents=True)
+            (cwd / "folder" / "notes.txt").write_text("not a run")
+            commands[cwd.name] = ([command[0], cwd / ("nowhere" if what == "missing" else "folder"), *command[1:]],
+                                  cwd)
     return commands
 
 
@@ -167,6 +177,19 @@ def test_argument_mistakes_are_one_line_with_exit_code_2(quick, case, message):
     assert sorted(p.name for p in cwd.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", [c[0] for c in NOT_A_RUN_COMMANDS])
+def test_a_run_folder_that_is_missing_or_holds_no_run_is_a_mistake_with_exit_code_2(quick, command):
+    """Issue 30, item 9: `resume` of a folder that holds no run exited 1, and called a folder
+    that does not exist one that holds no run."""
+    for what, message in (("missing", "{folder} is missing: there is no such folder"),
+                          ("not-a-run", "{folder} holds no evo-sft run (no config.yaml); start one with `evo-sft run`")):
+        result, cwd, before = quick[f"{command}-{what}"]
+        folder = cwd / ("nowhere" if what == "missing" else "folder")
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {message.format(folder=folder)}\n")
+        assert sorted(p.name for p in cwd.iterdir()) == before
+        assert [p.name for p in (cwd / "folder").iterdir()] == ["notes.txt"]
+
+
 def test_every_argument_is_described_and_every_option_says_its_default(quick):
     from evo_sft.cli import parser
 
@@ -189,7 +212,7 @@ def test_every_argument_is_described_and_every_option_says_its_default(quick):
     assert undescribed == []
     result, _, _ = quick["help"]
     assert result.returncode == 0 and "--version" in result.stdout
-    for name in ("run", "resume", "status", "export", "submit", "logs", "stop"):
+    for name in ("run", "resume", "status", "export", "ui", "submit", "logs", "stop"):
         assert re.search(rf"^\s+{name}\s+\S", result.stdout, re.M), name
 
 
@@ -276,12 +299,51 @@ def test_the_config_the_kuberay_job_runs_fits_its_gpu_worker():
     assert actors * population.num_cpus <= cpus
 
 
-# ----------------------------------------------------------------------- the demo on local Ray
-def test_demo_end_to_end_on_local_ray():
-    """The demo config as `make demo` runs it, on a local Ray cluster: it learns its task. The best
-    member reverses most held-out words exactly (scored on all of them at the end), far more than
-    any founder after the first generation; the summary prints its outputs beside the references.
-    Every line of its output is evo-sft's own: no library warnings, progress bars or INFO logs."""
+# ----------------------------------------------------------------------- `make demo`, twice
+def _fresh_clone(root: Path) -> Path:
+    """What `make demo` reads in a fresh clone (the Makefile, pyproject.toml, configs/demo.yaml),
+    its venv set up already: `.venv/.installed` newer than pyproject.toml, and `.venv/bin/evo-sft`
+    this venv's (which runs this tree's evo_sft)."""
+    clone = root / "clone"
+    (clone / "configs").mkdir(parents=True)
+    for name in ("Makefile", "pyproject.toml", "configs/demo.yaml"):
+        shutil.copy2(REPO / name, clone / name)
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    (clone / ".venv" / "bin" / "evo-sft").symlink_to(EVO_SFT)
+    (clone / ".venv" / ".installed").touch()
+    return clone
+
+
+def _make_demo(clone: Path, overrides: list[str], timeout: float, terminal: bool = False) -> tuple[Path, str, str]:
+    """`make demo ARGS="OVERRIDES"` (on a pseudo-terminal with `terminal`): the run folder its
+    summary names, what evo-sft printed on stdout (make's echo of the command checked and left
+    out; on a terminal, every byte it wrote, with the terminal's line ends) and on stderr."""
+    argv = ["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])]
+    env = subprocess_env(drop=("RAY_AUTH_MODE", "ARGS"), PATH=path_without_the_venv())
+    if terminal:
+        stdout, stderr = on_a_terminal(argv, timeout=timeout, env=env, cwd=clone).decode(), ""
+    else:
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=clone, timeout=timeout, env=env)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        stdout, stderr = result.stdout, result.stderr
+    echo, stdout = re.split(r"\r?\n", stdout, maxsplit=1)
+    run_dir = Path(re.search(r"^run folder: +(\S+?)\r?$", stdout, re.M).group(1))
+    assert run_dir.parent == clone / "runs", run_dir
+    assert echo == " ".join([".venv/bin/evo-sft run configs/demo.yaml --run-dir", f"runs/{run_dir.name}", *overrides])
+    return run_dir, stdout, stderr
+
+
+def test_make_demo_runs_the_demo_in_a_new_folder_each_time():
+    """Issue 30, item 1: the README's first command failed the second time it was typed (the
+    folder held a run). `make demo` in a fresh clone, twice (the second time shrunk through ARGS,
+    on a terminal): each run has its own folder, which its summary names, and the first is left as
+    it was; the venv not active, the summary prints commands that can be typed as they are.
+
+    The first is the demo as `make demo` runs it, on a local Ray cluster: it learns its task. The
+    best member reverses most held-out words exactly (scored on all of them at the end), far more
+    than any founder after the first generation; the summary prints its outputs beside the
+    references. Every line of its output is evo-sft's own: no library warnings, progress bars or
+    INFO logs."""
     from mlflow.tracking import MlflowClient
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,15 +351,15 @@ def test_demo_end_to_end_on_local_ray():
     from evo_sft.config import load_config
 
     generations = load_config(DEMO).evolution.generations
-    run_dir = Path(tempfile.mkdtemp(prefix="es", dir="/tmp")) / "run"  # Ray's socket paths stay short
+    root = Path(tempfile.mkdtemp(prefix="md", dir="/tmp"))  # Ray's socket paths stay short
     try:
-        result = evo(["run", DEMO, "--run-dir", run_dir], cwd=run_dir.parent, timeout=480)
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, output[-6000:]
+        clone = _fresh_clone(root)
+        run_dir, stdout, stderr = _make_demo(clone, [], timeout=900)
+        output = stdout + stderr
         assert foreign_lines(output) == [], "library noise in the demo's output"
         assert any("MemberActor" in log.read_text(errors="replace") for log in (run_dir / "ray").rglob("worker-*.out")), \
             "the members did not run as Ray actors"
-        summary = result.stdout[result.stdout.index("=== evo-sft summary ==="):]
+        summary = stdout[stdout.index("=== evo-sft summary ==="):]
         best = int(re.search(r"best member: (\d+)", summary).group(1))
         rate, rows = re.search(r"exact_match (\S+) on (\d+) held-out test rows", summary).groups()
         assert float(rate) >= 0.8 and int(rows) == 200, summary
@@ -307,15 +369,15 @@ def test_demo_end_to_end_on_local_ray():
         assert len(samples) == 4 and all(reference == word[::-1] for word, reference, _ in samples)
         assert sum(output == reference for _, reference, output in samples) >= 3, summary
         assert re.search(r"^lineage: \d+", summary, re.M)
-        last_table = result.stdout[result.stdout.index(f"generation {generations} "):
-                                   result.stdout.index("=== evo-sft summary ===")]
+        last_table = stdout[stdout.index(f"generation {generations} "):stdout.index("=== evo-sft summary ===")]
         row = re.search(rf"^ [* ]\s*{best} +(\S+) +(\d+) ", last_table, re.M)
         scored_with = ast.literal_eval(re.search(r"hyperparameters (\{.*\})", summary).group(1))
         assert scored_with["batch_size"] == int(row.group(2)), "the summary shows other hyperparameters than were scored"
         assert scored_with["lr"] == pytest.approx(float(row.group(1)), rel=5e-3)
         assert len(re.search(r"fitness per generation.*: (.*)", summary).group(1).split()) == generations
         uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-        assert f"mlflow ui --backend-store-uri {uri}" in summary
+        # the venv is not active: the commands are printed as they can be typed
+        assert f"MLflow UI:       {EVO_SFT} ui {run_dir}  (serves this run's store, prints its address)" in summary
         assert str(run_dir / "best_adapter") in summary
 
         client = MlflowClient(uri)
@@ -356,8 +418,22 @@ def test_demo_end_to_end_on_local_ray():
         exported = logits(run_dir / "best_adapter")
         assert torch.allclose(exported, logits(in_checkpoint), atol=1e-5, rtol=0)
         assert (exported - logits(None)).abs().max() > 1e-2
+
+        # the second `make demo`, shrunk, on a terminal: a new folder, the first one as it was, and
+        # nothing on the terminal after the summary's last line (Ray's colorama wrote ESC[0m at exit)
+        before = {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if "ray" not in p.parts}
+        small = ["--set population.size=2", "--set evolution.tournament_size=2", "--set data.num_rows=60",
+                 "--set evolution.generations=1", "--set evolution.steps_per_generation=1",
+                 "--set evolution.fitness=test_loss", "--set evolution.fitness_options={}"]
+        second, terminal, _ = _make_demo(clone, small, timeout=600, terminal=True)
+        assert (run_dir.name, second.name) == ("demo-1", "demo-2")
+        assert sorted(p.name for p in (clone / "runs").iterdir()) == ["demo-1", "demo-2"]
+        assert (second / "best_adapter" / "adapter_model.safetensors").is_file()
+        assert terminal.endswith(f"\r\nresume/extend:   {EVO_SFT} resume {second} --generations N\r\n"), terminal[-300:]
+        assert {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+                if "ray" not in p.parts} == before
     finally:
-        shutil.rmtree(run_dir.parent, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------- a wider search
@@ -403,3 +479,43 @@ def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters
         hp = member["hyperparameters"]
         assert rows[member["id"]][4:8] == [str(hp["lora_r"]), f"{hp['lora_alpha']:.3g}", hp["scheduler"],
                                            str(hp["warmup_steps"])]
+
+
+# ----------------------------------------------------------------------- a killed driver (issue 30, item 10)
+def test_a_sigkilled_run_leaves_no_ray_process_behind():
+    """SIGKILL the driver of a run on a local Ray cluster once its members train: every process it
+    started (GCS, raylet, the raylet's DashboardAgent and RuntimeEnvAgent, the members' actors) is
+    gone within seconds. Ray's agents used to outlive the driver by a minute or more (~210 MB)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    sets = ["population.size=2", "data.num_rows=60", "evolution.generations=50", "evolution.steps_per_generation=2",
+            "evolution.tournament_size=2", "agent.batch_size=8"]
+    run_dir = Path(tempfile.mkdtemp(prefix="kill", dir="/tmp")) / "run"  # Ray's socket paths stay short
+    try:
+        driver = subprocess.Popen([str(EVO_SFT), "run", str(DEMO), "--run-dir", str(run_dir),
+                                   *[x for s in sets for x in ("--set", s)]],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=subprocess_env(RAY_AUTH_MODE="disabled"), cwd=run_dir.parent)
+        deadline, started = time.monotonic() + QUICK_TIMEOUT_S * 3, {}
+        wanted = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::MemberActor")
+        while not all(any(p.startswith(name) for p in started.values()) for name in wanted):
+            assert driver.poll() is None, f"the run ended with {driver.returncode} before its members trained"
+            assert time.monotonic() < deadline, f"no {wanted} among the run's processes: {sorted(started.values())}"
+            for process in psutil.Process(driver.pid).children(recursive=True):
+                try:
+                    started[process] = " ".join(process.cmdline())
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 20
+        while (alive := sorted(cmd[:80] for p, cmd in started.items() if p.is_running())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert alive == [], "processes the killed run left behind"
+    finally:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)

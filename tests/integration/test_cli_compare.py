@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,43 @@ TINY = {
 }
 
 
+def compare(folder: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(folder / "out"), *args],
+                          capture_output=True, text=True, env=subprocess_env(RAY_AUTH_MODE="disabled"),
+                          cwd=folder, timeout=timeout)
+
+
+BAD_INPUT = [
+    (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, pb2, asha, random, grid"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
+    (["--budget-seconds", "0"], "--budget-seconds must be a number of seconds > 0, got 0.0"),
+    (["--budget-seconds", "-5"], "--budget-seconds must be a number of seconds > 0, got -5.0"),
+    (["--budget-seconds", "nan"], "--budget-seconds must be a number of seconds > 0, got nan"),
+    (["--budget-seconds", "ten"], "argument --budget-seconds: invalid float value: 'ten'"),
+]
+WHOLE = ["--budget", "400"]
+SPENT_IN_START_UP = ["--strategies", "evolution,pbt", "--budget-seconds", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def compared():
+    """{args: (its folder, the result)} of every compare of this module, run at once (the refused
+    ones spend their seconds importing while the whole comparison trains), each in a folder under
+    a short /tmp path (Ray's socket paths in it stay under 108 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="cmp", dir="/tmp"))
+    folders = {tuple(args): root / str(index) for index, args in enumerate([WHOLE, SPENT_IN_START_UP, *(a for a, _ in BAD_INPUT)])}
+    for folder in folders.values():
+        folder.mkdir()
+    with ThreadPoolExecutor(len(folders)) as pool:
+        futures = {args: pool.submit(compare, folder, *args, timeout=600) for args, folder in folders.items()}
+        results = {args: (folders[args], future.result()) for args, future in futures.items()}
+    yield results
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def short_dir():
     """A folder under a short /tmp path: Ray's socket paths in it stay under 108 bytes."""
@@ -33,38 +71,22 @@ def short_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def compare(tmp_path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True, env=subprocess_env(RAY_AUTH_MODE="disabled"),
-                          cwd=tmp_path, timeout=timeout)
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--strategies", "evolution,hyperband"], "unknown strategy 'hyperband'; known: evolution, pbt, pb2, asha, random, grid"),
-    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
-    (["--budget", "50"], "--budget 50 tokens is less than one generation: 2 members x 2 steps x 4 rows"),
-    (["--budget-seconds", "0"], "--budget-seconds must be a number of seconds > 0, got 0.0"),
-    (["--budget-seconds", "-5"], "--budget-seconds must be a number of seconds > 0, got -5.0"),
-    (["--budget-seconds", "nan"], "--budget-seconds must be a number of seconds > 0, got nan"),
-    (["--budget-seconds", "ten"], "argument --budget-seconds: invalid float value: 'ten'"),
-])
-def test_bad_input_is_refused_with_exit_2_before_anything_starts(tmp_path, args, message):
-    result = compare(tmp_path, *args, timeout=120)
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_is_refused_with_exit_2_before_anything_starts(compared, args, message):
+    folder, result = compared[tuple(args)]
     assert result.returncode == 2, result.stderr
     assert f"error: {message}" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (folder / "out").exists()
 
 
-def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short_dir):
+def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(compared):
     from mlflow import MlflowClient
 
-    result = compare(short_dir, "--budget", "400")
+    folder, result = compared[tuple(WHOLE)]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = short_dir / "out"
+    out = folder / "out"
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [run["strategy"] for run in runs] == ["evolution", "pbt", "asha", "random", "grid"]
+    assert [run["strategy"] for run in runs] == ["evolution", "pbt", "pb2", "asha", "random", "grid"]
     largest_batch = 8 * 10  # 8 rows of at most 7 letters, eos and the template's end of turn
     for run in runs:  # the same budget, measured: at most one batch per member over it
         assert 400 <= run["tokens"] <= 400 + TINY["population"]["size"] * largest_batch, run
@@ -74,6 +96,15 @@ def test_every_strategy_trains_on_the_same_measured_budget_and_is_recorded(short
     assert not [path for path in checkpoints if path.read_bytes()[:1] == b"\x80"]  # no pickle stream
     assert (out / "best_fitness_vs_tokens.png").stat().st_size > 10_000
     assert "| grid | 3 |" in (out / "table.md").read_text() and "beats evolution" in result.stdout
+    # Issue 30, item 2: on the screen a line per strategy and seed, then the table; whatever the
+    # runs and the libraries print (Tune, Ray, transformers, MLflow) is in compare.log
+    progress = [f"{run['strategy']}, seed 3: {run['tokens']:,} of 400 tokens in {run['wall_s']:.0f} s, "
+                f"best test_loss {-run['best_final']:.4f}\n" for run in runs]
+    written = "written: " + ", ".join(str(out / name) for name in ("table.md", "summary.json", "best_fitness_vs_tokens.png",
+                                                                   "results.jsonl", "compare.log"))
+    assert result.stdout == "".join(progress) + "\n" + (out / "table.md").read_text() + "\n" + written + "\n"
+    assert result.stderr == ""
+    assert "generation 1  (optimizer step 2 per member)" in (out / "compare.log").read_text()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny-compare")
     recorded = client.search_runs([experiment.experiment_id], "tags.`evo_sft.strategy` != ''")
@@ -119,10 +150,10 @@ def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
     assert not any("evo_sft.compare_budget" in run.data.tags for run in recorded)
 
 
-def test_a_wall_clock_budget_spent_in_start_up_ends_each_strategy_without_a_result(short_dir):
-    result = compare(short_dir, "--strategies", "evolution,pbt", "--budget-seconds", "0.5")
+def test_a_wall_clock_budget_spent_in_start_up_ends_each_strategy_without_a_result(compared):
+    folder, result = compared[tuple(SPENT_IN_START_UP)]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = short_dir / "out"
+    out = folder / "out"
     runs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(run["strategy"], run["tokens"], run["evaluations"], run["curve"]) for run in runs] == \
         [("evolution", 0, 0, []), ("pbt", 0, 0, [])]

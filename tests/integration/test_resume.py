@@ -1,6 +1,5 @@
-"""Evolution checkpoints and resume, through the `evo-sft` command line as a user runs it (issue 5).
-
-Every run here is the demo config shrunk to seconds on the in-process ("local") backend:
+"""Evolution checkpoints and resume, through the `evo-sft` command line as a user runs it (issue 5),
+on the shared small demo runs of tests/helpers/demo_runs.py:
   - a run of 4 generations, and a run of 2 generations resumed to 4, end identical
     (fitness to 1e-6, hyperparameters, lineage, random state, adapters, MLflow histories);
   - a controller killed with SIGKILL in the middle of generation 2 resumes to the end and
@@ -10,55 +9,20 @@ Every run here is the demo config shrunk to seconds on the in-process ("local") 
   - `status --json` has exactly the documented shape; `export` writes a PEFT folder whose
     logits are those of the member's adapter in the checkpoint (loaded two other ways).
 """
-import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from evo_sft.run import status_dict
-from tests.helpers.paths import DEMO, EVO_SFT, REPO
-from tests.helpers.processes import subprocess_env
-
-GENERATIONS = 4
-SMALL = ["population.backend=local", "data.num_rows=160", "evolution.steps_per_generation=2"]
-CLI_TIMEOUT_S = 300
-
-
-def _env() -> dict:
-    # One intra-op thread per process: the runs overlap on 2 cores, and oversubscribed OpenMP threads
-    # double the CPU time. Every run here uses the same setting, so their numbers stay comparable.
-    return subprocess_env(MKL_NUM_THREADS="1")
-
-
-def evo(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """`evo-sft ARGS` as a user types it; on failure the assertion shows its output."""
-    result = subprocess.run([str(EVO_SFT), *map(str, args)], capture_output=True, text=True, env=_env(),
-                            timeout=CLI_TIMEOUT_S, cwd=REPO)
-    if check:
-        assert result.returncode == 0, f"evo-sft {' '.join(map(str, args))} -> {result.returncode}\n" \
-                                       f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
-    return result
-
-
-def run_args(run_dir: Path, generations: int) -> list:
-    sets = [*SMALL, f"evolution.generations={generations}"]
-    return ["run", DEMO, "--run-dir", run_dir, *[x for s in sets for x in ("--set", s)]]
+from tests.helpers.demo_runs import GENERATIONS, UMASK, Runs, checkpoint, evo, tree_state
 
 
 def status_json(run_dir: Path) -> dict:
     return json.loads(evo("status", run_dir, "--json").stdout)
-
-
-def checkpoint(run_dir: Path, generation: int) -> Path:
-    return run_dir / "checkpoints" / f"generation_{generation:05d}"
 
 
 def controller_state(run_dir: Path, generation: int) -> dict:
@@ -102,92 +66,9 @@ def assert_same_adapters(a: Path, b: Path) -> None:
 
 
 # ----------------------------------------------------------------------- runs shared by the tests
-class Job:
-    """`evo-sft ARGS` in the background (its own process group), output to files."""
-
-    def __init__(self, root: Path, name: str, *args):
-        self.name, self.args = name, args
-        self.stdout_path, self.stderr_path = root / f"{name}.stdout", root / f"{name}.stderr"
-        with self.stdout_path.open("w") as out, self.stderr_path.open("w") as err:
-            self.process = subprocess.Popen([str(EVO_SFT), *map(str, args)], stdout=out, stderr=err, env=_env(),
-                                            cwd=REPO, start_new_session=True)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def wait(self, check: bool = True) -> subprocess.CompletedProcess:
-        try:
-            self.process.wait(CLI_TIMEOUT_S)
-        finally:
-            self.kill()
-        result = subprocess.CompletedProcess(self.args, self.process.returncode, self.stdout_path.read_text(),
-                                             self.stderr_path.read_text())
-        if check:
-            assert result.returncode == 0, f"{self.name}: evo-sft {' '.join(map(str, self.args))} -> " \
-                f"{result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
-        return result
-
-
-@dataclass
-class Runs:
-    full: Path  # 4 generations in one go
-    split: Path  # 2 generations, then `evo-sft resume RUN --generations 4`
-    killed: Path  # 3 generations, SIGKILL in generation 2, then `evo-sft resume RUN`
-    damaged: Path  # a copy of `full` with generation 4 damaged, then `evo-sft resume RUN`
-    split_resume: subprocess.CompletedProcess
-    killed_run: subprocess.CompletedProcess
-    killed_midway: bool  # at the kill: generation 1's checkpoint present, generation 2's not
-    killed_resume: subprocess.CompletedProcess
-    damaged_file: str
-    damaged_status: subprocess.CompletedProcess
-    damaged_resume: subprocess.CompletedProcess
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
-    """All the runs of this module, overlapped (each process spends much of its time importing
-    and writing files) so the module stays within a couple of minutes on 2 cores."""
-    root = tmp_path_factory.mktemp("resume")
-    full, split, killed, damaged = root / "full", root / "split", root / "killed", root / "damaged"
-    jobs = []
-    try:
-        jobs += [Job(root, "full", *run_args(full, GENERATIONS)), Job(root, "split", *run_args(split, 2)),
-                 Job(root, "killed", *run_args(killed, 3))]
-        full_job, split_job, killed_job = jobs
-
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not checkpoint(killed, 1).exists():
-            assert killed_job.process.poll() is None, killed_job.wait(check=False)
-            assert time.monotonic() < deadline, "the killed run wrote no first checkpoint"
-            time.sleep(0.05)
-        # Checkpoints are committed while the next generation trains: generation 2 is under way,
-        # and its checkpoint is a generation's training away.
-        killed_midway = killed_job.process.poll() is None and not checkpoint(killed, 2).exists()
-        killed_job.kill()
-        killed_run = killed_job.wait(check=False)
-        jobs.append(Job(root, "killed_resume", "resume", killed))  # to the config's 3 generations
-
-        split_job.wait()
-        jobs.append(Job(root, "split_resume", "resume", split, "--generations", GENERATIONS))
-
-        full_job.wait()
-        shutil.copytree(full, damaged)
-        damaged_file = "members/slot_1/actor/adapter_model.safetensors"
-        target = checkpoint(damaged, GENERATIONS) / damaged_file
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0xFF  # same size, different content
-        target.write_bytes(bytes(data))
-        damaged_status = evo("status", damaged, "--json")
-        jobs.append(Job(root, "damaged_resume", "resume", damaged))  # to 4: generation 4 again, from 3
-
-        return Runs(full, split, killed, damaged, split_resume=jobs[4].wait(), killed_run=killed_run,
-                    killed_midway=killed_midway, killed_resume=jobs[3].wait(), damaged_file=damaged_file,
-                    damaged_status=damaged_status, damaged_resume=jobs[5].wait())
-    finally:
-        for job in jobs:
-            job.kill()
+def runs(demo_runs) -> Runs:
+    return demo_runs
 
 
 @pytest.fixture(scope="module")
@@ -301,44 +182,30 @@ def test_controller_killed_mid_generation_resumes_to_the_end(runs, full_run):
     assert len(members) == len(set(members)), f"a member has two MLflow runs: {sorted(members)}"
 
 
-def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_does(tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_does(runs):
     """Issue 20, item 3: killed after its first generation (checkpoint.every=2), a run has MLflow
     runs but no checkpoint. `resume` names the command that starts it again; that command takes
     the folder over: the earlier attempt's runs deleted (the RUNNING ones ended KILLED), one parent."""
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from evo_sft.io.checkpoint import checkpoint_dirs
-
-    run_dir = tmp_path / "run"
-    sets = [*SMALL, "evolution.steps_per_generation=8", "evolution.generations=2", "checkpoint.every=2"]
-    job = Job(tmp_path, "killed", "run", DEMO, "--run-dir", run_dir, *[x for s in sets for x in ("--set", s)])
-    runs_file = run_dir / "tracking_queue" / "mlflow_runs.json"
-    try:
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not (runs_file.exists() and "member:" in runs_file.read_text()):
-            assert job.process.poll() is None, job.wait(check=False)
-            assert time.monotonic() < deadline, "the first generation made no member runs"
-            time.sleep(0.05)
-    finally:
-        job.kill()
-    assert not checkpoint_dirs(run_dir), "the run was killed after its first checkpoint"
-    earlier = json.loads(runs_file.read_text())
-
-    resumed = evo("resume", run_dir, check=False)
+    run_dir, earlier = runs.stopped, runs.stopped_runs
+    assert not runs.stopped_had_checkpoint, "the run was killed after its first checkpoint"
+    resumed = runs.stopped_resume
     assert (resumed.returncode, resumed.stdout) == (1, "")
     command = f"evo-sft run {run_dir / 'config.yaml'} --run-dir {run_dir}"
     assert resumed.stderr == (f"error: no checkpoint yet in {run_dir}: the run stopped before its first one, "
                               f"written after 2 generations; start it again with `{command}`\n")
 
-    again = evo(*command.split()[1:])
+    again = runs.stopped_again
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"{run_dir} holds a run that stopped before its first checkpoint: starting it again" in again.stdout
     assert f"its {len(earlier)} MLflow runs are deleted (parent run {earlier['parent']})" in again.stderr
     assert status_dict(run_dir)["generation"] == 2
-    runs = _mlflow_runs(run_dir)
-    assert len([r for r in runs if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert not set(earlier.values()) & {r.info.run_id for r in runs}
+    runs_ = _mlflow_runs(run_dir)
+    assert len([r for r in runs_ if r.data.tags.get("evo_sft.role") == "evolution"]) == 1
+    assert {r.info.status for r in runs_} == {"FINISHED"}
+    assert not set(earlier.values()) & {r.info.run_id for r in runs_}
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     deleted = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
                                  run_view_type=ViewType.DELETED_ONLY, max_results=1000)
@@ -346,20 +213,16 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again_and_do
     assert client.get_run(earlier["parent"]).info.status == "KILLED"
 
 
-def test_a_finished_run_that_kept_no_checkpoint_is_neither_taken_over_nor_resumed(tmp_path):
+def test_a_finished_run_that_kept_no_checkpoint_is_neither_taken_over_nor_resumed(runs):
     """One generation with checkpoint.every=2: the run finishes without a checkpoint. Starting
     it again in its folder must not take it over (deleting its MLflow runs)."""
-    run_dir = tmp_path / "run"
-    evo(*run_args(run_dir, 1), "--set", "checkpoint.every=2")
-    before = tree_state(run_dir)
-    again = evo(*run_args(run_dir, 1), check=False)
+    run_dir, again, resumed = runs.kept_none, runs.kept_none_again, runs.kept_none_resume
     assert (again.returncode, again.stdout) == (1, "")
     assert again.stderr == f"error: {run_dir} holds a finished run that kept no checkpoint; choose another --run-dir\n"
-    resumed = evo("resume", run_dir, check=False)
     assert (resumed.returncode, resumed.stdout) == (1, "")
     assert resumed.stderr == (f"error: {run_dir} holds a finished run that kept no checkpoint (checkpoint.every 2 "
                               "is more than its generations), so it cannot be resumed\n")
-    assert tree_state(run_dir) == before
+    assert runs.kept_none_untouched
 
 
 # ----------------------------------------------------------------------- damaged checkpoint
@@ -391,14 +254,6 @@ def test_no_intact_checkpoint_is_an_error_naming_the_files(tmp_path, full_run):
 
 
 # ----------------------------------------------------------------------- a run folder moves
-def tree_state(folder: Path) -> dict:
-    """Every path under `folder`, the folder itself included, with its modification time and,
-    for a file, the sha256 of its content."""
-    return {str(path.relative_to(folder)): (path.lstat().st_mtime_ns,
-                                            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None)
-            for path in [folder, *sorted(folder.rglob("*"))]}
-
-
 def test_a_copied_or_moved_run_resumes_where_it_is_and_leaves_the_original_alone(tmp_path, full_run):
     """Issue 20, item 1: the MLflow store inside the run folder holds absolute artifact locations
     and config.yaml an absolute run_dir; a copy, then the copy renamed, resume in their own folder."""
@@ -440,12 +295,15 @@ def test_resume_to_no_more_generations_says_so_and_starts_nothing(full_run):
     """Issue 20, item 15: `resume --generations N` with N at or below the run's generation started
     Ray, rewrote the run's outputs and exited 0 without a word. Now: one line, exit code 0 (the
     run has what was asked for), nothing written; the Ray backend shows no cluster was started."""
+    from concurrent.futures import ThreadPoolExecutor
+
     before = tree_state(full_run)
-    for args, wanted, source in (
-            (["--generations", GENERATIONS], GENERATIONS, "--generations"),
-            (["--generations", 2, "--set", "population.backend=ray"], 2, "--generations"),
-            ([], GENERATIONS, "evolution.generations in its config")):
-        result = evo("resume", full_run, *args)
+    cases = [(["--generations", GENERATIONS], GENERATIONS, "--generations"),
+             (["--generations", 2, "--set", "population.backend=ray"], 2, "--generations"),
+             ([], GENERATIONS, "evolution.generations in its config")]
+    with ThreadPoolExecutor(len(cases)) as pool:  # each spends seconds importing
+        results = list(pool.map(lambda case: evo("resume", full_run, *case[0]), cases))
+    for (args, wanted, source), result in zip(cases, results):
         assert result.stdout == (f"nothing to do: {full_run} is at generation {GENERATIONS}, and {wanted} generations "
                                  f"are asked for ({source}); to go on, ask for more, e.g. "
                                  f"`evo-sft resume {full_run} --generations {GENERATIONS + 1}`\n"), args
@@ -576,6 +434,58 @@ def test_export_refuses_a_folder_with_files_and_replaces_it_whole_with_force(tmp
     assert a_file.read_text() == "mine"
 
 
+def _modes(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): oct(path.stat().st_mode & 0o777) for path in folder.rglob("*")
+            if path.is_file()}
+
+
+def test_every_file_of_a_run_and_of_an_export_has_the_mode_the_umask_gives(tmp_path, full_run):
+    """Issue 30, item 4: safetensors files (adapters, optimizer states, the base model, MLflow's
+    copies of the elites) were written 0o600 whatever the umask, so no one else could read them."""
+    written = _modes(full_run)
+    for folder in ("checkpoints/", "best_adapter/", "elites/", "base_model/", "mlartifacts/"):
+        assert any(name.startswith(folder) and name.endswith(".safetensors") for name in written), folder
+    assert {name: mode for name, mode in written.items() if mode != oct(0o666 & ~UMASK)} == {}
+    for umask in (UMASK, 0o027):
+        out = tmp_path / f"umask-{umask:o}"
+        evo("export", full_run, out, umask=umask)
+        exported = _modes(out)
+        assert "adapter_model.safetensors" in exported
+        assert set(exported.values()) == {oct(0o666 & ~umask)}, exported
+
+
+def test_the_clones_and_the_best_members_hyperparameters_read_plainly(runs, full_run):
+    """Issue 30, item 11: a clone that was not mutated read `(none)`, and the summary printed the
+    best member's hyperparameters with binary noise (`'lr': 0.0014399999999999999`). Each line is
+    compared whole with one built from the checkpoint's lineage."""
+    import ast
+    import re
+
+    from evo_sft.evolution import Lineage
+
+    stdout = runs.full_run.stdout
+    lineage = Lineage.from_dict(controller_state(full_run, GENERATIONS)["lineage"])
+    for generation in range(1, GENERATIONS + 1):  # each generation's table ends with the clones that opened it
+        born = sorted((m for m in lineage.members.values() if m.parent_id is not None and m.generation_born == generation),
+                      key=lambda m: m.slot)
+        expected = "  clones: " + ", ".join(
+            f"slot {m.slot} <- member {m.parent_id} ({'not mutated' if m.mutation == 'none' else m.mutation})"
+            for m in born)
+        end = f"generation {generation + 1}  " if generation < GENERATIONS else "=== evo-sft summary ==="
+        table = stdout[stdout.index(f"generation {generation}  "):stdout.index(end)]
+        assert [line for line in table.splitlines() if line.startswith("  clones: ")] == ([expected] if born else [])
+    assert "(not mutated)" in stdout and "(none)" not in stdout
+
+    line = next(line for line in stdout.splitlines() if line.startswith("best member: "))
+    best, shown = re.fullmatch(r"best member: (\d+)  test_loss \d\.\d{4} on \d+ held-out test rows  "
+                               r"hyperparameters (\{.*\})", line).groups()
+    scored_with = lineage.hyperparameters_at(int(best), GENERATIONS)
+    plain = {name: float(f"{value:.6g}") if isinstance(value, float) else value for name, value in scored_with.items()}
+    assert ast.literal_eval(shown) == plain and not re.search(r"\d{12}", shown), shown  # no 0.0014399999999999999
+    assert {name: value for name, value in ast.literal_eval(shown).items() if isinstance(value, float)} == \
+        pytest.approx({name: value for name, value in scored_with.items() if isinstance(value, float)}, rel=1e-5)
+
+
 def test_demo_tokenizer_round_trips_through_the_run_folder(full_run):
     from transformers import AutoTokenizer
 
@@ -594,10 +504,9 @@ def test_the_last_population_is_the_scored_one(full_run, full_status):
     runs = {r.data.tags["evo_sft.member_id"]: r for r in _mlflow_runs(full_run) if r.data.tags.get("evo_sft.role") == "member"}
     for member in full_status["members"]:
         run_id = runs[str(member["id"])].info.run_id
-        fitness = dict(_history(client, run_id, "fitness"))
-        last_step = max(fitness)  # the member's optimizer step at the end of the last generation (token intervals
-        # give each member its own)
-        assert len(fitness) == GENERATIONS  # its line's points, one a generation
+        fitness = dict(_history(client, run_id, "fitness"))  # a point per generation, its ancestors' included
+        assert len(fitness) == GENERATIONS
+        last_step = max(fitness)  # each member's own: a generation trains members on the same tokens
         assert fitness[last_step] == pytest.approx(member["fitness"][-1], abs=1e-6)
         assert dict(_history(client, run_id, "lr"))[last_step] == pytest.approx(member["hyperparameters"]["lr"])
     best = max(full_status["members"], key=lambda m: m["fitness"][-1])

@@ -1,9 +1,11 @@
 """The progress line of a generation's training, drawn by tqdm on a terminal, from what the
 members report step by step (in this process), and each step's loss in the train results."""
 import io
+import sys
 from contextlib import contextmanager
 
 from evo_sft.progress import progress_line
+from tests.helpers.console import on_a_terminal
 from tests.helpers.tracking import make_controller
 
 
@@ -41,3 +43,17 @@ def test_the_progress_line_counts_every_member_step_and_is_silent_off_a_terminal
         assert report is None
     assert quiet.getvalue() == ""
 
+
+
+def test_a_terminal_that_reports_no_size_gets_the_line_80_columns_wide():
+    """Issue 30, item 7: under `script` and some CI consoles the terminal says 0x0; tqdm then
+    counted -1 rows and drew nothing. Each frame below is the line as the user sees it."""
+    import re
+
+    code = "from evo_sft.progress import progress_line\nwith progress_line(1, 3) as report:\n    report({0: (3, 300)})\n"
+    frames = on_a_terminal([sys.executable, "-c", code], rows=0, columns=0).decode().split("\r")
+    assert frames[0] == "" and frames[-1] == ""
+    first, last, cleared = frames[1:-1]
+    assert re.fullmatch(r"generation 1: 0/3 steps \| {32}\| \d\d:\d\d elapsed, \? left", first), first
+    assert re.fullmatch(r"generation 1: 3/3 steps \|█{10}\| \d\d:\d\d elapsed, \d\d:\d\d left, [\d,]+ tok/s", last), last
+    assert len(last) <= 80 and cleared == " " * 80  # the line is removed before the table

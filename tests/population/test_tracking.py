@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from evo_sft.controller import GenerationRecord
 from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
-from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_runs_page, mlflow_ui_command
+from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_page
 from tests.helpers.processes import free_port
 from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autouse)
     Recorder, assert_artifacts, assert_everything_logged, has_clones, logged_metrics, make_controller, make_tracker,
@@ -242,8 +242,37 @@ def test_http_settings_are_set_only_where_unset(tmp_path, monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_ENVIRONMENT["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
 
 
-def test_mlflow_ui_command():
-    assert mlflow_ui_command("sqlite:////runs/a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////runs/a b/mlflow.db'"
-    assert mlflow_ui_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
-    assert mlflow_runs_page("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
-    assert mlflow_runs_page("sqlite:////runs/mlflow.db", "1").startswith("http://127.0.0.1:5000/#/experiments/1?")
+def test_every_mlflow_address_opens_the_model_training_layout():
+    """Issue 30, item 8: MLflow 3.17 opens an address without `workflowType` in GenAI's layout."""
+    assert mlflow_page("http://mlflow:5000/", "7") == "http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    assert mlflow_page("http://127.0.0.1:5000/", "1", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
+    assert mlflow_page("", "1", "abc", "/artifacts") == "#/experiments/1/runs/abc/artifacts?workflowType=machine_learning"
+
+
+def test_run_descriptions_link_the_evolution_its_artifacts_and_a_clones_parent_in_the_model_training_layout(tmp_path):
+    import re
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = make_tracker(uri, tmp_path)
+    controller = make_controller(tmp_path, [tracker])
+    controller.run(2)
+    tracker.close()
+    client = MlflowClient(uri)
+    parent, members = parent_and_members(client, "evolution")
+    experiment = parent.info.experiment_id
+
+    def links(run) -> list[tuple[str, str]]:
+        return re.findall(r"\[([^\]]+)\]\(([^)]*)\)", run.data.tags["mlflow.note.content"])
+
+    assert links(parent) == [
+        ("artifacts", f"#/experiments/{experiment}/runs/{parent.info.run_id}/artifacts?workflowType=machine_learning"),
+        ("runs list", f"#/experiments/{experiment}?workflowType=machine_learning")]
+    assert has_clones(controller)
+    for member_id, run in members.items():
+        expected = [("the evolution", f"#/experiments/{experiment}/runs/{parent.info.run_id}?workflowType=machine_learning")]
+        donor = controller.lineage.members[member_id].parent_id
+        if donor is not None:
+            expected.append((f"member {donor}", f"#/experiments/{experiment}/runs/{members[donor].info.run_id}"
+                                                "?workflowType=machine_learning"))
+        assert links(run) == expected, member_id
