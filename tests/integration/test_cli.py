@@ -443,14 +443,14 @@ WIDE_SEARCH = ("evolution.hyperparameters={lr: {min: 1.0e-4, max: 3.0e-2}, lora_
 
 
 def test_a_wide_search_runs_resumes_and_status_shows_each_of_its_hyperparameters(tmp_path):
-    """The demo with LoRA rank and alpha, the schedule and its warm-up mutating (every member
-    mutates each generation), in this process: two generations, resumed to four. Each member's
+    """The demo with LoRA rank and alpha, the schedule and its warm-up mutating (AgileRL's
+    tournament: every member but the elite is a mutated clone each generation), in this process: two generations, resumed to four. Each member's
     checkpointed adapter states its own rank and alpha (PeftModel.from_pretrained reads them), and
     `status` prints a column for every hyperparameter of the search space."""
     run_dir = tmp_path / "run"
     settings = ["--set", "seed=1", "--set", "population.backend=local", "--set", "data.num_rows=120", "--set", "evolution.generations=2",
                 "--set", "evolution.steps_per_generation=2", "--set", "evolution.mutation.no_mutation=0",
-                "--set", "evolution.mutation.rl_hp=1", "--set", WIDE_SEARCH]
+                "--set", "evolution.mutation.rl_hp=1", "--set", "evolution.selection=tournament", "--set", WIDE_SEARCH]
     result = evo(["run", DEMO, "--run-dir", run_dir, *settings], cwd=tmp_path, timeout=480)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     result = evo(["resume", run_dir, "--generations", "4"], cwd=tmp_path, timeout=480)

@@ -185,7 +185,8 @@ def test_a_merged_export_loads_without_peft_and_computes_what_base_and_adapter_c
     assert measured["dtype"] == "torch.float32"
     merged = torch.tensor(measured["logits"])
     expected = base_plus_adapter_logits(run)
-    assert torch.allclose(merged, expected, atol=1e-5, rtol=0)
+    # float32 to 1e-5, relative where logits are large: merging rounds W + BA once per weight
+    assert torch.allclose(merged, expected, atol=1e-5, rtol=1e-5)
     assert (merged - _logits(_base(run["dir"]), _probe_ids(out))).abs().max() > 1e-2, "the merge changed nothing"
     assert measured["outputs"] == [sample["output"] for sample in run["samples"]]
     assert card_output == run["samples"][0]["output"] + "\n"  # the card's own code, without PEFT, prints it
@@ -324,7 +325,7 @@ def test_export_registers_an_existing_runs_member_once(run, server, tmp_path):
     assert_no_pickle(files)
     loaded = load_from_mlflow(server.uri, "models:/demo-reverser-merged/1", [s["prompt"] for s in run["samples"]])
     assert loaded["outputs"] == [s["output"] for s in run["samples"]]
-    assert torch.allclose(torch.tensor(loaded["logits"]), base_plus_adapter_logits(run), atol=1e-5, rtol=0)
+    assert torch.allclose(torch.tensor(loaded["logits"]), base_plus_adapter_logits(run), atol=1e-5, rtol=1e-5)
 
     # the export the run registered at its end (the same member, generation and form): no second version
     again = ok(evo("export", run["dir"], tmp_path / "adapter", "--register", NAME))
