@@ -344,12 +344,20 @@ def table_printer(fitness: Fitness):
             print(f" {marker}{member_id:>6} " + " ".join(f"{shown(hp[name]):>{max(10, len(name))}}" for name in names)
                   + f" {train.train_loss:>10.4f}" + (f" {record.evaluations[slot].test_loss:>10.4f}" if losses else "")
                   + f" {fitness.shown(record.fitness[slot]):>10.4f} {train.tokens_per_second:>8.0f}")
-        born = [d for d in record.decisions if d.clone]
-        if born:
-            print("  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} "
-                                           f"({'not mutated' if d.mutation == 'none' else d.mutation})" for d in born))
+        line = clones_line(record.decisions)
+        if line:
+            print(line)
 
     return print_table
+
+
+def clones_line(decisions: list) -> str | None:
+    """The clones a generation opened with, each with the hyperparameter its mutation changed."""
+    born = [d for d in decisions if d.clone]
+    if not born:
+        return None
+    return "  clones: " + ", ".join(f"slot {d.slot} <- member {d.parent_id} "
+                                    f"({'not mutated' if d.mutation == 'none' else d.mutation})" for d in born)
 
 
 def print_summary(controller: Controller, result: RunResult, tracker, fitness: Fitness) -> None:

@@ -4,7 +4,9 @@ import io
 import sys
 from contextlib import contextmanager
 
+from evo_sft.evolution.plan import SlotDecision
 from evo_sft.progress import progress_line
+from evo_sft.run import clones_line
 from tests.helpers.console import on_a_terminal
 from tests.helpers.tracking import make_controller
 
@@ -57,3 +59,11 @@ def test_a_terminal_that_reports_no_size_gets_the_line_80_columns_wide():
     assert re.fullmatch(r"generation 1: 0/3 steps \| {32}\| \d\d:\d\d elapsed, \? left", first), first
     assert re.fullmatch(r"generation 1: 3/3 steps \|█{10}\| \d\d:\d\d elapsed, \d\d:\d\d left, [\d,]+ tok/s", last), last
     assert len(last) <= 80 and cleared == " " * 80  # the line is removed before the table
+
+
+def test_the_clones_line_says_which_hyperparameter_each_clone_changed_or_that_it_changed_none():
+    """Issue 30, item 11: a clone that was not mutated read `(none)`."""
+    decisions = [SlotDecision(0, 4, False, {"lr": 1e-3}, "none"), SlotDecision(1, 4, True, {"lr": 1e-3}, "none"),
+                 SlotDecision(3, 2, True, {"lr": 2e-3}, "lr")]
+    assert clones_line(decisions) == "  clones: slot 1 <- member 4 (not mutated), slot 3 <- member 2 (lr)"
+    assert clones_line(decisions[:1]) is None
