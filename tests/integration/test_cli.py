@@ -319,7 +319,8 @@ def _make_demo(clone: Path, overrides: list[str], timeout: float, terminal: bool
     summary names, what evo-sft printed on stdout (make's echo of the command checked and left
     out; on a terminal, every byte it wrote, with the terminal's line ends) and on stderr."""
     argv = ["make", "demo", *([f"ARGS={' '.join(overrides)}"] if overrides else [])]
-    env = subprocess_env(drop=("RAY_AUTH_MODE", "ARGS"), PATH=path_without_the_venv())
+    # as typed in a shell: not a sub-make of `make test` (which would announce its directories)
+    env = subprocess_env(drop=("RAY_AUTH_MODE", "ARGS", "MAKELEVEL", "MAKEFLAGS", "MFLAGS"), PATH=path_without_the_venv())
     if terminal:
         stdout, stderr = on_a_terminal(argv, timeout=timeout, env=env, cwd=clone).decode(), ""
     else:
