@@ -35,9 +35,10 @@ def plot_fitness_curves(lineage, fitness: dict, line: list[int], metric: str, pa
         winner = line[-1]
         history = [_finite(v) for v in fitness.get(winner, [])]
         generations = list(range(1, len(history) + 1))
-        chain = " → ".join(str(m) for m in dict.fromkeys(line))
+        members = list(dict.fromkeys(line))
+        chain = " → ".join(str(m) for m in members)
         axes.plot(generations, history, "-o", color=LINE_COLOR, linewidth=2.5, markersize=5, zorder=3,
-                  label=f"winning line: members {chain}")
+                  label=f"winning line: member{'s' if len(members) > 1 else ''} {chain}")
         for generation, (member, before) in enumerate(zip(line, [None, *line]), start=1):
             if member != before and generation <= len(history) and math.isfinite(history[generation - 1]):
                 axes.annotate(str(member), (generation, history[generation - 1]), textcoords="offset points",
