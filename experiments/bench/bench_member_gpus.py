@@ -76,6 +76,7 @@ def member(rank: int, world: int, args, shape_name: str, model_path: str, port: 
         results.put({"processes": world, "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / args.steps,
                      "peak_gib_per_process": [round(float(p), 2) for p in peaks],
                      "mfu": flops / seconds / (world * matmul_tflops(device, args.tiny) * 1e12)})
+    dist.barrier()  # no rank tears gloo down while another still talks to it (a rank aborted there once)
     dist.destroy_process_group()
 
 
