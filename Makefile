@@ -31,7 +31,10 @@ demo: setup
 	@mkdir -p runs; n=1; until mkdir runs/demo-$$n 2>/dev/null; do n=$$((n + 1)); done; \
 	echo $(DEMO_RUN); RAY_AUTH_MODE=disabled $(DEMO_RUN)
 
+# Two pytest-xdist workers: most tests wait on processes they start, so two keep both cores busy.
+# Tests that share a fixture run on one worker (tests/conftest.py), in the order collected.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed-test /usr/bin/chromium
-	RAY_AUTH_MODE=disabled $(VENV)/bin/python -m pytest -q
+	RAY_AUTH_MODE=disabled $(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --no-loadscope-reorder
 
 .PHONY: setup demo test

@@ -27,12 +27,44 @@ def _layer(item: pytest.Item) -> str | None:
         return None
 
 
+# Under xdist (`make test` runs two workers) a module's tests run on one worker, so that its
+# module-scoped fixtures are set up once; so do the modules that read the demo runs, made once per
+# process (tests/integration/conftest.py); the smoke runs of the benchmarks share nothing and go one by one.
+DEMO_RUNS_MODULES = ("tests/integration/test_browser.py", "tests/integration/test_replay.py",
+                     "tests/integration/test_resume.py")
+ONE_BY_ONE_MODULES = ("tests/bench/test_bench_scripts.py",)
+
+
+def _worker_scope(nodeid: str) -> str:
+    """The tests that run on one worker, one after another: those with the same scope."""
+    module = nodeid.split("::")[0]
+    if module in DEMO_RUNS_MODULES:
+        return "demo_runs"
+    return nodeid if module in ONE_BY_ONE_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_scope(nodeid)
+
+    return ByWorkerScope(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     layers = {item.nodeid: _layer(item) for item in items}
     for item in items:
         if layers[item.nodeid] == "integration":
             item.add_marker(pytest.mark.integration)
-    # The cheap layers first, so that a broken unit shows before the clusters start. A stable sort:
-    # each module's tests stay together and in their order (module-scoped fixtures set up once).
+        if "demo_runs" in item.fixturenames and _worker_scope(item.nodeid) != "demo_runs":
+            raise pytest.UsageError(f"{item.nodeid} reads the demo runs: add its module to DEMO_RUNS_MODULES "
+                                    "in tests/conftest.py")
+    # One process: the cheap layers first, so that a broken unit shows before the clusters start.
+    # Several (xdist): the dear layers first, so that the workers end together. A stable sort: each
+    # module's tests stay together and in their order.
     order = {layer: index for index, layer in enumerate(LAYERS)}
-    items.sort(key=lambda item: order.get(layers[item.nodeid], len(LAYERS)))
+    direction = -1 if hasattr(config, "workerinput") else 1
+    items.sort(key=lambda item: order.get(layers[item.nodeid], len(LAYERS)) * direction)

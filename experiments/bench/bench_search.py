@@ -67,7 +67,7 @@ def task_config(task: str, size: str, folder: Path, space: str) -> dict:
                                                     "batch_size": {"min": 16, "max": 64}})
     if size == "tiny":
         config["data"].update(test_size=12, **({"num_rows": 60} if task == "demo" else {}))
-        config["population"]["size"] = 3
+        config["population"]["size"] = 2
         config["agent"].update(batch_size=8)
         config["evolution"].update(generations=2, steps_per_generation=2)
     if space == "wide":

@@ -22,7 +22,7 @@ Sized for one device call of at most 10 minutes: 3 seeds x 2 strategies x (60 s 
 and record) + ~1 min to start; expected ~8.5 minutes on an H100 (not yet measured).
 
     python experiments/bench/gpu_search.py                      # on the GPU machine
-    python experiments/bench/gpu_search.py --tiny               # dry run on the CPU (about a minute)
+    python experiments/bench/gpu_search.py --tiny               # dry run on the CPU (about 40 s)
 """
 import argparse
 import math
@@ -112,14 +112,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="dry run on the CPU: the tiny shape, 2 members, 1 seed")
     parser.add_argument("--seeds", type=int, help="default: 3; 1 with --tiny")
-    parser.add_argument("--budget-seconds", type=float, help="per strategy and seed (default: 60; 30 with --tiny)")
+    parser.add_argument("--budget-seconds", type=float, help="per strategy and seed (default: 60; 15 with --tiny)")
     parser.add_argument("--strategies", default="evolution,pbt")
     parser.add_argument("--compile", action="store_true", help="compiled decoder layers (agent.compile_layers)")
     parser.add_argument("--out", help="where results.jsonl, the table and the plot go (see common.output_folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (MLflow store, Tune trials)")
     args = parser.parse_args()
     seeds = args.seeds or (1 if args.tiny else 3)
-    budget_s = args.budget_seconds or (30.0 if args.tiny else 60.0)
+    budget_s = args.budget_seconds or (15.0 if args.tiny else 60.0)
     device, stamp = torch.device("cpu" if args.tiny else "cuda"), utc_stamp()
     print(about(device, stamp), flush=True)
     folder = output_folder("gpu_search", args.out, args.tiny)

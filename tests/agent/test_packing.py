@@ -13,6 +13,7 @@ from evo_sft.kernels import attention, packing
 from evo_sft.kernels.lora import fast_lora
 from evo_sft.kernels.loss import linear_cross_entropy
 from evo_sft.sft import step
+from tests.helpers.torch_setup import reset_dynamo
 from evo_sft.sft.agent import SFT
 from evo_sft.data import IGNORE_INDEX
 
@@ -105,9 +106,7 @@ def test_varlen_reference_matches_per_document_attention_with_gqa():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_linear_cross_entropy_matches_autograd_row_by_row(compiled):
-    import torch._dynamo
-
-    torch._dynamo.reset()
+    reset_dynamo()
     torch.manual_seed(0)
     hidden = torch.randn(13, 16, requires_grad=True)
     weight, bias = torch.randn(VOCAB, 16), torch.randn(VOCAB)
@@ -194,9 +193,7 @@ def test_compiled_layers_train_as_the_eager_ones():
     compiled graphs) and, under gradient checkpointing and packed batches of varying length, the
     losses and weights of three steps equal the eager agent's. A clone of the compiled agent
     trains its own weights, not the original's."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
+    reset_dynamo()
     batches = [_batch([9, 4, 12, 6], [3, 2, 5, 6], width=14, seed=s) for s in (1, 2)]
     batches.append(_batch([5, 7, 3, 11], [2, 2, 1, 4], width=12, seed=3))
     eager, compiled = _agent(True, gradient_checkpointing=True), _agent(True, True, compile_layers=True)

@@ -14,3 +14,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def reset_dynamo() -> None:
+    """Forget what earlier tests compiled, counts included (`torch._dynamo.reset` keeps the
+    counters), so that a test's count of compiled graphs is its own."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()

@@ -55,7 +55,6 @@ def experiment(backend: str, run_dir: Path) -> dict:
 def cluster():
     """A head node and one worker node, each with two CPUs, in a private temp folder (RAY_TMPDIR
     keeps the cluster's address file away from other Ray sessions on this machine)."""
-    ray.shutdown()  # the local session tests/population shares, where it ran before: one session per process
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp_dir)

@@ -11,12 +11,12 @@ import pytest
 from tests.helpers.torch_setup import one_torch_thread  # noqa: F401 (autouse: seed 0, one thread)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray cluster for every module here that needs one (started once: each start costs
-    seconds), its temp folder under a short /tmp path (Ray's socket paths must stay under ~107
-    characters). tests/integration/test_ray_cluster.py, whose `Cluster` is a Ray session of its
-    own, ends it first."""
+    """One local Ray cluster for the tests of a module (started once: each start costs seconds),
+    ended with it, so that a later module in the same process (tests/integration/test_ray_cluster.py)
+    starts a Ray session of its own; its temp folder is under a short /tmp path (Ray's socket paths
+    must stay under ~107 characters)."""
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")

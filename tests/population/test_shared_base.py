@@ -6,6 +6,7 @@ import torch._dynamo
 from evo_sft import build
 from evo_sft.config import config_from_dict
 from tests.helpers.evolution_run import assert_same_run, experiment, pieces, run_local
+from tests.helpers.torch_setup import reset_dynamo
 
 
 def base_weights(host) -> set[int]:
@@ -48,7 +49,7 @@ def test_compiled_members_on_one_base_decide_as_eager_members_on_their_own(tmp_p
     compiled = experiment("local", tmp_path / "compiled", members_per_actor=3, step_together=True)
     compiled["population"]["step_together"] = False
     compiled["agent"]["compile_layers"] = True
-    torch._dynamo.reset()
+    reset_dynamo()
     _, state = run_local(compiled, tmp_path)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert_same_run(state, reference, rel=1e-5)

@@ -12,6 +12,7 @@ from evo_sft.config import config_from_dict
 from evo_sft.population.local import LocalPopulation
 from evo_sft.sft import step
 from tests.helpers.evolution_run import assert_same_run, experiment, pieces, run_local
+from tests.helpers.torch_setup import reset_dynamo
 
 # Per slot: the batch size (micro-batches of 4 rows, so slots 1 and 2 need two rounds, slot 2's
 # second one short) and the learning rate.
@@ -42,7 +43,7 @@ def test_members_stepped_together_train_as_members_alone_with_padded_batches(tmp
     for config in (together_config, alone_config):
         config["agent"]["gradient_checkpointing"] = gradient_checkpointing
     together_config["agent"]["compile_layers"] = compile_layers
-    torch._dynamo.reset()
+    reset_dynamo()
     alone_config["agent"]["packing"] = False  # the reference: padded batches, PEFT's own LoRA forward
     together, alone = hosts_of(tmp_path, together_config), hosts_of(tmp_path, alone_config)
     assert together[0].base.together_blocker is None
