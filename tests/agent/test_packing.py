@@ -13,9 +13,9 @@ from evo_sft.kernels import attention, packing
 from evo_sft.kernels.lora import fast_lora
 from evo_sft.kernels.loss import linear_cross_entropy
 from evo_sft.sft import step
-from tests.helpers.torch_setup import reset_dynamo
 from evo_sft.sft.agent import SFT
 from evo_sft.data import IGNORE_INDEX
+from tests.helpers.torch_setup import reset_dynamo
 
 VOCAB = 97
 
