@@ -26,10 +26,11 @@ class TokenBank:
     trains and settles what it used after: no trial gets more than `per_trial`, and the trials
     together no more than `budget` (each draw's last step may pass it by less than one batch;
     `math.inf`: no token budget).
-    With `iterations`, the trials are a fixed population (PBT, PB2, random, grid): each trial
-    draws on its own share only, and every trial gets exactly `iterations` draws of at least one
-    token, so that trials stepped in sync (PBT's synchronous mode) all report as often, however
-    far one overshot; without, trials share what is left (ASHA starts new trials with it).
+    With `iterations`, the trials are a fixed population (PBT, PB2, random, grid): every trial
+    gets `iterations` draws of at least one token while the budget lasts, however far it overshot
+    its own share, so that trials stepped in sync (PBT's synchronous mode) all report as often
+    until the budget is spent (then `BudgetSpent` stops them all); without, trials share what is
+    left (ASHA starts new trials with it).
     It also keeps every evaluation as (tokens consumed by all trials then, trial, fitness, when:
     `time.time()`), and every exploit (a trial that continued from another trial's checkpoint)."""
 
@@ -44,10 +45,11 @@ class TokenBank:
 
     def draw(self, trial: str, wanted: int) -> int:
         mine = self.by_trial.get(trial, 0) + self.reserved_by_trial.get(trial, 0)
+        left = self.budget - self.consumed - self.reserved
         if self.iterations is None:
-            grant = max(0, min(wanted, self.per_trial - mine, self.budget - self.consumed - self.reserved))
+            grant = max(0, min(wanted, self.per_trial - mine, left))
         else:
-            grant = 0 if self.trial_done(trial) else max(1, min(wanted, self.per_trial - mine))
+            grant = 0 if self.trial_done(trial) or left <= 0 else max(1, min(wanted, self.per_trial - mine, left))
         self.draws[trial] = self.draws.get(trial, 0) + (grant > 0)
         self.reserved += grant
         self.reserved_by_trial[trial] = self.reserved_by_trial.get(trial, 0) + grant

@@ -84,18 +84,22 @@ def test_a_token_budget_must_be_positive():
         config_from_dict({"evolution": {"token_budget": 0}})
 
 
-def test_a_fixed_population_draws_as_often_per_trial_however_far_one_overshot():
-    """iterations=3 (PBT's synchronous mode needs every trial to report as often): each trial draws
-    on its own share, three times, at least one token each, whatever another trial used."""
+def test_a_fixed_population_draws_as_often_per_trial_while_the_budget_lasts():
+    """iterations=3 (PBT's synchronous mode needs every trial to report as often): a trial that
+    overshot its share still draws one token a time; once the budget is spent no trial draws,
+    draws left or not, and the total passes the budget by less than a batch per trial."""
     bank = TokenBank(budget=120, per_trial=60, iterations=3)
     grants = {"a": [], "b": []}
+    used = {"a": iter([65, 10, 10]), "b": iter([20, 20])}  # a's first draw passes its share; then a batch each
     for _ in range(3):
-        for trial, overshoot in (("a", 25), ("b", 0)):
+        for trial in ("a", "b"):
             grant = bank.draw(trial, 20)
             grants[trial].append(grant)
-            bank.settle(trial, grant, grant + overshoot)
-    assert grants == {"a": [20, 15, 1], "b": [20, 20, 20]}  # a's overshoots shorten only its own draws
-    assert bank.draw("a", 20) == bank.draw("b", 20) == 0 and bank.trial_done("a") and bank.trial_done("b")
+            if grant:
+                bank.settle(trial, grant, next(used[trial]))
+    assert grants == {"a": [20, 1, 1], "b": [20, 20, 0]}  # a overshot its share at once; b's last draw finds none left
+    assert bank.spent() == 125 and bank.exhausted() and not bank.trial_done("b")
+    assert bank.draw("b", 20) == 0 and bank.draw("a", 20) == 0 and bank.trial_done("a")
 
 
 def test_pb2_searches_numeric_hyperparameters_only():
