@@ -58,9 +58,9 @@ def cmd_compare(args) -> int:
 
 
 def _run_dir(text: str) -> Path:
-    """The run folder a command is given, checked: a missing one, or one that holds no run, is
-    a mistake in what the command is given."""
-    from evo_sft.run import NotARun, run_folder
+    """The run folder a command is given, checked before the command imports torch: a missing
+    one, or one that holds no run, is a mistake in what the command is given."""
+    from evo_sft.run_folder import NotARun, run_folder
 
     try:
         return run_folder(text)
@@ -69,15 +69,16 @@ def _run_dir(text: str) -> Path:
 
 
 def cmd_resume(args) -> int:
+    run_dir = _run_dir(args.run_dir)
     from evo_sft.run import resume
 
-    result = resume(_run_dir(args.run_dir), args.generations, args.set)
+    result = resume(run_dir, args.generations, args.set)
     return 130 if result is not None and result.interrupted else 0
 
 
 def cmd_status(args) -> int:
     from evo_sft.hyperparameters import shown
-    from evo_sft.run import config_of, status_dict
+    from evo_sft.run_folder import config_of, status_dict
 
     run_dir = _run_dir(args.run_dir)
     status = status_dict(run_dir)
@@ -102,10 +103,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_export(args) -> int:
+    run_dir = _run_dir(args.run_dir)
     from evo_sft.export import ExportError, export
 
     try:
-        done = export(_run_dir(args.run_dir), Path(args.out_dir), args.member, args.merged, args.force, args.register)
+        done = export(run_dir, Path(args.out_dir), args.member, args.merged, args.force, args.register)
     except ExportError as error:
         raise UsageError(str(error)) from None
     load = {"adapter": f"PeftModel.from_pretrained(base_model, '{done.out_dir}')"}.get(
@@ -120,10 +122,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from evo_sft.run import status_dict
-    from evo_sft.ui import serve
+    from evo_sft.run_folder import status_dict
 
     run_dir = _run_dir(args.run_dir)
+    from evo_sft.ui import serve
+
     return serve(run_dir, status_dict(run_dir)["mlflow"], args.port)
 
 
@@ -140,13 +143,14 @@ def cmd_logs(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from evo_sft.replay import TOLERANCE, replay
-    from evo_sft.run import SCHEDULE_FILE
+    from evo_sft.run_folder import SCHEDULE_FILE
 
     run_dir = _run_dir(args.run_dir)
     schedule = Path(args.schedule) if args.schedule else run_dir / SCHEDULE_FILE
     if not schedule.is_file():
         raise UsageError(f"no schedule at {schedule}: a run writes it when it finishes")
+    from evo_sft.replay import TOLERANCE, replay
+
     results, exact = replay(run_dir, schedule)
     worst = max((r.difference for r in results if r.run_fitness is not None), default=0.0)
     final = results[-1]

@@ -25,7 +25,7 @@ from evo_sft.evolution import Lineage
 from evo_sft.io.checkpoint import latest_intact
 from evo_sft.io.storage import replace_directory, umask_modes
 from evo_sft.model_card import ModelCard, card_for, write_card
-from evo_sft.run import best_member, config_of, final_evaluation, saved_tracking_uri
+from evo_sft.run_folder import best_member, config_of, final_evaluation, saved_tracking_uri
 
 
 class ExportError(Exception):

@@ -20,7 +20,7 @@ from evo_sft.data.sources import load_tokenizer
 from evo_sft.io.storage import load_json
 from evo_sft.population.hosting import build_hosts
 from evo_sft.population.member import stream_seed
-from evo_sft.run import config_of
+from evo_sft.run_folder import config_of
 
 TOLERANCE = 1e-6
 

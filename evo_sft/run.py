@@ -15,23 +15,19 @@ from evo_sft.data.sources import load_tokenizer
 from evo_sft.fitness import Evaluation, Fitness
 from evo_sft.hyperparameters import shown
 from evo_sft.io.checkpoint import EvolutionCheckpointer, checkpoint_dirs, latest_intact
-from evo_sft.config import ConfigError, ExperimentConfig, config_from_dict, flatten_config, load_config
+from evo_sft.config import ConfigError, ExperimentConfig, flatten_config, load_config
 from evo_sft.controller import Controller, GenerationRecord
-from evo_sft.evolution import Lineage, elite, score
+from evo_sft.evolution import elite
 from evo_sft.population.local import LocalPopulation
 from evo_sft.progress import progress_line
 from evo_sft.time_budget import Deadline
-from evo_sft.io.storage import CheckpointError, load_json, replace_directory, save_json
+from evo_sft.io.storage import CheckpointError, replace_directory, save_json
 from evo_sft.model_card import card_for, write_card
+from evo_sft.run_folder import CONFIG_FILE, EVALUATION_FILE, SCHEDULE_FILE, run_folder, saved_tracking_uri
 
-CONFIG_FILE = "config.yaml"
 # What a run writes into its folder besides the config and the tracking store and queue
 # (checkpoints/ holds only an unfinished write when there is no checkpoint yet).
 ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
-SCHEDULE_FILE = "schedule.json"  # the winning line's schedule, what `evo-sft replay` retrains
-# The last population as the run scored it at its end (each member's fitness, metric, test loss
-# and samples; the best member): what `status`, `export` and the model card read.
-EVALUATION_FILE = "evaluation.json"
 
 
 class TimeBudgetSpent(ConfigError):
@@ -50,21 +46,6 @@ class RunResult:
     evaluation: Evaluation | None = None
     scored_rows: int | None = None  # the test rows its fitness was scored on
     registered_as: str | None = None  # the registered model it became a version of (tracking.register_model)
-
-
-class NotARun(Exception):
-    """A folder given as a run's is missing or holds no evo-sft run (a mistake in what a command
-    is given: one line, exit code 2)."""
-
-
-def run_folder(path: str | Path) -> Path:
-    """`path`, absolute, once it is known to hold an evo-sft run (its config.yaml)."""
-    path = Path(path).resolve()
-    if not path.exists():
-        raise NotARun(f"{path} is missing: there is no such folder")
-    if not (path / CONFIG_FILE).is_file():
-        raise NotARun(f"{path} holds no evo-sft run (no {CONFIG_FILE}); start one with `evo-sft run`")
-    return path
 
 
 def start(config: ExperimentConfig) -> RunResult:
@@ -217,7 +198,7 @@ def _shutdown_ray(config: ExperimentConfig) -> None:
 def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):
     """The tracker, resumed from the checkpoint `saved` if any. A sqlite store that moved with the
     run folder since that checkpoint is pointed at the artifacts next to it first."""
-    from evo_sft.tracking import MLflowTracker
+    from evo_sft.tracking.tracker import MLflowTracker
     from evo_sft.tracking.store import move_artifact_root
 
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
@@ -227,15 +208,6 @@ def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitn
     return MLflowTracker(uri, config.tracking.experiment or config.name, flatten_config(config.to_dict()),
                          run_name=run_dir.name, state=state, searched=list(config.evolution.hyperparameters),
                          queue_dir=run_dir / "tracking_queue", fitness=fitness)
-
-
-def saved_tracking_uri(saved: dict, run_dir: Path) -> str | None:
-    """The tracking URI of the checkpoint `saved`, now that its run folder is `run_dir`: a sqlite
-    store inside the folder moved with it."""
-    from evo_sft.tracking.store import moved
-
-    uri = (saved.get("tracking") or {}).get("tracking_uri")
-    return uri and moved(uri, Path(saved.get("run_dir", run_dir)), run_dir)
 
 
 class LastRecord:
@@ -312,16 +284,6 @@ def evaluation_record(controller: Controller, evaluations: list[Evaluation], bes
             "scored_rows": rows[0], "test_rows": rows[1], "best_member": best_id, "members": members}
 
 
-def final_evaluation(run_dir: Path, generation: int) -> dict | None:
-    """The run's `EVALUATION_FILE` where it scores the population of `generation` (the run ended
-    there), else None."""
-    path = Path(run_dir) / EVALUATION_FILE
-    if not path.is_file():
-        return None
-    evaluation = load_json(path)
-    return evaluation if evaluation["generation"] == generation else None
-
-
 def table_printer(fitness: Fitness):
     """A controller observer that prints each generation's table: the mutable hyperparameters,
     train loss, the fitness metric (and the test loss, where that is not the metric) and
@@ -380,7 +342,7 @@ def print_summary(controller: Controller, result: RunResult, tracker, fitness: F
             print(f"  prompt {sample['prompt']!r}  reference {sample['reference']!r}  output {sample['output']!r}")
     print(f"checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"best adapter:    {result.best_adapter}  (PeftModel.from_pretrained(base, path))")
-    from evo_sft.tracking import mlflow_models_page, mlflow_page
+    from evo_sft.tracking.tracker import mlflow_models_page, mlflow_page
 
     experiment, parent = tracker.outbox.experiment_id, tracker.outbox.run_ids.get("parent")
     server = tracker.tracking_uri.rstrip("/") + "/" if tracker.tracking_uri.startswith(("http://", "https://")) else None
@@ -402,41 +364,3 @@ def evo_sft_command() -> str:
     console script of a venv that is not active, as after `make demo`)."""
     script = Path(sys.executable).parent / "evo-sft"
     return "evo-sft" if not script.is_file() or shutil.which("evo-sft") == str(script) else str(script)
-
-
-def status_dict(run_dir: Path) -> dict:
-    """The newest checkpoint's population: the members as they were last scored, with the
-    hyperparameters they were scored with, and the best of them (`best_member`)."""
-    _, saved = latest_intact(run_dir)
-    state = saved["controller"]
-    lineage = Lineage.from_dict(state["lineage"])
-    fitness = dict((member_id, history) for member_id, history in state["fitness"])
-    members = []
-    for member_id in state["slot_ids"]:
-        info = lineage.members[member_id]
-        members.append({"id": member_id, "parent_id": info.parent_id, "generation_born": info.generation_born,
-                         "hyperparameters": info.hyperparameters, "fitness": fitness[member_id]})
-    tracking = saved.get("tracking") or {}
-    return {
-        "generation": state["generation"],
-        "best_member": best_member(run_dir, saved),
-        "members": members,
-        "mlflow": {"tracking_uri": saved_tracking_uri(saved, Path(run_dir).resolve()),
-                   **{key: tracking.get(key) for key in ("experiment_id", "parent_run_id")}},
-    }
-
-
-def best_member(run_dir: Path, saved: dict) -> int:
-    """The best member of the checkpoint `saved`: the run's where the run ended at that checkpoint
-    (scored on the whole test set with `full_test_at_end`), else the best by its fitness."""
-    state = saved["controller"]
-    ended = final_evaluation(run_dir, state["generation"])
-    if ended is not None and ended["best_member"] in state["slot_ids"]:
-        return ended["best_member"]
-    fitness = dict((member_id, history) for member_id, history in state["fitness"])
-    eval_loop = config_of(run_dir).evolution.eval_loop
-    return state["slot_ids"][elite([score(fitness[member_id], eval_loop) for member_id in state["slot_ids"]])]
-
-
-def config_of(run_dir: Path) -> ExperimentConfig:
-    return config_from_dict(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()))

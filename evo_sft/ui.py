@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from evo_sft.tracking import mlflow_page
+from evo_sft.tracking.tracker import mlflow_page
 from evo_sft.tracking.store import sqlite_path
 
 START_TIMEOUT_S = 120

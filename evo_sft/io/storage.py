@@ -1,7 +1,8 @@
 """The one way evo-sft writes and reads files: safetensors for tensors, JSON for
 everything else, checkpoint directories written atomically with a sha256 manifest.
 
-Nothing here pickles or unpickles, so loading a checkpoint never runs code.
+Nothing here pickles or unpickles, so loading a checkpoint never runs code. torch is imported
+only where tensors are handled: reading JSON and checking a manifest need none.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ import secrets
 import shutil
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "evo-sft-checkpoint"
@@ -90,10 +90,14 @@ def load_json(path: str | os.PathLike) -> Any:
 
 def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor copied once into its own contiguous CPU storage (safetensors refuses shared ones)."""
+    import torch
+
     return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for name, t in tensors.items()}
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path), metadata=metadata)
     umask_modes(path)
 
@@ -121,6 +125,9 @@ def _umask() -> int:
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not Path(path).is_file():
         raise CheckpointError(f"missing file {_full(path)}")
     try:
@@ -143,6 +150,8 @@ def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
 
     Tensor names are the dotted path to the tensor, e.g. "state.0.exp_avg".
     """
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, path: str) -> Any:

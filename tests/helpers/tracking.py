@@ -11,7 +11,7 @@ from evo_sft import SFT, HyperparameterConfig, Mutations, RLParameter, SFTGym, T
 from evo_sft.config import flatten_config
 from evo_sft.controller import Controller
 from evo_sft.data.demo import build_model, build_tokenizer, demo_dataset
-from evo_sft.tracking import HTTP_ENVIRONMENT, MLflowTracker
+from evo_sft.tracking.tracker import HTTP_ENVIRONMENT, MLflowTracker
 from tests.helpers.evolution_run import controller_over
 
 CONFIG = {"name": "tracking-test", "seed": 1, "agent": {"lr": 1e-3, "batch_size": 8}, "lora": {"r": 4}}

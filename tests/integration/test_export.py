@@ -406,7 +406,7 @@ def test_a_tracking_server_that_is_down_is_one_line_and_nothing_is_registered(ru
 def test_a_registration_made_while_mlflow_is_down_waits_in_the_queue_and_is_sent_on_resume(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from evo_sft.tracking import QUEUE_FILE
+    from evo_sft.tracking.outbox import QUEUE_FILE
 
     (tmp_path / "server").mkdir()
     server = MLflowServer(tmp_path / "server")  # its port, nothing listening yet
@@ -442,7 +442,7 @@ def test_a_registration_made_while_mlflow_is_down_waits_in_the_queue_and_is_sent
 def test_the_models_page_and_the_versions_page_show_the_registered_member(run, server):
     from playwright.sync_api import expect
 
-    from evo_sft.tracking import mlflow_models_page
+    from evo_sft.tracking.tracker import mlflow_models_page
 
     models_png, version_png, tags_png = fresh_screenshots("mlflow_registered_models.png", "mlflow_model_version.png",
                                                           "mlflow_model_version_tags.png")

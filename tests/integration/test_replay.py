@@ -7,7 +7,7 @@ import json
 import re
 import shutil
 
-from evo_sft.run import SCHEDULE_FILE
+from evo_sft.run_folder import SCHEDULE_FILE
 from tests.helpers.demo_runs import evo
 from tests.helpers.paths import DEMO
 

@@ -12,13 +12,16 @@ on the shared small demo runs of tests/helpers/demo_runs.py:
 import json
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from evo_sft.run import status_dict
+from evo_sft.run_folder import status_dict
 from tests.helpers.demo_runs import GENERATIONS, UMASK, Runs, checkpoint, evo, tree_state
+from tests.helpers.paths import REPO
 
 
 def status_json(run_dir: Path) -> dict:
@@ -312,6 +315,21 @@ def test_resume_to_no_more_generations_says_so_and_starts_nothing(full_run):
 
 
 # ----------------------------------------------------------------------- status
+def test_status_and_a_folder_that_holds_no_run_answer_without_torch_or_mlflow(full_run, tmp_path):
+    """`evo-sft status` reads JSON and checks a manifest: it imports none of torch, transformers,
+    MLflow or Ray (each second of import is paid on every call), and neither does a command given
+    a folder that holds no run before it says so."""
+    heavy = ("torch", "transformers", "peft", "mlflow", "ray")
+    check = ("import sys; from evo_sft.cli import main; code = main(sys.argv[1:]); "
+             f"print(sorted(set({heavy!r}) & set(sys.modules)), code)")
+    for argv in (["status", full_run, "--json"], ["status", full_run], ["resume", tmp_path],
+                 ["export", tmp_path, tmp_path / "out"], ["replay", tmp_path], ["ui", tmp_path]):
+        result = subprocess.run([sys.executable, "-c", check, *map(str, argv)], capture_output=True, text=True,
+                                cwd=REPO, timeout=60)
+        assert result.stdout.splitlines()[-1] == f"[] {0 if argv[0] == 'status' else 2}", (argv, result.stdout[-500:],
+                                                                                            result.stderr[-2000:])
+
+
 def test_status_json_shape(full_run, full_status):
     from mlflow.tracking import MlflowClient
 

@@ -5,7 +5,7 @@ import warnings
 
 from mlflow.tracking import MlflowClient
 
-from evo_sft.tracking import QUEUE_FILE, TrackingWarning
+from evo_sft.tracking.outbox import QUEUE_FILE, TrackingWarning
 from tests.helpers.mlflow_server import MLflowServer
 from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autouse)
     Recorder, assert_artifacts, assert_everything_logged, make_controller, make_tracker, parent_and_members,

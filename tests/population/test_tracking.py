@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from evo_sft.controller import GenerationRecord
 from evo_sft.fitness import Evaluation
 from evo_sft.population.protocol import TrainResult
-from evo_sft.tracking import HTTP_ENVIRONMENT, QUEUE_FILE, TrackingWarning, mlflow_page
+from evo_sft.tracking.outbox import QUEUE_FILE, TrackingWarning
+from evo_sft.tracking.tracker import HTTP_ENVIRONMENT, mlflow_page
 from tests.helpers.processes import free_port
 from tests.helpers.tracking import (  # noqa: F401 (restore_http_settings: autouse)
     Recorder, assert_artifacts, assert_everything_logged, has_clones, logged_metrics, make_controller, make_tracker,

@@ -14,7 +14,7 @@ LAYERS = [
     ("evo_sft.kernels",),
     ("evo_sft.sft",),
     ("evo_sft.population",),
-    ("evo_sft.controller", "evo_sft.tracking", "evo_sft.progress"),
+    ("evo_sft.controller", "evo_sft.tracking", "evo_sft.progress", "evo_sft.run_folder"),
     ("evo_sft.build", "evo_sft.run", "evo_sft.finetune", "evo_sft.jobs", "evo_sft.model_card", "evo_sft.ui"),
     ("evo_sft.compare", "evo_sft.replay", "evo_sft.export"),
     ("evo_sft.cli",),
