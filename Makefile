@@ -31,10 +31,9 @@ demo: setup
 	@mkdir -p runs; n=1; until mkdir runs/demo-$$n 2>/dev/null; do n=$$((n + 1)); done; \
 	echo $(DEMO_RUN); RAY_AUTH_MODE=disabled $(DEMO_RUN)
 
-# PYTEST_WORKERS=2: two pytest-xdist workers (14 min instead of 22 on an idle 2-core machine), a
-# module's tests on one worker (tests/conftest.py). Not the default yet: under it, compare's random
-# search once trained 617 tokens of a 400-token budget (tests/integration/test_cli_compare.py).
-PYTEST_WORKERS ?= 0
+# Two pytest-xdist workers, a module's tests on one worker (tests/conftest.py); PYTEST_WORKERS=0:
+# one process.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed-test /usr/bin/chromium
 	RAY_AUTH_MODE=disabled $(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --no-loadscope-reorder
 

@@ -27,7 +27,7 @@ def _layer(item: pytest.Item) -> str | None:
         return None
 
 
-# Under xdist (`make test PYTEST_WORKERS=2`) a module's tests run on one worker, so that its
+# Under xdist (`make test`: two workers) a module's tests run on one worker, so that its
 # module-scoped fixtures are set up once; so do the modules that read the demo runs, made once per
 # process (tests/integration/conftest.py); the smoke runs of the benchmarks share nothing and go one by one.
 DEMO_RUNS_MODULES = ("tests/integration/test_browser.py", "tests/integration/test_replay.py",
