@@ -198,8 +198,8 @@ def _shutdown_ray(config: ExperimentConfig) -> None:
 def _tracker(config: ExperimentConfig, run_dir: Path, saved: dict, fitness: Fitness):
     """The tracker, resumed from the checkpoint `saved` if any. A sqlite store that moved with the
     run folder since that checkpoint is pointed at the artifacts next to it first."""
-    from evo_sft.tracking.tracker import MLflowTracker
     from evo_sft.tracking.store import move_artifact_root
+    from evo_sft.tracking.tracker import MLflowTracker
 
     uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
     state = saved.get("tracking")
