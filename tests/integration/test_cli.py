@@ -69,7 +69,7 @@ VALIDATION_ERRORS = [
      ["--set", "lora=null", "--set", "evolution.hyperparameters.lora_r.choices=[8, 16]"],
      "evolution.hyperparameters.lora_r", "lora is null (full fine-tuning)"),
     ("lora-dropout-stepped-together", None,
-     ["--set", "population.members_per_actor=2", "--set", "evolution.hyperparameters.lora_dropout={min: 0.0, max: 0.1}"],
+     ["--set", "population.step_together=true", "--set", "evolution.hyperparameters.lora_dropout={min: 0.0, max: 0.1}"],
      "evolution.hyperparameters.lora_dropout", "members stepped together"),
     ("scheduler-without-choices", None, ["--set", "evolution.hyperparameters.scheduler={min: 0, max: 1}"],
      "evolution.hyperparameters.scheduler", "give choices"),
@@ -243,8 +243,8 @@ def test_dry_run_prints_the_resolved_config_and_resources_and_starts_nothing(qui
     assert printed["population"]["size"] == 8 and printed["evolution"]["generations"] == 3
     assert printed["evolution"]["hyperparameters"]["lr"]["max"] == 0.05
     assert printed["lora"]["target_modules"] == yaml.safe_load(DEMO.read_text())["lora"]["target_modules"]
-    assert resources == ("population: 8 members on the 'ray' backend, 1 per base model; 8 actors, each 0.5 CPU "
-                         "and 0 GPU -> 4 CPUs, 0 GPUs in all; 3 generations x 150 steps; ray: local cluster")
+    assert resources == ("population: 8 members on the 'ray' backend, 2 per base model; 4 actors, each 0.5 CPU "
+                         "and 0 GPU -> 2 CPUs, 0 GPUs in all; 3 generations x 150 steps; ray: local cluster")
     assert not (cwd / "run").exists() and sorted(p.name for p in cwd.iterdir()) == before
 
 
