@@ -10,7 +10,7 @@ What is logged
   search mutates) as `best_lr`, `best_batch_size`; artifacts `elite/generation_XXXXX/` (the elite's PEFT adapter),
   `samples/generation_XXXXX.json` (the elite's outputs on the first test prompts, beside the
   references), `lineage.json`, `schedule.json`, `family_tree.png`, `fitness_curves.png`,
-  `schedule.png` (drawn for the elite's line, and at the end for the winner's); with
+  `schedule.png` (drawn for the elite's line at most every 30 s, and at the end for the winner's); with
   `evolution.fitness_options.full_test_at_end`, the best member scored on the whole test set at
   the end: metrics `final_<metric>` and `final_test_loss`, artifact `samples/final.json`. At the
   end (`log_schedule`), the winning line's schedule at step = generation: `lineage_<hyperparameter>`
@@ -60,6 +60,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import quote
@@ -73,6 +74,7 @@ from evo_sft.tracking.registry import ARTIFACTS as REGISTERED, save_mlflow_model
 from evo_sft.tracking.store import artifact_root
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+ARTIFACT_INTERVAL_S = 30.0  # how stale the pictures may be while a run goes on
 # MLflow 3 opens an experiment of this kind on its runs (model training), not on GenAI's traces
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 MODEL_TRAINING = "workflowType=machine_learning"
@@ -136,18 +138,21 @@ class MLflowTracker:
     `searched` names the hyperparameters the search mutates: only those are logged as metrics.
     `state` (from `state_dict()`) resumes the same parent and member runs. `queue_dir` holds
     the records waiting for the server; a tracker started on the same folder sends them first.
-    Lineage and pictures are refreshed every `artifact_every` generations and at `close()`.
+    Lineage and pictures are refreshed after a generation at most every `artifact_interval_s`
+    seconds (drawing them takes longer than a generation of a small run), and at the end.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, config: dict, run_name: str | None = None,
-                 state: dict | None = None, *, searched: list[str], queue_dir: Path, artifact_every: int = 1,
+                 state: dict | None = None, *, searched: list[str], queue_dir: Path,
+                 artifact_interval_s: float = ARTIFACT_INTERVAL_S,
                  fitness: Fitness | None = None):
         short_http_retries()
         self.tracking_uri, self.experiment, self.searched = tracking_uri, experiment, list(searched)
         self.fitness = fitness or NegativeTestLoss()
-        self.artifact_every = artifact_every
+        self.artifact_interval_s = artifact_interval_s
         self._controller = None
-        self._refreshed_at = None
+        self._refreshed_at = None  # the generation the artifacts show, and when they were drawn
+        self._refreshed_time = -math.inf
         self._live: set[int] = set()
         state = state or {}
         run_ids = {member_key(int(m)): run_id for m, run_id in state.get("member_runs", {}).items()}
@@ -181,7 +186,7 @@ class MLflowTracker:
         if record.elite_adapter is not None:
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(record.elite_adapter),
                                 "artifact_path": f"elite/generation_{record.generation:05d}"})
-        if record.generation % self.artifact_every == 0:
+        if time.monotonic() - self._refreshed_time >= self.artifact_interval_s:
             self._refresh_artifacts(controller, controller.schedule(record.elite_id))
 
     def log_final(self, generation: int, member_id: int, evaluation) -> None:
@@ -371,7 +376,7 @@ class MLflowTracker:
                                 folder / "fitness_curves.png")
             plot_schedule(schedule, folder / "schedule.png")
             self.outbox.submit({"kind": "artifact", "key": "parent", "local_path": str(folder), "artifact_path": None})
-        self._refreshed_at = controller.generation
+        self._refreshed_at, self._refreshed_time = controller.generation, time.monotonic()
 
     def _numbers(self, hyperparameters: dict) -> dict:
         """The numeric hyperparameters the search mutates: the ones worth a chart."""

@@ -6,6 +6,7 @@ is in tests/integration/test_tracking_server.py."""
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -63,6 +64,25 @@ def test_evolution_is_logged_to_an_embedded_store(tmp_path):
     assert state["parent_run_id"] == parent.info.run_id
     assert state["member_runs"] == {str(m): run.info.run_id for m, run in members.items()}
     assert not (tmp_path / "queue" / QUEUE_FILE).exists()
+
+
+@pytest.mark.parametrize("interval_s, drawn", [(0.0, [1, 2, 3]), (None, [1, 1, 1])], ids=["every-generation", "default"])
+def test_pictures_are_redrawn_at_most_every_interval_and_at_the_end(tmp_path, interval_s, drawn):
+    """Drawing the pictures takes longer than a generation of a small run: by default they are
+    redrawn at most every 30 s (this run takes a few), and always at the end."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = make_tracker(uri, tmp_path, **({} if interval_s is None else {"artifact_interval_s": interval_s}))
+    client, shown = MlflowClient(uri), []
+
+    def generations_in_the_artifacts() -> int:
+        path = client.download_artifacts(tracker.state_dict()["parent_run_id"], "schedule.json", str(tmp_path / "seen"))
+        return len(json.loads(Path(path).read_text())["generations"])
+
+    controller = make_controller(tmp_path, [tracker, lambda c, record: shown.append(generations_in_the_artifacts())])
+    controller.run(3)
+    tracker.close()
+    assert shown == drawn
+    assert generations_in_the_artifacts() == 3
 
 
 def test_resumed_tracker_continues_the_same_runs(tmp_path):
