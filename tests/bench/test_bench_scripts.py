@@ -37,7 +37,8 @@ SCRIPTS = {
     "bench_member_copy": (TINY, "s", 2),
     "bench_clone_transfer": (["--tiny"], "s", 2),
     "bench_member_gpus": (TINY, "tokens_per_s", 1),
-    "bench_search": ([*TINY, "--tasks", "demo", "--strategies", "evolution,pbt"], "wall_s", 2),
+    "bench_search": ([*TINY, "--tasks", "demo", "--strategies", "evolution,pbt", "--set", "population.backend=local"],
+                     "wall_s", 2),
     "bench_search_parallel": (["--variant", "tiny=--tiny --device cpu --strategies evolution --set population.backend=local",
                                "--tasks", "demo",
                                "--seeds", "1", "--jobs", "1", "--seconds", "500"], "wall_s", 1),
@@ -48,7 +49,7 @@ RESULTS = {"gpu_session": "gpu_session/results.jsonl"}  # where --out is the roo
 NO_TABLE = {"bench_search_parallel"}
 SLOW = {"bench_clone_transfer": "starts Ray", "bench_member_gpus": "spawns two gloo processes",
         "bench_search": "starts Ray Tune and runs two strategies", "bench_search_parallel": "runs bench_search",
-        "gpu_session": "runs two benchmarks", "gpu_search": "starts Ray Tune and runs two strategies for 15 s each"}
+        "gpu_session": "runs two benchmarks", "gpu_search": "starts Ray Tune and runs two strategies for 10 s each"}
 
 
 def test_every_benchmark_has_a_smoke_run():
