@@ -151,8 +151,7 @@ class MLflowTracker:
         self.fitness = fitness or NegativeTestLoss()
         self.artifact_interval_s = artifact_interval_s
         self._controller = None
-        self._refreshed_at = None  # the generation the artifacts show, and when they were drawn
-        self._refreshed_time = -math.inf
+        self._refreshed_at, self._refreshed_time = None, -math.inf  # the generation they show; when drawn
         self._live: set[int] = set()
         state = state or {}
         run_ids = {member_key(int(m)): run_id for m, run_id in state.get("member_runs", {}).items()}
