@@ -20,7 +20,7 @@ TINY = {
     "data": {"source": "demo", "num_rows": 60, "test_size": 12, "max_length": 64},
     "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "agent": {"lr": 1.0e-3, "batch_size": 4, "micro_batch_size_per_gpu": 4},
-    "population": {"size": 2, "backend": "ray", "num_cpus": 0.5},
+    "population": {"size": 2, "backend": "ray", "num_cpus": 0.5, "members_per_actor": 2, "step_together": False},
     "evolution": {"generations": 2, "steps_per_generation": 2, "tournament_size": 2,
                   "mutation": {"no_mutation": 0.0, "rl_hp": 1.0},
                   "hyperparameters": {"lr": {"min": 1.0e-4, "max": 3.0e-2}, "batch_size": {"min": 4, "max": 8}}},
