@@ -5,8 +5,8 @@
 The demo config, shrunk, is submitted as a Ray Job; the job succeeds, its members ran in Ray
 actors on both nodes (each node has 2 CPUs and the population is 4 members, two to an actor of
 2 CPUs, so the two actors cannot fit on one node; where they ran is read back from the cluster's
-state API, dead actors included), and the run folder it wrote (on this machine's disk, shared by both nodes)
-resumes for one more generation on the same cluster, pointed at it with
+state API, dead actors included), and the run folder it wrote (on this machine's disk, shared by
+both nodes) resumes for one more generation on the same cluster, pointed at it with
 `evo-sft resume RUN_DIR --set ray.address=HEAD:PORT`.
 
 Each node is a `ray start --block` in its own process group; teardown signals those groups
@@ -36,11 +36,13 @@ psutil = pytest.importorskip("psutil")
 RAY = BIN / "ray"
 CPUS_PER_NODE = 2
 MEMBERS = 4
-ACTORS = 2  # the demo's two members per actor
+MEMBERS_PER_ACTOR = 2
+ACTORS = MEMBERS // MEMBERS_PER_ACTOR
 WORKER_RESOURCE = "evo_sft_test_worker"
 SMALL = ["--set", "data.num_rows=200", "--set", "evolution.generations=2",
          "--set", "evolution.steps_per_generation=3",
-         "--set", f"population.size={MEMBERS}", "--set", f"population.num_cpus={CPUS_PER_NODE}"]
+         "--set", f"population.size={MEMBERS}", "--set", f"population.members_per_actor={MEMBERS_PER_ACTOR}",
+         "--set", f"population.num_cpus={CPUS_PER_NODE}"]  # an actor fills a node
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 420
 
@@ -228,7 +230,7 @@ def test_submitted_demo_runs_on_both_nodes_and_resumes(cluster):
         job_actors = member_actors(cluster["address"])
         assert len(job_actors) >= ACTORS, job_actors
         assert set(job_actors.values()) == {cluster["head"], cluster["worker"]}, job_actors
-        print("job members per node:", {n[:8]: list(job_actors.values()).count(n) for n in set(job_actors.values())})
+        print("job actors per node:", {n[:8]: list(job_actors.values()).count(n) for n in set(job_actors.values())})
 
         # The run folder resumes for one more generation, on the same cluster.
         resumed = evo(["resume", run_dir, "--generations", 3, "--set", f"ray.address={cluster['gcs']}"],
