@@ -136,10 +136,12 @@ def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
     for run in runs:
         # the time, not the config's 2 generations or a token budget, ended it: it went on to near the deadline
         assert TIME_BUDGET_S / 2 <= run["wall_s"] <= TIME_BUDGET_S + TIME_SLACK_S, run
-        assert len(run["seconds"]) == len(run["curve"]) > 2
+        assert len(run["seconds"]) == len(run["curve"]) >= 1
         assert 0 < min(run["seconds"]) and max(run["seconds"]) <= run["wall_s"]
         assert run["tokens"] > 0
-    assert runs[0]["seconds"] == sorted(runs[0]["seconds"])  # each generation's
+    # How many results PBT reports in 20 s depends on the machine's load (on a busy CI machine its
+    # trials started so late that two came in); the evolution's generations are many and quick.
+    assert len(runs[0]["curve"]) > 2 and runs[0]["seconds"] == sorted(runs[0]["seconds"])  # each generation's
     assert runs[0]["evaluations"] > 2 * TINY["population"]["size"]  # more than the config's generations
     assert all(run["tokens"] > 2 * generation * 4 for run in runs)
     table = (out / "table.md").read_text()
