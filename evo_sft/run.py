@@ -33,6 +33,10 @@ ATTEMPT_OUTPUTS = ("base_model", "checkpoints", "elites")
 class TimeBudgetSpent(ConfigError):
     """`evolution.time_budget_s` ran out before the first generation: nothing was trained."""
 
+    def __init__(self, seconds: float):
+        super().__init__(f"evolution.time_budget_s: its {seconds:g} s went to loading the model and starting the "
+                         f"members, before the first generation; nothing was trained")
+
 
 @dataclass
 class RunResult:
@@ -97,6 +101,8 @@ def resume(run_dir: Path, generations: int | None = None, overrides: list[str] =
 
 def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     started = time.time()
+    budget_s = config.evolution.time_budget_s
+    deadline = None if budget_s is None else Deadline(started + budget_s)
     quiet_libraries()
     model_path = build.resolve_model_path(config, run_dir)
     tokenizer = load_tokenizer(config.tokenizer or model_path, config.model.trust_remote_code)
@@ -104,35 +110,35 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
     founders = build.founder_hyperparameters(config)
     owns_ray = config.population.backend == "ray" and not _ray_initialized()
     population = _population(config, run_dir, model_path, prepared, founders)
-    saved = checkpoint[1] if checkpoint else {}
-    fitness = build.fitness(config)
-    tracker = _tracker(config, run_dir, saved, fitness)
-    last = LastRecord()
-    controller = build.controller(
-        config, population, prepared,
-        observers=[table_printer(fitness), tracker, last],
-        checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
-                                           extra_state=lambda: {"tracking": tracker.state_dict(),
-                                                                "run_dir": str(run_dir)}),
-        save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
-        progress=progress_line,
-        deadline=None if config.evolution.time_budget_s is None else Deadline(started + config.evolution.time_budget_s),
-    )
-    if checkpoint:
-        population.load(checkpoint[0] / "members")
-        population.checkpoint_committed(checkpoint[0])
-        controller.load_state_dict(saved["controller"])
-    status = "FINISHED"
+    status, tracker = "FINISHED", None
     try:
+        if deadline is not None and not population.started(deadline.at - time.time()):
+            raise TimeBudgetSpent(budget_s)
+        saved = checkpoint[1] if checkpoint else {}
+        fitness = build.fitness(config)
+        tracker = _tracker(config, run_dir, saved, fitness)
+        last = LastRecord()
+        controller = build.controller(
+            config, population, prepared,
+            observers=[table_printer(fitness), tracker, last],
+            checkpointer=EvolutionCheckpointer(run_dir, config.checkpoint.every, config.checkpoint.keep,
+                                               extra_state=lambda: {"tracking": tracker.state_dict(),
+                                                                    "run_dir": str(run_dir)}),
+            save_elite=lambda c, slot: c.population.export_adapter(slot, run_dir / "elites" / f"generation_{c.generation:05d}"),
+            progress=progress_line,
+            deadline=deadline,
+        )
+        if checkpoint:
+            population.load(checkpoint[0] / "members")
+            population.checkpoint_committed(checkpoint[0])
+            controller.load_state_dict(saved["controller"])
         try:
             controller.run(config.evolution.generations)
         except KeyboardInterrupt:
             status = "KILLED"
             print(f"\ninterrupted: the last checkpoint is intact; continue with `evo-sft resume {run_dir}`")
         if controller.generation == 0 and status != "KILLED":  # only the time budget ends a run before it
-            raise TimeBudgetSpent(f"evolution.time_budget_s: its {config.evolution.time_budget_s:g} s went to loading "
-                                  f"the model and starting the members, before the first generation; nothing was "
-                                  f"trained")
+            raise TimeBudgetSpent(budget_s)
         full_test = config.evolution.fitness_options.full_test_at_end and status != "KILLED"
         result = _finish(config, controller, run_dir, tokenizer, fitness, len(prepared["test"]["input_ids"]),
                          interrupted=status == "KILLED", last=last.record, full_test=full_test, tracker=tracker)
@@ -140,7 +146,8 @@ def _run(config: ExperimentConfig, run_dir: Path, checkpoint) -> RunResult:
         status = "FAILED"
         raise
     finally:
-        tracker.close(status)
+        if tracker is not None:
+            tracker.close(status)
         population.close()
         if owns_ray:  # a Ray session the caller started (a notebook, a test) stays up
             _shutdown_ray(config)

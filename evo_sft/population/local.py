@@ -47,6 +47,9 @@ class LocalPopulation:
     def hyperparameters(self) -> list[dict]:
         return [host.hyperparameters() for host in self.hosts]
 
+    def started(self, timeout: float) -> bool:
+        return True  # built in this process before the population
+
     def clone(self, pairs: list[tuple[int, int]]) -> None:
         """(receiver, donor) pairs; every donor is exported before any receiver changes."""
         states = {donor: self.hosts[donor].export_state(on_device=True) for donor in {d for _, d in pairs}}

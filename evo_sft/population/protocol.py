@@ -49,6 +49,10 @@ class Population(Protocol):
     def hyperparameters(self) -> list[dict]:
         """Every member's hyperparameters, in slot order."""
 
+    def started(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for every member to be built; whether they all are (a
+        worker that died building its members counts as done: the next call restarts it)."""
+
     def clone(self, pairs: list[tuple[int, int]]) -> None:
         """(receiver, donor) slot pairs: each receiver becomes a copy of its donor as the donor was
         before any receiver changed (weights, optimizer and scheduler state, attributes)."""

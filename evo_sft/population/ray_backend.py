@@ -323,6 +323,10 @@ class RayPopulation:
         self.current_hyperparameters = self._call(list(range(self.size)), "hyperparameters")
         return self.current_hyperparameters
 
+    def started(self, timeout: float) -> bool:
+        refs = [actor.location.remote() for actor in self.actors]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=max(0.0, timeout))[0]) == len(refs)
+
     def clone(self, pairs: list[tuple[int, int]]) -> None:
         """(receiver, donor) pairs. Between members of one actor a clone is a copy on its device.
         Otherwise the donor exports once, into the object store, and on each receiving actor one

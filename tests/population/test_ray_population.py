@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 
 from evo_sft import build, run  # noqa: E402
 from evo_sft.config import config_from_dict  # noqa: E402
+from evo_sft.io.checkpoint import checkpoint_dirs  # noqa: E402
 from evo_sft.population.ray_backend import RayPopulation, from_portable  # noqa: E402
 from tests.helpers.evolution_run import (  # noqa: E402
     GENERATIONS, assert_same_run, experiment, last_controller_state, make_controller, pieces, run_local,
@@ -363,3 +364,28 @@ def test_clones_between_actors_of_other_ranks_take_the_donors_rank(ray_session, 
         assert all(t.shape[0 if ".lora_A." in name else 1] == ranks[slot]
                    for name, t in tensors.items() if name.startswith("param/"))
         assert_same_state(replayed[slot], trained[slot])
+
+
+def test_a_time_budget_ends_the_run_at_its_deadline_while_its_members_wait_for_resources(ray_session, tmp_path):
+    """Actors that cannot start (each asks for more CPUs than the cluster has, as on a cluster
+    waiting for nodes, or on a machine too busy to build them) do not hold a budgeted run past its
+    deadline: it ends then, having trained nothing, and says where its time went."""
+    d = experiment("ray", tmp_path / "run")
+    d["population"]["num_cpus"] = 8  # the module's Ray session has 4
+    d["evolution"]["time_budget_s"] = 5
+    ended = {}
+
+    def start():
+        began = time.time()
+        try:
+            run.start(config_from_dict(d))
+        except run.TimeBudgetSpent as error:
+            ended.update(seconds=time.time() - began, error=str(error))
+
+    attempt = threading.Thread(target=start, daemon=True)
+    attempt.start()
+    attempt.join(60)
+    assert ended, "the run went on waiting for its members past its deadline"
+    assert 5 <= ended["seconds"] < 15
+    assert "its 5 s went to loading the model and starting the members" in ended["error"]
+    assert checkpoint_dirs(tmp_path / "run") == []
