@@ -386,6 +386,6 @@ def test_a_time_budget_ends_the_run_at_its_deadline_while_its_members_wait_for_r
     attempt.start()
     attempt.join(60)
     assert ended, "the run went on waiting for its members past its deadline"
-    assert 5 <= ended["seconds"] < 15
+    assert 5 <= ended["seconds"] < 25  # its deadline, and the few seconds of a busy machine past it
     assert "its 5 s went to loading the model and starting the members" in ended["error"]
     assert checkpoint_dirs(tmp_path / "run") == []
