@@ -139,7 +139,7 @@ def _look_around(server, runs_page, experiment_id, parent_name, members, clone, 
         expect(page.get_by_text(f"{clone.info.run_name} (fitness)", exact=True).first).to_be_visible()
         chart = page.locator(".js-plotly-plot").first
         expect(chart).to_be_visible()
-        assert page.get_by_text("train_loss", exact=True).count() == 0, "the chart search did not filter"
+        expect(page.get_by_text("train_loss", exact=True)).to_have_count(0)  # the search filters (once it has run)
         # a line through its points (from generation 1: its ancestors'), not a lone dot
         expect(chart.locator(".scatterlayer .trace path.js-line").first).to_have_attribute("d", re.compile(r"^M[^M]+L"))
         page.wait_for_timeout(1000)  # let the plot finish its transition
